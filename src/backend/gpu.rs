@@ -1,0 +1,171 @@
+//! The GPU backend: every op is a hand-written WGSL kernel recorded into the shared command
+//! encoder (see `crate::gpu`).
+
+use crate::error::Result;
+use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
+use crate::ops::conv2d::{self, Conv2dGrads, Conv2dParams};
+use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
+use crate::ops::embedding::{self, TimestepEmbeddingParams};
+use crate::ops::group_norm::{self, GroupNormGrads, GroupNormOutput, GroupNormParams};
+use crate::ops::linear::{self, LinearGrads};
+use crate::ops::optim::{self, AdamWParams};
+use crate::ops::{broadcast, elementwise, layout, random, reduce};
+use crate::tensor::{Device, Tensor};
+use super::Backend;
+use crate::gpu::Gpu;
+
+impl Backend for Gpu {
+    fn device(&self) -> Device {
+        Device::Gpu
+    }
+
+    fn name(&self) -> String {
+        let info = self.adapter_info();
+        format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+    }
+
+    fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        Gpu::upload(self, shape, data)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        let numel = shape.iter().product();
+        Ok(Tensor::from_gpu(shape, self.alloc_zeros("zeros", numel)?))
+    }
+
+    fn to_vec(&self, t: &Tensor) -> Result<Vec<f32>> {
+        self.read(t)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Gpu::synchronize(self)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::gpu::add(self, a, b)
+    }
+
+    fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor> {
+        elementwise::gpu::scale(self, x, s)
+    }
+
+    fn silu(&self, x: &Tensor) -> Result<Tensor> {
+        elementwise::gpu::silu(self, x)
+    }
+
+    fn silu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        elementwise::gpu::silu_backward(self, x, dy)
+    }
+
+    fn add_per_channel(&self, x: &Tensor, v: &Tensor) -> Result<Tensor> {
+        broadcast::gpu::add_per_channel(self, x, v)
+    }
+
+    fn add_per_channel_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        broadcast::gpu::add_per_channel_backward(self, dy)
+    }
+
+    fn concat_channels(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        layout::gpu::concat_channels(self, a, b)
+    }
+
+    fn split_channels(&self, y: &Tensor, ca: usize) -> Result<(Tensor, Tensor)> {
+        layout::gpu::split_channels(self, y, ca)
+    }
+
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
+        layout::gpu::upsample_nearest2x(self, x)
+    }
+
+    fn upsample_nearest2x_backward(&self, dy: &Tensor) -> Result<Tensor> {
+        layout::gpu::upsample_nearest2x_backward(self, dy)
+    }
+
+    fn transpose(&self, x: &Tensor) -> Result<Tensor> {
+        layout::gpu::transpose(self, x)
+    }
+
+    fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams) -> Result<Tensor> {
+        conv2d::gpu::forward(self, x, w, b, p)
+    }
+
+    fn conv2d_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor, p: &Conv2dParams, with_bias: bool) -> Result<Conv2dGrads> {
+        conv2d::gpu::backward(self, x, w, dy, p, with_bias)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        linear::gpu::forward(self, x, w, b)
+    }
+
+    fn linear_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<LinearGrads> {
+        linear::gpu::backward(self, x, w, dy, with_bias)
+    }
+
+    fn group_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, p: &GroupNormParams) -> Result<GroupNormOutput> {
+        group_norm::gpu::forward(self, x, gamma, beta, p)
+    }
+
+    fn group_norm_backward(&self, x: &Tensor, gamma: &Tensor, saved: &GroupNormOutput, dy: &Tensor, p: &GroupNormParams) -> Result<GroupNormGrads> {
+        group_norm::gpu::backward(self, x, gamma, saved, dy, p)
+    }
+
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttentionOutput> {
+        attention::gpu::forward(self, q, k, v, heads)
+    }
+
+    fn attention_backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, saved: &AttentionOutput, d_out: &Tensor, heads: usize) -> Result<AttentionGrads> {
+        attention::gpu::backward(self, q, k, v, saved, d_out, heads)
+    }
+
+    fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor> {
+        embedding::gpu::timestep_embedding(self, t, p)
+    }
+
+    fn sum(&self, x: &Tensor) -> Result<Tensor> {
+        reduce::gpu::sum(self, x)
+    }
+
+    fn mean(&self, x: &Tensor) -> Result<Tensor> {
+        reduce::gpu::mean(self, x)
+    }
+
+    fn sum_squares(&self, x: &Tensor) -> Result<Tensor> {
+        reduce::gpu::sum_squares(self, x)
+    }
+
+    fn mse_loss(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        reduce::gpu::mse_loss(self, pred, target)
+    }
+
+    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor> {
+        reduce::gpu::mse_loss_backward(self, pred, target, d_loss)
+    }
+
+    fn q_sample(&self, x0: &Tensor, eps: &Tensor, t: &Tensor, alphas_cumprod: &Tensor) -> Result<Tensor> {
+        diffusion::gpu::q_sample(self, x0, eps, t, alphas_cumprod)
+    }
+
+    fn ddpm_step(&self, x_t: &Tensor, model_output: &Tensor, noise: &Tensor, c: &DdpmStepCoefficients) -> Result<Tensor> {
+        diffusion::gpu::ddpm_step(self, x_t, model_output, noise, c)
+    }
+
+    fn ddim_step(&self, x_t: &Tensor, model_output: &Tensor, noise: &Tensor, c: &DdimStepCoefficients) -> Result<Tensor> {
+        diffusion::gpu::ddim_step(self, x_t, model_output, noise, c)
+    }
+
+    fn adamw_step(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamWParams) -> Result<()> {
+        optim::gpu::adamw_step(self, param, grad, m, v, h)
+    }
+
+    fn ema_update(&self, ema: &mut Tensor, param: &Tensor, decay: f32) -> Result<()> {
+        optim::gpu::ema_update(self, ema, param, decay)
+    }
+
+    fn randn(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor> {
+        random::gpu::randn(self, shape, seed, offset)
+    }
+
+    fn rand_uniform(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor> {
+        random::gpu::rand_uniform(self, shape, seed, offset)
+    }
+}

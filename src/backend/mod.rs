@@ -1,0 +1,183 @@
+//! The `Backend` trait: one method per op, forward and backward. `Cpu` and `Gpu` implement it
+//! by calling the op modules in `ops/`, which hold the math, the reference loops and the
+//! kernel launchers side by side. The trait is object safe, so code can take `&dyn Backend`.
+//!
+//! Conventions: inputs are never modified, except by the in-place optimizer ops that take
+//! `&mut Tensor`; backward methods return fresh gradient tensors (the caller sums them where a
+//! tensor has several consumers); every shape is checked before any work is done.
+
+use crate::error::Result;
+use crate::ops::attention::{AttentionGrads, AttentionOutput};
+use crate::ops::conv2d::{Conv2dGrads, Conv2dParams};
+use crate::ops::diffusion::{DdimStepCoefficients, DdpmStepCoefficients};
+use crate::ops::embedding::TimestepEmbeddingParams;
+use crate::ops::group_norm::{GroupNormGrads, GroupNormOutput, GroupNormParams};
+use crate::ops::linear::LinearGrads;
+use crate::ops::optim::AdamWParams;
+use crate::tensor::{Device, Tensor};
+
+pub trait Backend: Send + Sync {
+    /// Which kind of storage this backend's tensors have.
+    fn device(&self) -> Device;
+    /// A human-readable description (the adapter name on the GPU).
+    fn name(&self) -> String;
+
+    // ---- tensors -------------------------------------------------------------------------
+    fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor>;
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor>;
+    /// Reads a tensor back to the host (on the GPU: submits and waits).
+    fn to_vec(&self, t: &Tensor) -> Result<Vec<f32>>;
+    /// Waits until all recorded work is done (a no-op on the CPU).
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- elementwise (ops/elementwise.rs) --------------------------------------------------
+    /// `a + b`, same shapes.
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// `s * x`.
+    fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor>;
+    /// `x * sigmoid(x)`.
+    fn silu(&self, x: &Tensor) -> Result<Tensor>;
+    /// `dx = dy * silu'(x)`.
+    fn silu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+
+    // ---- broadcast and layout (ops/broadcast.rs, ops/layout.rs) ---------------------------
+    /// `y[b, c, h, w] = x[b, c, h, w] + v[b, c]` (time-embedding injection).
+    fn add_per_channel(&self, x: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// Gradient of `add_per_channel` w.r.t. `v`: `dv[b, c] = sum_hw dy[b, c, h, w]`
+    /// (the gradient w.r.t. `x` is `dy` itself).
+    fn add_per_channel_backward(&self, dy: &Tensor) -> Result<Tensor>;
+    /// `[B, Ca, H, W] ++ [B, Cb, H, W] -> [B, Ca + Cb, H, W]`.
+    fn concat_channels(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// The inverse of `concat_channels` (and its backward): the first `ca` channels, the rest.
+    fn split_channels(&self, y: &Tensor, ca: usize) -> Result<(Tensor, Tensor)>;
+    /// Nearest-neighbour upsampling by 2: `[B, C, H, W] -> [B, C, 2H, 2W]`.
+    fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor>;
+    /// Its backward: each input pixel's gradient is the sum of its 2x2 block.
+    fn upsample_nearest2x_backward(&self, dy: &Tensor) -> Result<Tensor>;
+    /// `[B, M, N] -> [B, N, M]` (NCHW feature maps to token rows and back; its own backward).
+    fn transpose(&self, x: &Tensor) -> Result<Tensor>;
+
+    // ---- conv2d (ops/conv2d.rs) -------------------------------------------------------------
+    /// `x [B, Cin, H, W]`, `w [Cout, Cin, KH, KW]`, optional `b [Cout]`.
+    fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams)
+        -> Result<Tensor>;
+    /// Gradients w.r.t. input, weight and (when `with_bias`) bias.
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        with_bias: bool,
+    ) -> Result<Conv2dGrads>;
+
+    // ---- linear (ops/linear.rs) -------------------------------------------------------------
+    /// `y = x w^T + b`: `x [M, K]`, `w [N, K]`, optional `b [N]`, `y [M, N]`.
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        with_bias: bool,
+    ) -> Result<LinearGrads>;
+
+    // ---- group norm (ops/group_norm.rs) -----------------------------------------------------
+    /// `x [B, C, H, W]` (any trailing dims), affine `gamma, beta [C]`.
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormOutput>;
+    fn group_norm_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &GroupNormOutput,
+        dy: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormGrads>;
+
+    // ---- attention (ops/attention.rs) -------------------------------------------------------
+    /// `softmax(q k^T / sqrt(d)) v` per head: `q, k, v [B, L, C]`, `C = heads * d`.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize)
+        -> Result<AttentionOutput>;
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        saved: &AttentionOutput,
+        d_out: &Tensor,
+        heads: usize,
+    ) -> Result<AttentionGrads>;
+
+    // ---- timestep embedding (ops/embedding.rs), forward only ---------------------------------
+    /// `t [B]` (timesteps as f32) -> `[B, dim]`, as diffusers' `get_timestep_embedding`.
+    fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor>;
+
+    // ---- reductions and loss (ops/reduce.rs) ------------------------------------------------
+    /// Sum of all elements, shape `[1]`.
+    fn sum(&self, x: &Tensor) -> Result<Tensor>;
+    /// Mean of all elements, shape `[1]`.
+    fn mean(&self, x: &Tensor) -> Result<Tensor>;
+    /// Sum of squares of all elements, shape `[1]` (global gradient norms).
+    fn sum_squares(&self, x: &Tensor) -> Result<Tensor>;
+    /// `mean((pred - target)^2)`, shape `[1]`.
+    fn mse_loss(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor>;
+    /// `d pred = d_loss * 2 (pred - target) / N`.
+    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor>;
+
+    // ---- diffusion (ops/diffusion.rs) -------------------------------------------------------
+    /// `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`, `t [B]` one timestep per sample,
+    /// `alphas_cumprod [T]`.
+    fn q_sample(
+        &self,
+        x0: &Tensor,
+        eps: &Tensor,
+        t: &Tensor,
+        alphas_cumprod: &Tensor,
+    ) -> Result<Tensor>;
+    /// One DDPM ancestral step `x_t -> x_{t-1}` (posterior mean plus `sigma_t z`).
+    fn ddpm_step(
+        &self,
+        x_t: &Tensor,
+        model_output: &Tensor,
+        noise: &Tensor,
+        c: &DdpmStepCoefficients,
+    ) -> Result<Tensor>;
+    /// One DDIM step `x_t -> x_{t'}`.
+    fn ddim_step(
+        &self,
+        x_t: &Tensor,
+        model_output: &Tensor,
+        noise: &Tensor,
+        c: &DdimStepCoefficients,
+    ) -> Result<Tensor>;
+
+    // ---- optimizer (ops/optim.rs), in place --------------------------------------------------
+    /// Fused AdamW: moments, bias correction and decoupled weight decay in one pass.
+    fn adamw_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        h: &AdamWParams,
+    ) -> Result<()>;
+    /// `ema = decay * ema + (1 - decay) * param`.
+    fn ema_update(&self, ema: &mut Tensor, param: &Tensor, decay: f32) -> Result<()>;
+
+    // ---- random numbers (ops/random.rs, src/rng.rs) -----------------------------------------
+    /// Standard normal values; element `i` depends only on `(seed, offset + i)`.
+    fn randn(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor>;
+    /// Uniform values in [0, 1); element `i` depends only on `(seed, offset + i)`.
+    fn rand_uniform(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor>;
+}
+
+mod cpu;
+mod gpu;
+
+pub use cpu::Cpu;

@@ -1,0 +1,71 @@
+//! The one error type of the library. Every message says what was wrong and what to do.
+
+use thiserror::Error;
+
+/// Everything a diffwgpu operation can fail with.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// wgpu found no adapter to run on.
+    #[error(
+        "no GPU adapter found ({0}); install a Vulkan, Metal or DX12 driver \
+         (on Debian/Ubuntu `apt-get install mesa-vulkan-drivers libvulkan1` gives the lavapipe \
+         software driver), or run on the CPU backend"
+    )]
+    NoAdapter(String),
+
+    /// The adapter refused to give us a device, or the device was lost.
+    #[error("GPU device error: {0}")]
+    Device(String),
+
+    /// A tensor's shape does not fit the op.
+    #[error("{op}: shape mismatch: expected {expected}, got {got}")]
+    Shape {
+        op: &'static str,
+        expected: String,
+        got: String,
+    },
+
+    /// An argument other than a shape is out of range (a group count, a step count, ...).
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+
+    /// A tensor was handed to a backend other than the one that holds its data.
+    #[error(
+        "{op}: a tensor on the {found} backend was passed to the {expected} backend; \
+         move it first (read it with `to_vec` and `upload` it to the other backend)"
+    )]
+    WrongBackend {
+        op: &'static str,
+        expected: &'static str,
+        found: &'static str,
+    },
+
+    /// A GPU allocation or dispatch failed (out of memory, validation error).
+    #[error("GPU error in {op}: {msg}")]
+    Gpu { op: &'static str, msg: String },
+
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A shape error, formatting the expected and received shapes.
+    pub fn shape(op: &'static str, expected: impl Into<String>, got: &[usize]) -> Self {
+        Error::Shape {
+            op,
+            expected: expected.into(),
+            got: format!("{got:?}"),
+        }
+    }
+
+    /// An invalid-argument error.
+    pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Invalid {
+            op,
+            msg: msg.into(),
+        }
+    }
+}

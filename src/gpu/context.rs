@@ -1,0 +1,351 @@
+//! The GPU context: adapter choice, device creation with deliberately requested limits, and the
+//! public face of the GPU backend (`Gpu`).
+
+use std::sync::{Arc, Mutex};
+
+use super::buffer::{BufferPool, GpuBuffer};
+use super::pipeline::PipelineCache;
+use super::recorder::Recorder;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Usage of every tensor buffer.
+const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+pub(crate) struct Context {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) info: wgpu::AdapterInfo,
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) pipelines: PipelineCache,
+    pub(crate) pool: Arc<BufferPool>,
+    pub(crate) recorder: Mutex<Recorder>,
+    /// Errors wgpu reported outside any error scope, drained at the next flush.
+    pub(crate) errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// The GPU backend. Cheap to clone; clones share one device.
+#[derive(Clone)]
+pub struct Gpu {
+    pub(crate) ctx: Arc<Context>,
+}
+
+/// Counters for profiling the command stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuStats {
+    /// Compute dispatches recorded since the device was created.
+    pub dispatches: u64,
+    /// Command buffers submitted since the device was created.
+    pub submits: u64,
+    /// Distinct pipelines built.
+    pub pipelines: usize,
+    /// Bytes held by free pooled buffers.
+    pub pooled_free_bytes: u64,
+}
+
+/// What `diffwgpu info` shows of one adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    /// True for software rasterizers such as lavapipe.
+    pub software: bool,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_storage_buffers_per_shader_stage: u32,
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12,
+        ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+    })
+}
+
+/// Preference order: discrete, integrated, virtual, then software.
+fn rank(device_type: wgpu::DeviceType) -> u8 {
+    match device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+fn summary(adapter: &wgpu::Adapter) -> AdapterSummary {
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    AdapterSummary {
+        name: info.name,
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info),
+        software: info.device_type == wgpu::DeviceType::Cpu,
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_buffer_size: limits.max_buffer_size,
+        max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage,
+    }
+}
+
+/// Every adapter wgpu finds, best first (the first is what [`Gpu::new`] picks).
+pub fn adapters() -> Vec<AdapterSummary> {
+    sorted_adapters(&instance()).iter().map(summary).collect()
+}
+
+fn sorted_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    let mut all = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    all.sort_by_key(|a| rank(a.get_info().device_type));
+    all
+}
+
+/// The least we need from an adapter; anything less gets a clear error.
+const MIN_STORAGE_BUFFERS: u32 = 8;
+
+impl Gpu {
+    /// The best adapter available: a hardware GPU before a software one. The environment
+    /// variable `DIFFWGPU_ADAPTER` picks the first adapter whose name contains its value.
+    pub fn new() -> Result<Gpu> {
+        let filter = std::env::var("DIFFWGPU_ADAPTER").ok();
+        Self::with_adapter(filter.as_deref())
+    }
+
+    /// The best adapter whose name contains `filter` (case-insensitive), or the best of all.
+    pub fn with_adapter(filter: Option<&str>) -> Result<Gpu> {
+        let instance = instance();
+        let all = sorted_adapters(&instance);
+        if all.is_empty() {
+            return Err(Error::NoAdapter("wgpu found no Vulkan, Metal or DX12 adapter".into()));
+        }
+        let adapter = match filter {
+            None => all.into_iter().next().unwrap(),
+            Some(f) => {
+                let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+                all.into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&f.to_lowercase()))
+                    .ok_or_else(|| {
+                        Error::NoAdapter(format!(
+                            "no adapter name contains {f:?}; found: {}",
+                            names.join(", ")
+                        ))
+                    })?
+            }
+        };
+        Self::from_adapter(adapter)
+    }
+
+    fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        if limits.max_storage_buffers_per_shader_stage < MIN_STORAGE_BUFFERS {
+            return Err(Error::NoAdapter(format!(
+                "adapter {} allows {} storage buffers per shader stage; diffwgpu needs {}",
+                info.name, limits.max_storage_buffers_per_shader_stage, MIN_STORAGE_BUFFERS
+            )));
+        }
+        // Ask for everything the adapter offers: the backward kernels need more storage
+        // buffers and workgroup memory than the portable defaults allow.
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("diffwgpu"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            }))
+            .map_err(|e| Error::Device(format!("{}: {e}", info.name)))?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(e.to_string());
+        }));
+        let recorder = Recorder::new(&device);
+        Ok(Gpu {
+            ctx: Arc::new(Context {
+                device,
+                queue,
+                info,
+                limits,
+                pipelines: PipelineCache::default(),
+                pool: Arc::new(BufferPool::default()),
+                recorder: Mutex::new(recorder),
+                errors,
+            }),
+        })
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.ctx.info
+    }
+
+    /// The limits the device was created with.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.ctx.limits
+    }
+
+    /// True for a software adapter (lavapipe, WARP, ...).
+    pub fn is_software(&self) -> bool {
+        self.ctx.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    pub fn stats(&self) -> GpuStats {
+        let rec = self.ctx.recorder.lock().unwrap();
+        GpuStats {
+            dispatches: rec.dispatches,
+            submits: rec.submits,
+            pipelines: self.ctx.pipelines.len(),
+            pooled_free_bytes: self.ctx.pool.free_bytes(),
+        }
+    }
+
+    /// Frees the pooled buffers no tensor uses.
+    pub fn trim_pool(&self) {
+        self.ctx.pool.trim();
+    }
+
+    /// Submits everything recorded so far and waits for the device to finish it.
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.recorder.lock().unwrap().flush(&self.ctx);
+        self.wait()
+    }
+
+    pub(crate) fn wait(&self) -> Result<()> {
+        self.ctx
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        self.take_errors("synchronize")
+    }
+
+    /// Turns errors wgpu reported asynchronously into an `Err`.
+    pub(crate) fn take_errors(&self, op: &'static str) -> Result<()> {
+        let mut errors = self.ctx.errors.lock().unwrap();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let msg = errors.join("; ");
+        errors.clear();
+        Err(Error::Gpu { op, msg })
+    }
+
+    /// A buffer for `numel` f32 values with unspecified contents, from the pool if it can be.
+    pub(crate) fn alloc(&self, op: &'static str, numel: usize) -> Result<GpuBuffer> {
+        let size = (numel.max(1) * 4) as u64;
+        if let Some(buffer) = self.ctx.pool.take(size) {
+            return Ok(GpuBuffer::new(buffer, size, &self.ctx.pool));
+        }
+        let max = self
+            .ctx
+            .limits
+            .max_buffer_size
+            .min(self.ctx.limits.max_storage_buffer_binding_size as u64);
+        if size > max {
+            return Err(Error::Gpu {
+                op,
+                msg: format!(
+                    "a tensor of {numel} elements ({size} bytes) exceeds the adapter's largest \
+                     storage buffer ({max} bytes); use a smaller batch or image size"
+                ),
+            });
+        }
+        let scope = self.ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(op),
+            size,
+            usage: TENSOR_USAGE,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu {
+                op,
+                msg: format!(
+                    "out of GPU memory allocating {size} bytes ({e}); use a smaller batch or model"
+                ),
+            });
+        }
+        Ok(GpuBuffer::new(buffer, size, &self.ctx.pool))
+    }
+
+    /// A buffer of `numel` zeros (cleared in the command stream).
+    pub(crate) fn alloc_zeros(&self, op: &'static str, numel: usize) -> Result<GpuBuffer> {
+        let buffer = self.alloc(op, numel)?;
+        self.ctx.recorder.lock().unwrap().clear(&self.ctx, &buffer);
+        Ok(buffer)
+    }
+
+    /// Copies `src` into `dst` in the command stream (both the same size).
+    pub(crate) fn copy(&self, src: &GpuBuffer, dst: &GpuBuffer) {
+        self.ctx.recorder.lock().unwrap().copy(&self.ctx, src, dst);
+    }
+
+    /// A new GPU tensor holding `data`.
+    pub fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(Error::shape(
+                "upload",
+                format!("{} values for shape {shape:?}", numel),
+                &[data.len()],
+            ));
+        }
+        // A fresh buffer, written at creation: a pooled one may still be read by recorded work.
+        let mut bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
+        if bytes.is_empty() {
+            bytes.extend_from_slice(&[0; 4]);
+        }
+        use wgpu::util::DeviceExt;
+        let buffer = self
+            .ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("upload"),
+                contents: &bytes,
+                usage: TENSOR_USAGE,
+            });
+        let size = bytes.len() as u64;
+        Ok(Tensor::from_gpu(
+            shape,
+            GpuBuffer::new(buffer, size, &self.ctx.pool),
+        ))
+    }
+
+    /// Submits the recorded work and reads a GPU tensor back to the host.
+    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let buffer = t.gpu_buffer("read")?;
+        let size = (t.numel().max(1) * 4) as u64;
+        let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut rec = self.ctx.recorder.lock().unwrap();
+            rec.copy_raw(&self.ctx, buffer.raw(), &staging, size);
+            rec.flush(&self.ctx);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |r| tx.send(r).unwrap_or(()));
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| Error::Device(e.to_string()))?
+            .map_err(|e| Error::Device(format!("mapping a readback buffer failed: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let mut out: Vec<f32> = bytemuck::cast_slice(&view[..]).to_vec();
+        out.truncate(t.numel());
+        Ok(out)
+    }
+}

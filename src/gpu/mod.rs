@@ -1,0 +1,15 @@
+//! The GPU backend's machinery: the wgpu device, pooled buffers, cached pipelines and the
+//! command recorder that every op dispatches into.
+//!
+//! Ops never talk to wgpu directly; they call [`Gpu::alloc`], [`Gpu::dispatch`] and friends.
+//! All dispatches between two readbacks go into one command encoder, submitted once.
+
+mod buffer;
+mod context;
+mod pipeline;
+mod recorder;
+
+pub use buffer::GpuBuffer;
+pub use context::{adapters, AdapterSummary, Gpu, GpuStats};
+pub use pipeline::Kernel;
+pub use recorder::{grid, Arg};

@@ -1,0 +1,206 @@
+//! The command recorder: every op's dispatch goes into one open compute pass of one command
+//! encoder; the encoder is submitted only when a result is read back, the uniform arena is
+//! full, or the caller synchronizes.
+//!
+//! Per-dispatch parameters go into a host-side uniform arena; at submit time the arena is
+//! written to one uniform buffer with a single `write_buffer`, which the queue orders after
+//! all earlier submissions and before this one.
+
+use bytemuck::Pod;
+
+use super::buffer::GpuBuffer;
+use super::context::{Context, Gpu};
+use super::pipeline::Kernel;
+use crate::error::{Error, Result};
+
+/// Offset alignment of one dispatch's parameters inside the arena (the largest
+/// `min_uniform_buffer_offset_alignment` any adapter reports).
+const UNIFORM_ALIGN: usize = 256;
+/// Dispatches per submission before the arena forces a submit.
+const ARENA_SLOTS: usize = 4096;
+
+/// A storage buffer argument of a dispatch, bound at binding `index + 1`.
+pub struct Arg<'a> {
+    buffer: &'a GpuBuffer,
+    read_only: bool,
+}
+
+impl<'a> Arg<'a> {
+    /// Bound as `var<storage, read>`.
+    pub fn read(buffer: &'a GpuBuffer) -> Self {
+        Arg {
+            buffer,
+            read_only: true,
+        }
+    }
+
+    /// Bound as `var<storage, read_write>`.
+    pub fn write(buffer: &'a GpuBuffer) -> Self {
+        Arg {
+            buffer,
+            read_only: false,
+        }
+    }
+}
+
+/// Splits `workgroups` into an x-by-y grid that respects the 65,535-per-dimension limit.
+/// Kernels recover the linear index as `wid.x + wid.y * nwg.x` and must guard against the
+/// few extra workgroups at the end.
+pub fn grid(workgroups: u32) -> [u32; 3] {
+    const MAX: u32 = 65_535;
+    if workgroups <= MAX {
+        [workgroups.max(1), 1, 1]
+    } else {
+        let y = workgroups.div_ceil(MAX);
+        [workgroups.div_ceil(y), y, 1]
+    }
+}
+
+pub(crate) struct Recorder {
+    pass: Option<wgpu::ComputePass<'static>>,
+    encoder: Option<wgpu::CommandEncoder>,
+    uniforms: Vec<u8>,
+    arena: wgpu::Buffer,
+    pub(crate) dispatches: u64,
+    pub(crate) submits: u64,
+}
+
+impl Recorder {
+    pub(crate) fn new(device: &wgpu::Device) -> Self {
+        Recorder {
+            pass: None,
+            encoder: None,
+            uniforms: Vec::new(),
+            arena: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("uniform arena"),
+                size: (UNIFORM_ALIGN * ARENA_SLOTS) as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            dispatches: 0,
+            submits: 0,
+        }
+    }
+
+    fn encoder(&mut self, ctx: &Context) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        self.encoder.get_or_insert_with(|| {
+            ctx.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        })
+    }
+
+    fn pass(&mut self, ctx: &Context) -> &mut wgpu::ComputePass<'static> {
+        if self.pass.is_none() {
+            let pass = self
+                .encoder(ctx)
+                .begin_compute_pass(&wgpu::ComputePassDescriptor::default())
+                .forget_lifetime();
+            self.pass = Some(pass);
+        }
+        self.pass.as_mut().unwrap()
+    }
+
+    pub(crate) fn clear(&mut self, ctx: &Context, buffer: &GpuBuffer) {
+        self.encoder(ctx).clear_buffer(buffer.raw(), 0, None);
+    }
+
+    pub(crate) fn copy(&mut self, ctx: &Context, src: &GpuBuffer, dst: &GpuBuffer) {
+        let size = src.size().min(dst.size());
+        self.copy_raw(ctx, src.raw(), dst.raw(), size);
+    }
+
+    pub(crate) fn copy_raw(
+        &mut self,
+        ctx: &Context,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        size: u64,
+    ) {
+        self.encoder(ctx)
+            .copy_buffer_to_buffer(src, 0, dst, 0, Some(size));
+    }
+
+    /// Submits the recorded commands (and the uniform arena they read).
+    pub(crate) fn flush(&mut self, ctx: &Context) {
+        self.pass = None;
+        if let Some(encoder) = self.encoder.take() {
+            if !self.uniforms.is_empty() {
+                ctx.queue.write_buffer(&self.arena, 0, &self.uniforms);
+                self.uniforms.clear();
+            }
+            ctx.queue.submit([encoder.finish()]);
+            self.submits += 1;
+        }
+    }
+
+    /// Reserves an arena slot for `params`, returning its offset and bound size.
+    fn push_uniform(&mut self, ctx: &Context, params: &[u8]) -> (u64, u64) {
+        if self.uniforms.len() + UNIFORM_ALIGN > self.arena.size() as usize {
+            self.flush(ctx);
+        }
+        let offset = self.uniforms.len();
+        let size = params.len().max(16).next_multiple_of(16);
+        self.uniforms.extend_from_slice(params);
+        self.uniforms.resize(offset + UNIFORM_ALIGN, 0);
+        (offset as u64, size as u64)
+    }
+}
+
+impl Gpu {
+    /// Records one dispatch of `kernel` with its parameters at binding 0 and `args` at
+    /// bindings 1, 2, ...; `constants` sets WGSL `override` values (part of the pipeline key).
+    pub(crate) fn dispatch<P: Pod>(
+        &self,
+        kernel: &Kernel,
+        constants: &[(&'static str, f64)],
+        params: &P,
+        args: &[Arg<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let ctx = &self.ctx;
+        let bytes = bytemuck::bytes_of(params);
+        if bytes.len() > UNIFORM_ALIGN {
+            return Err(Error::Gpu {
+                op: kernel.entry,
+                msg: format!("parameter block of {} bytes exceeds 256", bytes.len()),
+            });
+        }
+        let max = ctx.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(Error::Gpu {
+                op: kernel.entry,
+                msg: format!("dispatch of {workgroups:?} workgroups exceeds the limit {max}"),
+            });
+        }
+        let layout: Vec<bool> = args.iter().map(|a| a.read_only).collect();
+        let pipeline = ctx.pipelines.get(&ctx.device, kernel, constants, &layout);
+        let mut rec = ctx.recorder.lock().unwrap();
+        let (offset, size) = rec.push_uniform(ctx, bytes);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &rec.arena,
+                offset,
+                size: std::num::NonZeroU64::new(size),
+            }),
+        }];
+        for (i, arg) in args.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: arg.buffer.raw().as_entire_binding(),
+            });
+        }
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry),
+            layout: &pipeline.1,
+            entries: &entries,
+        });
+        let pass = rec.pass(ctx);
+        pass.set_pipeline(&pipeline.0);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        rec.dispatches += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,14 @@
+//! diffwgpu: denoising diffusion models (DDPM) trained and sampled on any GPU that wgpu
+//! reaches, with every kernel hand-written in WGSL, backpropagation written by hand, and a CPU
+//! reference implementation of every op that the GPU results are checked against.
+
+pub mod backend;
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod tensor;
+
+pub use backend::{Backend, Cpu};
+pub use error::{Error, Result};
+pub use gpu::Gpu;
+pub use tensor::{Device, Tensor};

@@ -1,0 +1,131 @@
+//! Elementwise ops: `add`, `scale`, `silu` and its backward.
+//!
+//! silu(x) = x * sigmoid(x);  silu'(x) = sigmoid(x) * (1 + x * (1 - sigmoid(x))).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::check_same_shape;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    scale: f32,
+    _pad: [u32; 2],
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub(crate) mod cpu {
+    use rayon::prelude::*;
+
+    use super::*;
+
+    /// Below this many elements a loop beats spawning rayon tasks.
+    const PAR_MIN: usize = 1 << 14;
+
+    /// `f` applied to each element of `a` (and `b`), in parallel for large tensors.
+    pub(crate) fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+        if a.len() < PAR_MIN {
+            a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+        } else {
+            a.par_iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+        }
+    }
+
+    pub(crate) fn map1(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+        if a.len() < PAR_MIN {
+            a.iter().map(|&x| f(x)).collect()
+        } else {
+            a.par_iter().map(|&x| f(x)).collect()
+        }
+    }
+
+    pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        check_same_shape("add", a, b)?;
+        let y = map2(&a.cpu_read("add")?, &b.cpu_read("add")?, |x, y| x + y);
+        Ok(Tensor::from_cpu(a.shape(), y))
+    }
+
+    pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
+        let y = map1(&x.cpu_read("scale")?, |v| s * v);
+        Ok(Tensor::from_cpu(x.shape(), y))
+    }
+
+    pub fn silu(x: &Tensor) -> Result<Tensor> {
+        let y = map1(&x.cpu_read("silu")?, |v| v * sigmoid(v));
+        Ok(Tensor::from_cpu(x.shape(), y))
+    }
+
+    pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        check_same_shape("silu_backward", x, dy)?;
+        let dx = map2(
+            &x.cpu_read("silu_backward")?,
+            &dy.cpu_read("silu_backward")?,
+            |v, g| {
+                let s = sigmoid(v);
+                g * s * (1.0 + v * (1.0 - s))
+            },
+        );
+        Ok(Tensor::from_cpu(x.shape(), dx))
+    }
+}
+
+pub(crate) mod gpu {
+    use super::*;
+    use crate::gpu::{Arg, Gpu, Kernel};
+    use crate::ops::elementwise_grid;
+
+    const SOURCE: &str = include_str!("../../shaders/elementwise.wgsl");
+
+    fn kernel(entry: &'static str) -> Kernel {
+        Kernel {
+            shader: "elementwise",
+            source: SOURCE,
+            entry,
+        }
+    }
+
+    fn params(n: usize, scale: f32) -> Params {
+        Params {
+            n: n as u32,
+            scale,
+            _pad: [0; 2],
+        }
+    }
+
+    /// One output, one or two inputs, one thread per element.
+    fn run(g: &Gpu, entry: &'static str, inputs: &[&Tensor], s: f32) -> Result<Tensor> {
+        let n = inputs[0].numel();
+        let out = g.alloc(entry, n)?;
+        let mut args: Vec<Arg> = Vec::with_capacity(3);
+        for t in inputs {
+            args.push(Arg::read(t.gpu_buffer(entry)?));
+        }
+        args.push(Arg::write(&out));
+        g.dispatch(&kernel(entry), &[], &params(n, s), &args, elementwise_grid(n))?;
+        Ok(Tensor::from_gpu(inputs[0].shape(), out))
+    }
+
+    pub fn add(g: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        check_same_shape("add", a, b)?;
+        run(g, "add", &[a, b], 0.0)
+    }
+
+    pub fn scale(g: &Gpu, x: &Tensor, s: f32) -> Result<Tensor> {
+        run(g, "scale", &[x], s)
+    }
+
+    pub fn silu(g: &Gpu, x: &Tensor) -> Result<Tensor> {
+        run(g, "silu", &[x], 0.0)
+    }
+
+    pub fn silu_backward(g: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        check_same_shape("silu_backward", x, dy)?;
+        run(g, "silu_backward", &[x, dy], 0.0)
+    }
+}

@@ -1,0 +1,42 @@
+//! One module per op family. Each holds the op's parameters, its shape checks, the CPU
+//! reference (`cpu::`) and the GPU launcher (`gpu::`) beside its shader in `shaders/`.
+
+pub mod attention;
+pub mod broadcast;
+pub mod conv2d;
+pub mod diffusion;
+pub mod elementwise;
+pub mod embedding;
+pub mod group_norm;
+pub mod layout;
+pub mod linear;
+pub mod optim;
+pub mod random;
+pub mod reduce;
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Checks that `t` has `rank` dimensions.
+pub(crate) fn check_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<()> {
+    if t.shape().len() != rank {
+        return Err(Error::shape(op, format!("{name} of rank {rank}"), t.shape()));
+    }
+    Ok(())
+}
+
+/// Checks that `b` has the shape of `a`.
+pub(crate) fn check_same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(Error::shape(op, format!("{:?}", a.shape()), b.shape()));
+    }
+    Ok(())
+}
+
+/// Workgroup size of the one-thread-per-element kernels.
+pub(crate) const ELEMENTWISE_WG: u32 = 256;
+
+/// Workgroups for `n` elements, one thread each, as an x-by-y grid.
+pub(crate) fn elementwise_grid(n: usize) -> [u32; 3] {
+    crate::gpu::grid((n as u32).div_ceil(ELEMENTWISE_WG))
+}

@@ -1,0 +1,66 @@
+//! add, scale, silu and silu_backward: GPU vs CPU, finite differences, bad input.
+
+mod common;
+
+use common::*;
+use diffwgpu::{Backend, Cpu, Error};
+
+/// Odd sizes that are not multiples of the 256-wide workgroup, and one large enough to use
+/// the CPU's parallel path.
+const SIZES: &[&[usize]] = &[&[1], &[3, 5, 7], &[2, 3, 17, 19], &[70_001]];
+
+#[test]
+fn forward_and_backward_match_cpu() {
+    for (i, shape) in SIZES.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let a: Vec<f32> = seeded(n, i as u64).iter().map(|v| v * 6.0).collect();
+        let b = seeded(n, 100 + i as u64);
+        // Tolerance: one or two ulps of exp and division.
+        parity(&format!("elementwise {shape:?}"), 1e-6, 1e-5, |be: &dyn Backend| {
+            let ta = up(be, shape, &a);
+            let tb = up(be, shape, &b);
+            vec![
+                ("add", down(be, &be.add(&ta, &tb).unwrap())),
+                ("scale", down(be, &be.scale(&ta, -0.37).unwrap())),
+                ("silu", down(be, &be.silu(&ta).unwrap())),
+                ("silu_backward", down(be, &be.silu_backward(&ta, &tb).unwrap())),
+            ]
+        });
+    }
+}
+
+#[test]
+fn silu_gradient_matches_finite_differences() {
+    let shape = [2, 3, 4];
+    let x: Vec<f32> = seeded(24, 7).iter().map(|v| v * 4.0).collect();
+    let r = seeded(24, 8);
+    let dx = Cpu
+        .silu_backward(&up(&Cpu, &shape, &x), &up(&Cpu, &shape, &r))
+        .unwrap();
+    gradcheck("silu", &x, &down(&Cpu, &dx), 1e-2, 1e-3, 1e-2, |xp| {
+        dot(&down(&Cpu, &Cpu.silu(&up(&Cpu, &shape, xp)).unwrap()), &r)
+    });
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let a = up(&Cpu, &[2, 3], &[0.0; 6]);
+    let b = up(&Cpu, &[3, 2], &[0.0; 6]);
+    assert!(matches!(Cpu.add(&a, &b), Err(Error::Shape { op: "add", .. })));
+    if let Some(g) = gpu() {
+        let ga = up(g, &[2, 3], &[0.0; 6]);
+        let gb = up(g, &[3, 2], &[0.0; 6]);
+        assert!(matches!(g.add(&ga, &gb), Err(Error::Shape { op: "add", .. })));
+    }
+}
+
+#[test]
+fn tensor_from_the_other_backend_is_an_error() {
+    let Some(g) = gpu() else { return };
+    let c = up(&Cpu, &[4], &[1.0; 4]);
+    let gt = up(g, &[4], &[1.0; 4]);
+    let err = g.silu(&c).unwrap_err();
+    assert!(matches!(err, Error::WrongBackend { expected: "gpu", found: "cpu", .. }));
+    assert!(err.to_string().contains("upload"), "{err}");
+    assert!(matches!(Cpu.add(&c, &gt), Err(Error::WrongBackend { expected: "cpu", .. })));
+}

@@ -3,9 +3,11 @@
 //! reference implementation of every op that the GPU results are checked against.
 
 pub mod backend;
+pub mod diffusion;
 pub mod error;
 pub mod gpu;
 pub mod ops;
+pub mod rng;
 pub mod tensor;
 
 pub use backend::{Backend, Cpu};

@@ -1,0 +1,3 @@
+//! The diffusion process: noise schedules and the per-step coefficients of the samplers.
+
+pub mod schedule;

@@ -16,16 +16,24 @@ fn forward_and_backward_match_cpu() {
         let a: Vec<f32> = seeded(n, i as u64).iter().map(|v| v * 6.0).collect();
         let b = seeded(n, 100 + i as u64);
         // Tolerance: one or two ulps of exp and division.
-        parity(&format!("elementwise {shape:?}"), 1e-6, 1e-5, |be: &dyn Backend| {
-            let ta = up(be, shape, &a);
-            let tb = up(be, shape, &b);
-            vec![
-                ("add", down(be, &be.add(&ta, &tb).unwrap())),
-                ("scale", down(be, &be.scale(&ta, -0.37).unwrap())),
-                ("silu", down(be, &be.silu(&ta).unwrap())),
-                ("silu_backward", down(be, &be.silu_backward(&ta, &tb).unwrap())),
-            ]
-        });
+        parity(
+            &format!("elementwise {shape:?}"),
+            1e-6,
+            1e-5,
+            |be: &dyn Backend| {
+                let ta = up(be, shape, &a);
+                let tb = up(be, shape, &b);
+                vec![
+                    ("add", down(be, &be.add(&ta, &tb).unwrap())),
+                    ("scale", down(be, &be.scale(&ta, -0.37).unwrap())),
+                    ("silu", down(be, &be.silu(&ta).unwrap())),
+                    (
+                        "silu_backward",
+                        down(be, &be.silu_backward(&ta, &tb).unwrap()),
+                    ),
+                ]
+            },
+        );
     }
 }
 
@@ -46,11 +54,17 @@ fn silu_gradient_matches_finite_differences() {
 fn mismatched_shapes_are_errors() {
     let a = up(&Cpu, &[2, 3], &[0.0; 6]);
     let b = up(&Cpu, &[3, 2], &[0.0; 6]);
-    assert!(matches!(Cpu.add(&a, &b), Err(Error::Shape { op: "add", .. })));
+    assert!(matches!(
+        Cpu.add(&a, &b),
+        Err(Error::Shape { op: "add", .. })
+    ));
     if let Some(g) = gpu() {
         let ga = up(g, &[2, 3], &[0.0; 6]);
         let gb = up(g, &[3, 2], &[0.0; 6]);
-        assert!(matches!(g.add(&ga, &gb), Err(Error::Shape { op: "add", .. })));
+        assert!(matches!(
+            g.add(&ga, &gb),
+            Err(Error::Shape { op: "add", .. })
+        ));
     }
 }
 
@@ -60,7 +74,20 @@ fn tensor_from_the_other_backend_is_an_error() {
     let c = up(&Cpu, &[4], &[1.0; 4]);
     let gt = up(g, &[4], &[1.0; 4]);
     let err = g.silu(&c).unwrap_err();
-    assert!(matches!(err, Error::WrongBackend { expected: "gpu", found: "cpu", .. }));
+    assert!(matches!(
+        err,
+        Error::WrongBackend {
+            expected: "gpu",
+            found: "cpu",
+            ..
+        }
+    ));
     assert!(err.to_string().contains("upload"), "{err}");
-    assert!(matches!(Cpu.add(&c, &gt), Err(Error::WrongBackend { expected: "cpu", .. })));
+    assert!(matches!(
+        Cpu.add(&c, &gt),
+        Err(Error::WrongBackend {
+            expected: "cpu",
+            ..
+        })
+    ));
 }

@@ -1,6 +1,7 @@
 //! The CPU backend: the reference implementation of every op, and the fallback where no GPU
 //! exists. Plain Rust, multithreaded with rayon, matrix products through the `gemm` crate.
 
+use super::Backend;
 use crate::error::Result;
 use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
 use crate::ops::conv2d::{self, Conv2dGrads, Conv2dParams};
@@ -11,7 +12,6 @@ use crate::ops::linear::{self, LinearGrads};
 use crate::ops::optim::{self, AdamWParams};
 use crate::ops::{broadcast, elementwise, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
-use super::Backend;
 
 /// The CPU backend.
 #[derive(Debug, Clone, Copy, Default)]
@@ -94,11 +94,24 @@ impl Backend for Cpu {
         layout::cpu::transpose(x)
     }
 
-    fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams) -> Result<Tensor> {
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+    ) -> Result<Tensor> {
         conv2d::cpu::forward(x, w, b, p)
     }
 
-    fn conv2d_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor, p: &Conv2dParams, with_bias: bool) -> Result<Conv2dGrads> {
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        with_bias: bool,
+    ) -> Result<Conv2dGrads> {
         conv2d::cpu::backward(x, w, dy, p, with_bias)
     }
 
@@ -106,23 +119,56 @@ impl Backend for Cpu {
         linear::cpu::forward(x, w, b)
     }
 
-    fn linear_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<LinearGrads> {
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        with_bias: bool,
+    ) -> Result<LinearGrads> {
         linear::cpu::backward(x, w, dy, with_bias)
     }
 
-    fn group_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, p: &GroupNormParams) -> Result<GroupNormOutput> {
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormOutput> {
         group_norm::cpu::forward(x, gamma, beta, p)
     }
 
-    fn group_norm_backward(&self, x: &Tensor, gamma: &Tensor, saved: &GroupNormOutput, dy: &Tensor, p: &GroupNormParams) -> Result<GroupNormGrads> {
+    fn group_norm_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &GroupNormOutput,
+        dy: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormGrads> {
         group_norm::cpu::backward(x, gamma, saved, dy, p)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttentionOutput> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> Result<AttentionOutput> {
         attention::cpu::forward(q, k, v, heads)
     }
 
-    fn attention_backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, saved: &AttentionOutput, d_out: &Tensor, heads: usize) -> Result<AttentionGrads> {
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        saved: &AttentionOutput,
+        d_out: &Tensor,
+        heads: usize,
+    ) -> Result<AttentionGrads> {
         attention::cpu::backward(q, k, v, saved, d_out, heads)
     }
 
@@ -150,19 +196,44 @@ impl Backend for Cpu {
         reduce::cpu::mse_loss_backward(pred, target, d_loss)
     }
 
-    fn q_sample(&self, x0: &Tensor, eps: &Tensor, t: &Tensor, alphas_cumprod: &Tensor) -> Result<Tensor> {
+    fn q_sample(
+        &self,
+        x0: &Tensor,
+        eps: &Tensor,
+        t: &Tensor,
+        alphas_cumprod: &Tensor,
+    ) -> Result<Tensor> {
         diffusion::cpu::q_sample(x0, eps, t, alphas_cumprod)
     }
 
-    fn ddpm_step(&self, x_t: &Tensor, model_output: &Tensor, noise: &Tensor, c: &DdpmStepCoefficients) -> Result<Tensor> {
+    fn ddpm_step(
+        &self,
+        x_t: &Tensor,
+        model_output: &Tensor,
+        noise: &Tensor,
+        c: &DdpmStepCoefficients,
+    ) -> Result<Tensor> {
         diffusion::cpu::ddpm_step(x_t, model_output, noise, c)
     }
 
-    fn ddim_step(&self, x_t: &Tensor, model_output: &Tensor, noise: &Tensor, c: &DdimStepCoefficients) -> Result<Tensor> {
+    fn ddim_step(
+        &self,
+        x_t: &Tensor,
+        model_output: &Tensor,
+        noise: &Tensor,
+        c: &DdimStepCoefficients,
+    ) -> Result<Tensor> {
         diffusion::cpu::ddim_step(x_t, model_output, noise, c)
     }
 
-    fn adamw_step(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamWParams) -> Result<()> {
+    fn adamw_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        h: &AdamWParams,
+    ) -> Result<()> {
         optim::cpu::adamw_step(param, grad, m, v, h)
     }
 

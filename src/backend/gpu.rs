@@ -1,7 +1,9 @@
 //! The GPU backend: every op is a hand-written WGSL kernel recorded into the shared command
 //! encoder (see `crate::gpu`).
 
+use super::Backend;
 use crate::error::Result;
+use crate::gpu::Gpu;
 use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
 use crate::ops::conv2d::{self, Conv2dGrads, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
@@ -11,8 +13,6 @@ use crate::ops::linear::{self, LinearGrads};
 use crate::ops::optim::{self, AdamWParams};
 use crate::ops::{broadcast, elementwise, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
-use super::Backend;
-use crate::gpu::Gpu;
 
 impl Backend for Gpu {
     fn device(&self) -> Device {
@@ -85,11 +85,24 @@ impl Backend for Gpu {
         layout::gpu::transpose(self, x)
     }
 
-    fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams) -> Result<Tensor> {
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+    ) -> Result<Tensor> {
         conv2d::gpu::forward(self, x, w, b, p)
     }
 
-    fn conv2d_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor, p: &Conv2dParams, with_bias: bool) -> Result<Conv2dGrads> {
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        with_bias: bool,
+    ) -> Result<Conv2dGrads> {
         conv2d::gpu::backward(self, x, w, dy, p, with_bias)
     }
 
@@ -97,23 +110,56 @@ impl Backend for Gpu {
         linear::gpu::forward(self, x, w, b)
     }
 
-    fn linear_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<LinearGrads> {
+    fn linear_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        with_bias: bool,
+    ) -> Result<LinearGrads> {
         linear::gpu::backward(self, x, w, dy, with_bias)
     }
 
-    fn group_norm(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, p: &GroupNormParams) -> Result<GroupNormOutput> {
+    fn group_norm(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormOutput> {
         group_norm::gpu::forward(self, x, gamma, beta, p)
     }
 
-    fn group_norm_backward(&self, x: &Tensor, gamma: &Tensor, saved: &GroupNormOutput, dy: &Tensor, p: &GroupNormParams) -> Result<GroupNormGrads> {
+    fn group_norm_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &GroupNormOutput,
+        dy: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormGrads> {
         group_norm::gpu::backward(self, x, gamma, saved, dy, p)
     }
 
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttentionOutput> {
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> Result<AttentionOutput> {
         attention::gpu::forward(self, q, k, v, heads)
     }
 
-    fn attention_backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, saved: &AttentionOutput, d_out: &Tensor, heads: usize) -> Result<AttentionGrads> {
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        saved: &AttentionOutput,
+        d_out: &Tensor,
+        heads: usize,
+    ) -> Result<AttentionGrads> {
         attention::gpu::backward(self, q, k, v, saved, d_out, heads)
     }
 
@@ -141,19 +187,44 @@ impl Backend for Gpu {
         reduce::gpu::mse_loss_backward(self, pred, target, d_loss)
     }
 
-    fn q_sample(&self, x0: &Tensor, eps: &Tensor, t: &Tensor, alphas_cumprod: &Tensor) -> Result<Tensor> {
+    fn q_sample(
+        &self,
+        x0: &Tensor,
+        eps: &Tensor,
+        t: &Tensor,
+        alphas_cumprod: &Tensor,
+    ) -> Result<Tensor> {
         diffusion::gpu::q_sample(self, x0, eps, t, alphas_cumprod)
     }
 
-    fn ddpm_step(&self, x_t: &Tensor, model_output: &Tensor, noise: &Tensor, c: &DdpmStepCoefficients) -> Result<Tensor> {
+    fn ddpm_step(
+        &self,
+        x_t: &Tensor,
+        model_output: &Tensor,
+        noise: &Tensor,
+        c: &DdpmStepCoefficients,
+    ) -> Result<Tensor> {
         diffusion::gpu::ddpm_step(self, x_t, model_output, noise, c)
     }
 
-    fn ddim_step(&self, x_t: &Tensor, model_output: &Tensor, noise: &Tensor, c: &DdimStepCoefficients) -> Result<Tensor> {
+    fn ddim_step(
+        &self,
+        x_t: &Tensor,
+        model_output: &Tensor,
+        noise: &Tensor,
+        c: &DdimStepCoefficients,
+    ) -> Result<Tensor> {
         diffusion::gpu::ddim_step(self, x_t, model_output, noise, c)
     }
 
-    fn adamw_step(&self, param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, h: &AdamWParams) -> Result<()> {
+    fn adamw_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        h: &AdamWParams,
+    ) -> Result<()> {
         optim::gpu::adamw_step(self, param, grad, m, v, h)
     }
 

@@ -59,8 +59,13 @@ pub trait Backend: Send + Sync {
 
     // ---- conv2d (ops/conv2d.rs) -------------------------------------------------------------
     /// `x [B, Cin, H, W]`, `w [Cout, Cin, KH, KW]`, optional `b [Cout]`.
-    fn conv2d(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams)
-        -> Result<Tensor>;
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+    ) -> Result<Tensor>;
     /// Gradients w.r.t. input, weight and (when `with_bias`) bias.
     fn conv2d_backward(
         &self,
@@ -102,8 +107,13 @@ pub trait Backend: Send + Sync {
 
     // ---- attention (ops/attention.rs) -------------------------------------------------------
     /// `softmax(q k^T / sqrt(d)) v` per head: `q, k, v [B, L, C]`, `C = heads * d`.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize)
-        -> Result<AttentionOutput>;
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+    ) -> Result<AttentionOutput>;
     fn attention_backward(
         &self,
         q: &Tensor,

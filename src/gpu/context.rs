@@ -123,7 +123,9 @@ impl Gpu {
         let instance = instance();
         let all = sorted_adapters(&instance);
         if all.is_empty() {
-            return Err(Error::NoAdapter("wgpu found no Vulkan, Metal or DX12 adapter".into()));
+            return Err(Error::NoAdapter(
+                "wgpu found no Vulkan, Metal or DX12 adapter".into(),
+            ));
         }
         let adapter = match filter {
             None => all.into_iter().next().unwrap(),
@@ -153,16 +155,15 @@ impl Gpu {
         }
         // Ask for everything the adapter offers: the backward kernels need more storage
         // buffers and workgroup memory than the portable defaults allow.
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-                label: Some("diffwgpu"),
-                required_features: wgpu::Features::empty(),
-                required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
-                memory_hints: wgpu::MemoryHints::Performance,
-                trace: wgpu::Trace::Off,
-            }))
-            .map_err(|e| Error::Device(format!("{}: {e}", info.name)))?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("diffwgpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(format!("{}: {e}", info.name)))?;
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -257,7 +258,10 @@ impl Gpu {
                 ),
             });
         }
-        let scope = self.ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let scope = self
+            .ctx
+            .device
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(op),
             size,

@@ -17,12 +17,46 @@ pub struct AttentionGrads {
 
 pub(crate) mod cpu {
     use super::*;
-    pub fn forward(_q: &Tensor, _k: &Tensor, _v: &Tensor, _heads: usize) -> Result<AttentionOutput> { todo!() }
-    pub fn backward(_q: &Tensor, _k: &Tensor, _v: &Tensor, _saved: &AttentionOutput, _d_out: &Tensor, _heads: usize) -> Result<AttentionGrads> { todo!() }
+    pub fn forward(
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _heads: usize,
+    ) -> Result<AttentionOutput> {
+        todo!()
+    }
+    pub fn backward(
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _saved: &AttentionOutput,
+        _d_out: &Tensor,
+        _heads: usize,
+    ) -> Result<AttentionGrads> {
+        todo!()
+    }
 }
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Gpu;
-    pub fn forward(_g: &Gpu, _q: &Tensor, _k: &Tensor, _v: &Tensor, _heads: usize) -> Result<AttentionOutput> { todo!() }
-    pub fn backward(_g: &Gpu, _q: &Tensor, _k: &Tensor, _v: &Tensor, _saved: &AttentionOutput, _d_out: &Tensor, _heads: usize) -> Result<AttentionGrads> { todo!() }
+    pub fn forward(
+        _g: &Gpu,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _heads: usize,
+    ) -> Result<AttentionOutput> {
+        todo!()
+    }
+    pub fn backward(
+        _g: &Gpu,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _saved: &AttentionOutput,
+        _d_out: &Tensor,
+        _heads: usize,
+    ) -> Result<AttentionGrads> {
+        todo!()
+    }
 }

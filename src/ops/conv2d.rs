@@ -18,12 +18,44 @@ pub struct Conv2dGrads {
 
 pub(crate) mod cpu {
     use super::*;
-    pub fn forward(_x: &Tensor, _w: &Tensor, _b: Option<&Tensor>, _p: &Conv2dParams) -> Result<Tensor> { todo!() }
-    pub fn backward(_x: &Tensor, _w: &Tensor, _dy: &Tensor, _p: &Conv2dParams, _with_bias: bool) -> Result<Conv2dGrads> { todo!() }
+    pub fn forward(
+        _x: &Tensor,
+        _w: &Tensor,
+        _b: Option<&Tensor>,
+        _p: &Conv2dParams,
+    ) -> Result<Tensor> {
+        todo!()
+    }
+    pub fn backward(
+        _x: &Tensor,
+        _w: &Tensor,
+        _dy: &Tensor,
+        _p: &Conv2dParams,
+        _with_bias: bool,
+    ) -> Result<Conv2dGrads> {
+        todo!()
+    }
 }
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Gpu;
-    pub fn forward(_g: &Gpu, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>, _p: &Conv2dParams) -> Result<Tensor> { todo!() }
-    pub fn backward(_g: &Gpu, _x: &Tensor, _w: &Tensor, _dy: &Tensor, _p: &Conv2dParams, _with_bias: bool) -> Result<Conv2dGrads> { todo!() }
+    pub fn forward(
+        _g: &Gpu,
+        _x: &Tensor,
+        _w: &Tensor,
+        _b: Option<&Tensor>,
+        _p: &Conv2dParams,
+    ) -> Result<Tensor> {
+        todo!()
+    }
+    pub fn backward(
+        _g: &Gpu,
+        _x: &Tensor,
+        _w: &Tensor,
+        _dy: &Tensor,
+        _p: &Conv2dParams,
+        _with_bias: bool,
+    ) -> Result<Conv2dGrads> {
+        todo!()
+    }
 }

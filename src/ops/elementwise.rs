@@ -107,7 +107,13 @@ pub(crate) mod gpu {
             args.push(Arg::read(t.gpu_buffer(entry)?));
         }
         args.push(Arg::write(&out));
-        g.dispatch(&kernel(entry), &[], &params(n, s), &args, elementwise_grid(n))?;
+        g.dispatch(
+            &kernel(entry),
+            &[],
+            &params(n, s),
+            &args,
+            elementwise_grid(n),
+        )?;
         Ok(Tensor::from_gpu(inputs[0].shape(), out))
     }
 

@@ -13,10 +13,18 @@ pub struct TimestepEmbeddingParams {
 
 pub(crate) mod cpu {
     use super::*;
-    pub fn timestep_embedding(_t: &Tensor, _p: &TimestepEmbeddingParams) -> Result<Tensor> { todo!() }
+    pub fn timestep_embedding(_t: &Tensor, _p: &TimestepEmbeddingParams) -> Result<Tensor> {
+        todo!()
+    }
 }
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Gpu;
-    pub fn timestep_embedding(_g: &Gpu, _t: &Tensor, _p: &TimestepEmbeddingParams) -> Result<Tensor> { todo!() }
+    pub fn timestep_embedding(
+        _g: &Gpu,
+        _t: &Tensor,
+        _p: &TimestepEmbeddingParams,
+    ) -> Result<Tensor> {
+        todo!()
+    }
 }

@@ -23,12 +23,44 @@ pub struct GroupNormGrads {
 
 pub(crate) mod cpu {
     use super::*;
-    pub fn forward(_x: &Tensor, _gamma: &Tensor, _beta: &Tensor, _p: &GroupNormParams) -> Result<GroupNormOutput> { todo!() }
-    pub fn backward(_x: &Tensor, _gamma: &Tensor, _saved: &GroupNormOutput, _dy: &Tensor, _p: &GroupNormParams) -> Result<GroupNormGrads> { todo!() }
+    pub fn forward(
+        _x: &Tensor,
+        _gamma: &Tensor,
+        _beta: &Tensor,
+        _p: &GroupNormParams,
+    ) -> Result<GroupNormOutput> {
+        todo!()
+    }
+    pub fn backward(
+        _x: &Tensor,
+        _gamma: &Tensor,
+        _saved: &GroupNormOutput,
+        _dy: &Tensor,
+        _p: &GroupNormParams,
+    ) -> Result<GroupNormGrads> {
+        todo!()
+    }
 }
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Gpu;
-    pub fn forward(_g: &Gpu, _x: &Tensor, _gamma: &Tensor, _beta: &Tensor, _p: &GroupNormParams) -> Result<GroupNormOutput> { todo!() }
-    pub fn backward(_g: &Gpu, _x: &Tensor, _gamma: &Tensor, _saved: &GroupNormOutput, _dy: &Tensor, _p: &GroupNormParams) -> Result<GroupNormGrads> { todo!() }
+    pub fn forward(
+        _g: &Gpu,
+        _x: &Tensor,
+        _gamma: &Tensor,
+        _beta: &Tensor,
+        _p: &GroupNormParams,
+    ) -> Result<GroupNormOutput> {
+        todo!()
+    }
+    pub fn backward(
+        _g: &Gpu,
+        _x: &Tensor,
+        _gamma: &Tensor,
+        _saved: &GroupNormOutput,
+        _dy: &Tensor,
+        _p: &GroupNormParams,
+    ) -> Result<GroupNormGrads> {
+        todo!()
+    }
 }

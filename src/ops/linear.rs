@@ -11,12 +11,31 @@ pub struct LinearGrads {
 
 pub(crate) mod cpu {
     use super::*;
-    pub fn forward(_x: &Tensor, _w: &Tensor, _b: Option<&Tensor>) -> Result<Tensor> { todo!() }
-    pub fn backward(_x: &Tensor, _w: &Tensor, _dy: &Tensor, _with_bias: bool) -> Result<LinearGrads> { todo!() }
+    pub fn forward(_x: &Tensor, _w: &Tensor, _b: Option<&Tensor>) -> Result<Tensor> {
+        todo!()
+    }
+    pub fn backward(
+        _x: &Tensor,
+        _w: &Tensor,
+        _dy: &Tensor,
+        _with_bias: bool,
+    ) -> Result<LinearGrads> {
+        todo!()
+    }
 }
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Gpu;
-    pub fn forward(_g: &Gpu, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>) -> Result<Tensor> { todo!() }
-    pub fn backward(_g: &Gpu, _x: &Tensor, _w: &Tensor, _dy: &Tensor, _with_bias: bool) -> Result<LinearGrads> { todo!() }
+    pub fn forward(_g: &Gpu, _x: &Tensor, _w: &Tensor, _b: Option<&Tensor>) -> Result<Tensor> {
+        todo!()
+    }
+    pub fn backward(
+        _g: &Gpu,
+        _x: &Tensor,
+        _w: &Tensor,
+        _dy: &Tensor,
+        _with_bias: bool,
+    ) -> Result<LinearGrads> {
+        todo!()
+    }
 }

@@ -20,7 +20,11 @@ use crate::tensor::Tensor;
 /// Checks that `t` has `rank` dimensions.
 pub(crate) fn check_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<()> {
     if t.shape().len() != rank {
-        return Err(Error::shape(op, format!("{name} of rank {rank}"), t.shape()));
+        return Err(Error::shape(
+            op,
+            format!("{name} of rank {rank}"),
+            t.shape(),
+        ));
     }
     Ok(())
 }

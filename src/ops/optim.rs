@@ -15,12 +15,33 @@ pub struct AdamWParams {
 
 pub(crate) mod cpu {
     use super::*;
-    pub fn adamw_step(_p: &mut Tensor, _g: &Tensor, _m: &mut Tensor, _v: &mut Tensor, _h: &AdamWParams) -> Result<()> { todo!() }
-    pub fn ema_update(_ema: &mut Tensor, _p: &Tensor, _decay: f32) -> Result<()> { todo!() }
+    pub fn adamw_step(
+        _p: &mut Tensor,
+        _g: &Tensor,
+        _m: &mut Tensor,
+        _v: &mut Tensor,
+        _h: &AdamWParams,
+    ) -> Result<()> {
+        todo!()
+    }
+    pub fn ema_update(_ema: &mut Tensor, _p: &Tensor, _decay: f32) -> Result<()> {
+        todo!()
+    }
 }
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Gpu;
-    pub fn adamw_step(_g: &Gpu, _p: &mut Tensor, _gr: &Tensor, _m: &mut Tensor, _v: &mut Tensor, _h: &AdamWParams) -> Result<()> { todo!() }
-    pub fn ema_update(_g: &Gpu, _ema: &mut Tensor, _p: &Tensor, _decay: f32) -> Result<()> { todo!() }
+    pub fn adamw_step(
+        _g: &Gpu,
+        _p: &mut Tensor,
+        _gr: &Tensor,
+        _m: &mut Tensor,
+        _v: &mut Tensor,
+        _h: &AdamWParams,
+    ) -> Result<()> {
+        todo!()
+    }
+    pub fn ema_update(_g: &Gpu, _ema: &mut Tensor, _p: &Tensor, _decay: f32) -> Result<()> {
+        todo!()
+    }
 }

@@ -23,10 +23,19 @@ pub fn seeded(n: usize, seed: u64) -> Vec<f32> {
 
 /// Asserts `|got - want| <= atol + rtol * |want|` elementwise, reporting the worst element.
 pub fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{name}: length {} vs {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{name}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
     let mut worst = (0usize, 0.0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite() == w.is_finite(), "{name}[{i}]: got {g}, want {w}");
+        assert!(
+            g.is_finite() == w.is_finite(),
+            "{name}[{i}]: got {g}, want {w}"
+        );
         let excess = (g - w).abs() - (atol + rtol * w.abs());
         if excess > worst.1 || excess.is_nan() {
             worst = (i, excess);

@@ -88,7 +88,7 @@ fn summary(adapter: &wgpu::Adapter) -> AdapterSummary {
         device_type: format!("{:?}", info.device_type),
         driver: format!("{} {}", info.driver, info.driver_info),
         software: info.device_type == wgpu::DeviceType::Cpu,
-        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         max_buffer_size: limits.max_buffer_size,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
@@ -248,7 +248,7 @@ impl Gpu {
             .ctx
             .limits
             .max_buffer_size
-            .min(self.ctx.limits.max_storage_buffer_binding_size as u64);
+            .min(self.ctx.limits.max_storage_buffer_binding_size);
         if size > max {
             return Err(Error::Gpu {
                 op,

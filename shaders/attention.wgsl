@@ -1,0 +1,367 @@
+// Multi-head scaled dot-product attention, flash-attention style: the L x L score matrix is
+// never stored; each workgroup streams blocks of keys (or queries) through workgroup memory.
+//
+// Tensors are [B, L, C] with head h owning columns h*d .. (h+1)*d; lse and D are [B, heads, L].
+// Per (b, h):  S = Q K^T * scale,  scale = 1/sqrt(d),  P = exp(S - lse),  O = P V.
+//
+//   attention_fwd:       O and lse = m + log(l) with the online softmax: per key block,
+//                        m' = max(m, rowmax S_blk), l' = l e^(m - m') + sum e^(S_blk - m'),
+//                        o' = o e^(m - m') + e^(S_blk - m') V_blk, and finally O = o / l.
+//   attention_bwd_delta: D_i = sum_j dO_ij O_ij.
+//   attention_bwd_dq:    dS = P * (dO V^T - D), dQ = dS K * scale, per block of query rows.
+//   attention_bwd_dkv:   dV = P^T dO, dK = dS^T Q * scale, per block of key rows.
+//
+// A workgroup of 256 invocations owns BR = 16 rows: invocation (r, t) = (lid / 16, lid % 16)
+// holds row r's output columns t + 16 u (u < 16, so d <= 256) in registers, and the scores of
+// row r against columns t + 16 i (i < 4) of the current BC = 64-wide block. Scores are computed
+// as a small matrix product over the feature dimension in DK = 16 deep slices staged in
+// workgroup memory; the row-wide softmax steps go through a [BR][BC] tile in workgroup memory.
+
+struct Params {
+    len: u32,
+    channels: u32,
+    heads: u32,
+    head_dim: u32,
+    scale: f32,
+    // B * heads * L.
+    rows: u32,
+}
+
+const BR: u32 = 16u;
+const TPR: u32 = 16u;
+const BC: u32 = 64u;
+const SPT: u32 = 4u;
+const DK: u32 = 16u;
+const MAXCOL: u32 = 16u;
+// Stands in for -infinity (WGSL does not promise infinities).
+const NEG_BIG: f32 = -3.0e38;
+// No element: `at` outside the head.
+const NONE: u32 = 0xffffffffu;
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// Score operands. The scores of a block are x_rows . y_cols: pair a is (q, k) in the forward
+// and dQ passes and (k, q) in the dK/dV pass; pair b is (dO, v) in dQ and (v, dO) in dK/dV.
+@group(0) @binding(1) var<storage, read> xa: array<f32>;
+@group(0) @binding(2) var<storage, read> ya: array<f32>;
+@group(0) @binding(3) var<storage, read> xb: array<f32>;
+@group(0) @binding(4) var<storage, read> yb: array<f32>;
+
+// attention_fwd: q, k at 1, 2 (pair a), then v, out, lse.
+@group(0) @binding(3) var<storage, read> v_fwd: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse_out: array<f32>;
+
+// Backward: lse and D at 5, 6; dq at 7, or dk and dv at 7 and 8.
+@group(0) @binding(5) var<storage, read> lse: array<f32>;
+@group(0) @binding(6) var<storage, read> delta: array<f32>;
+@group(0) @binding(7) var<storage, read_write> grad_x: array<f32>;
+@group(0) @binding(8) var<storage, read_write> grad_v: array<f32>;
+
+// attention_bwd_delta: O, dO, D.
+@group(0) @binding(1) var<storage, read> o_saved: array<f32>;
+@group(0) @binding(2) var<storage, read> d_out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> delta_out: array<f32>;
+
+var<workgroup> x_tile: array<f32, DK * BR>;   // [DK][BR]
+var<workgroup> y_tile: array<f32, DK * BC>;   // [DK][BC]
+var<workgroup> s_tile: array<f32, BR * BC>;   // [BR][BC]: scores, P or dS of the block
+var<workgroup> p_tile: array<f32, BR * BC>;   // [BR][BC]: P of the block (dK/dV pass)
+
+// Element (row, 0) of this workgroup's (b, head) in a [B, L, C] tensor.
+var<private> base: u32;
+// This workgroup's (b, head) rows in lse and D: lse[bh_rows + i].
+var<private> bh_rows: u32;
+var<private> s: array<f32, SPT>;
+
+fn setup(bh: u32) {
+    let b = bh / p.heads;
+    let h = bh % p.heads;
+    base = b * p.len * p.channels + h * p.head_dim;
+    bh_rows = bh * p.len;
+}
+
+// Index in the tiles of slice element e: x holds BR x DK (one per invocation), y BC x DK
+// (SPT per invocation); consecutive invocations take consecutive features of a row.
+fn tile_row(e: u32) -> u32 {
+    return e / DK;
+}
+
+fn tile_depth(e: u32) -> u32 {
+    return e % DK;
+}
+
+// Where element (row, feature) of this head lives, or none when outside [L, d].
+fn at(row: u32, f: u32) -> u32 {
+    if (row < p.len && f < p.head_dim) {
+        return base + row * p.channels + f;
+    }
+    return NONE;
+}
+
+// s[i] += sum_l x_tile[l][r] * y_tile[l][t + TPR i] over one staged slice.
+fn accumulate_slice(r: u32, t: u32) {
+    for (var l = 0u; l < DK; l++) {
+        let xv = x_tile[l * BR + r];
+        for (var i = 0u; i < SPT; i++) {
+            s[i] = fma(xv, y_tile[l * BC + t + TPR * i], s[i]);
+        }
+    }
+}
+
+// s[i] = xa[row0 + r] . ya[col0 + t + TPR i] over the d features of the head.
+fn scores_a(lid: u32, row0: u32, col0: u32) {
+    let r = lid / TPR;
+    let t = lid % TPR;
+    for (var i = 0u; i < SPT; i++) {
+        s[i] = 0.0;
+    }
+    for (var d0 = 0u; d0 < p.head_dim; d0 += DK) {
+        let ix = at(row0 + tile_row(lid), d0 + tile_depth(lid));
+        var xv = 0.0;
+        if (ix != NONE) {
+            xv = xa[ix];
+        }
+        x_tile[tile_depth(lid) * BR + tile_row(lid)] = xv;
+        for (var i = 0u; i < SPT; i++) {
+            let e = lid + BR * TPR * i;
+            let iy = at(col0 + tile_row(e), d0 + tile_depth(e));
+            var yv = 0.0;
+            if (iy != NONE) {
+                yv = ya[iy];
+            }
+            y_tile[tile_depth(e) * BC + tile_row(e)] = yv;
+        }
+        workgroupBarrier();
+        accumulate_slice(r, t);
+        workgroupBarrier();
+    }
+}
+
+// The same with pair b.
+fn scores_b(lid: u32, row0: u32, col0: u32) {
+    let r = lid / TPR;
+    let t = lid % TPR;
+    for (var i = 0u; i < SPT; i++) {
+        s[i] = 0.0;
+    }
+    for (var d0 = 0u; d0 < p.head_dim; d0 += DK) {
+        let ix = at(row0 + tile_row(lid), d0 + tile_depth(lid));
+        var xv = 0.0;
+        if (ix != NONE) {
+            xv = xb[ix];
+        }
+        x_tile[tile_depth(lid) * BR + tile_row(lid)] = xv;
+        for (var i = 0u; i < SPT; i++) {
+            let e = lid + BR * TPR * i;
+            let iy = at(col0 + tile_row(e), d0 + tile_depth(e));
+            var yv = 0.0;
+            if (iy != NONE) {
+                yv = yb[iy];
+            }
+            y_tile[tile_depth(e) * BC + tile_row(e)] = yv;
+        }
+        workgroupBarrier();
+        accumulate_slice(r, t);
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(256)
+fn attention_fwd(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    setup(wid.y);
+    let r = lid / TPR;
+    let t = lid % TPR;
+    let row0 = wid.x * BR;
+    var m = NEG_BIG;
+    var l = 0.0;
+    var o: array<f32, MAXCOL>;
+    for (var u = 0u; u < MAXCOL; u++) {
+        o[u] = 0.0;
+    }
+    for (var col0 = 0u; col0 < p.len; col0 += BC) {
+        scores_a(lid, row0, col0);
+        for (var i = 0u; i < SPT; i++) {
+            let c = t + TPR * i;
+            s[i] = select(NEG_BIG, s[i] * p.scale, col0 + c < p.len);
+            s_tile[r * BC + c] = s[i];
+        }
+        workgroupBarrier();
+        var m_new = m;
+        for (var c = 0u; c < BC; c++) {
+            m_new = max(m_new, s_tile[r * BC + c]);
+        }
+        let alpha = exp(m - m_new);
+        workgroupBarrier();
+        for (var i = 0u; i < SPT; i++) {
+            let c = t + TPR * i;
+            s_tile[r * BC + c] = select(0.0, exp(s[i] - m_new), col0 + c < p.len);
+        }
+        workgroupBarrier();
+        l *= alpha;
+        for (var u = 0u; u < MAXCOL; u++) {
+            o[u] *= alpha;
+        }
+        let keys = min(BC, p.len - col0);
+        for (var c = 0u; c < keys; c++) {
+            let pc = s_tile[r * BC + c];
+            l += pc;
+            let v_row = base + (col0 + c) * p.channels;
+            for (var u = 0u; u < MAXCOL; u++) {
+                let j = t + TPR * u;
+                if (j < p.head_dim) {
+                    o[u] = fma(pc, v_fwd[v_row + j], o[u]);
+                }
+            }
+        }
+        m = m_new;
+        workgroupBarrier();
+    }
+    let row = row0 + r;
+    if (row < p.len) {
+        for (var u = 0u; u < MAXCOL; u++) {
+            let j = t + TPR * u;
+            if (j < p.head_dim) {
+                out[base + row * p.channels + j] = o[u] / l;
+            }
+        }
+        if (t == 0u) {
+            lse_out[bh_rows + row] = m + log(l);
+        }
+    }
+}
+
+// One invocation per (b, head, row), 256 per workgroup on an x-by-y grid.
+@compute @workgroup_size(256)
+fn attention_bwd_delta(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let idx = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (idx < p.rows) {
+        let bh = idx / p.len;
+        let i = idx % p.len;
+        setup(bh);
+        var sum = 0.0;
+        let row = base + i * p.channels;
+        for (var j = 0u; j < p.head_dim; j++) {
+            sum = fma(d_out[row + j], o_saved[row + j], sum);
+        }
+        delta_out[idx] = sum;
+    }
+}
+
+@compute @workgroup_size(256)
+fn attention_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    setup(wid.y);
+    let r = lid / TPR;
+    let t = lid % TPR;
+    let row0 = wid.x * BR;
+    let row = row0 + r;
+    var lse_r = 0.0;
+    var delta_r = 0.0;
+    if (row < p.len) {
+        lse_r = lse[bh_rows + row];
+        delta_r = delta[bh_rows + row];
+    }
+    var dq: array<f32, MAXCOL>;
+    for (var u = 0u; u < MAXCOL; u++) {
+        dq[u] = 0.0;
+    }
+    var scaled: array<f32, SPT>;
+    for (var col0 = 0u; col0 < p.len; col0 += BC) {
+        scores_a(lid, row0, col0);
+        for (var i = 0u; i < SPT; i++) {
+            scaled[i] = s[i] * p.scale;
+        }
+        scores_b(lid, row0, col0);
+        for (var i = 0u; i < SPT; i++) {
+            let c = t + TPR * i;
+            let prob = exp(scaled[i] - lse_r);
+            s_tile[r * BC + c] = select(0.0, prob * (s[i] - delta_r), col0 + c < p.len && row < p.len);
+        }
+        workgroupBarrier();
+        let keys = min(BC, p.len - col0);
+        for (var c = 0u; c < keys; c++) {
+            let ds = s_tile[r * BC + c];
+            let k_row = base + (col0 + c) * p.channels;
+            for (var u = 0u; u < MAXCOL; u++) {
+                let j = t + TPR * u;
+                if (j < p.head_dim) {
+                    dq[u] = fma(ds, ya[k_row + j], dq[u]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (row < p.len) {
+        for (var u = 0u; u < MAXCOL; u++) {
+            let j = t + TPR * u;
+            if (j < p.head_dim) {
+                grad_x[base + row * p.channels + j] = dq[u] * p.scale;
+            }
+        }
+    }
+}
+
+// Rows of this workgroup are keys; the streamed blocks are queries.
+@compute @workgroup_size(256)
+fn attention_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    setup(wid.y);
+    let r = lid / TPR;
+    let t = lid % TPR;
+    let row0 = wid.x * BR;
+    let row = row0 + r;
+    var dk: array<f32, MAXCOL>;
+    var dv: array<f32, MAXCOL>;
+    for (var u = 0u; u < MAXCOL; u++) {
+        dk[u] = 0.0;
+        dv[u] = 0.0;
+    }
+    var scaled: array<f32, SPT>;
+    for (var col0 = 0u; col0 < p.len; col0 += BC) {
+        scores_a(lid, row0, col0);
+        for (var i = 0u; i < SPT; i++) {
+            scaled[i] = s[i] * p.scale;
+        }
+        scores_b(lid, row0, col0);
+        for (var i = 0u; i < SPT; i++) {
+            let c = t + TPR * i;
+            let query = col0 + c;
+            var prob = 0.0;
+            var ds = 0.0;
+            if (query < p.len && row < p.len) {
+                prob = exp(scaled[i] - lse[bh_rows + query]);
+                ds = prob * (s[i] - delta[bh_rows + query]);
+            }
+            p_tile[r * BC + c] = prob;
+            s_tile[r * BC + c] = ds;
+        }
+        workgroupBarrier();
+        let queries = min(BC, p.len - col0);
+        for (var c = 0u; c < queries; c++) {
+            let prob = p_tile[r * BC + c];
+            let ds = s_tile[r * BC + c];
+            let q_row = base + (col0 + c) * p.channels;
+            for (var u = 0u; u < MAXCOL; u++) {
+                let j = t + TPR * u;
+                if (j < p.head_dim) {
+                    dv[u] = fma(prob, yb[q_row + j], dv[u]);
+                    dk[u] = fma(ds, ya[q_row + j], dk[u]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (row < p.len) {
+        for (var u = 0u; u < MAXCOL; u++) {
+            let j = t + TPR * u;
+            if (j < p.head_dim) {
+                grad_x[base + row * p.channels + j] = dk[u] * p.scale;
+                grad_v[base + row * p.channels + j] = dv[u];
+            }
+        }
+    }
+}

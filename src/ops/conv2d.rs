@@ -1,5 +1,32 @@
-//! 2-D convolution.
-use crate::error::Result;
+//! 2-D convolution, forward and backward, as matrix products.
+//!
+//! With `x [B, Cin, H, W]`, `w [Cout, Cin, KH, KW]`, stride `s` and padding (top, left) =
+//! `(pt, pl)`, the output `y [B, Cout, Ho, Wo]` is
+//!
+//! ```text
+//! y[b, co, oy, ox] = bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] x[b, ci, oy s + ky - pt, ox s + kx - pl]
+//! ```
+//!
+//! (`x` is zero outside the image), with `Ho = (H + pt + pb - KH) / s + 1` and likewise `Wo`.
+//! Flattening `k = (ci, ky, kx)` and `n = (oy, ox)` and gathering the input into the "column"
+//! matrix `X[k, n] = x[b, ci, oy s + ky - pt, ox s + kx - pl]` (im2col) makes each image a GEMM:
+//!
+//! ```text
+//! Y_b = W X_b                       (W: [Cout, K], X_b: [K, Ho Wo])             (1)
+//! dW  = sum_b dY_b X_b^T                                                        (2)
+//! dX_b = W^T dY_b,   dx_b = col2im(dX_b)  (the adjoint of im2col: scatter-add)  (3)
+//! db[co] = sum_{b, oy, ox} dy[b, co, oy, ox]                                    (4)
+//! ```
+//!
+//! The CPU runs (1)-(4) literally. The GPU never builds `X`: its kernels read the input through
+//! the index map above while they fill their tiles (implicit GEMM), and (3) is computed in
+//! gather form, `dx[b, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] dy[b, co, oy, ox]` over
+//! the `(oy, ox)` with `oy s + ky - pt = iy` and `ox s + kx - pl = ix`.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::check_rank;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Stride and padding (top, bottom, left, right) of a convolution.
@@ -9,6 +36,22 @@ pub struct Conv2dParams {
     pub padding: [usize; 4],
 }
 
+impl Conv2dParams {
+    /// Stride `stride` and the same padding `pad` on all four sides.
+    pub fn new(stride: usize, pad: usize) -> Self {
+        Conv2dParams {
+            stride,
+            padding: [pad; 4],
+        }
+    }
+
+    /// Stride `stride` and padding `[top, bottom, left, right]`; diffusers' `Downsample2D`
+    /// is `with_padding(2, [0, 1, 0, 1])`.
+    pub fn with_padding(stride: usize, padding: [usize; 4]) -> Self {
+        Conv2dParams { stride, padding }
+    }
+}
+
 /// Gradients of a convolution.
 pub struct Conv2dGrads {
     pub dx: Tensor,
@@ -16,46 +59,628 @@ pub struct Conv2dGrads {
     pub db: Option<Tensor>,
 }
 
-pub(crate) mod cpu {
-    use super::*;
-    pub fn forward(
-        _x: &Tensor,
-        _w: &Tensor,
-        _b: Option<&Tensor>,
-        _p: &Conv2dParams,
-    ) -> Result<Tensor> {
-        todo!()
+/// Every size of one convolution, checked.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad_top: usize,
+    pad_left: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geometry {
+    /// Checks `x`, `w` and the parameters and derives the output size.
+    fn new(op: &'static str, x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<Geometry> {
+        check_rank(op, "x [B, Cin, H, W]", x, 4)?;
+        check_rank(op, "w [Cout, Cin, KH, KW]", w, 4)?;
+        let (xs, ws) = (x.shape(), w.shape());
+        if ws[1] != xs[1] {
+            return Err(Error::shape(
+                op,
+                format!("w [Cout, {}, KH, KW] (Cin of x {:?})", xs[1], xs),
+                ws,
+            ));
+        }
+        if p.stride == 0 {
+            return Err(Error::invalid(op, "stride must be at least 1"));
+        }
+        let [top, bottom, left, right] = p.padding;
+        let (hp, wp) = (xs[2] + top + bottom, xs[3] + left + right);
+        if ws[2] > hp || ws[3] > wp || ws[2] == 0 || ws[3] == 0 {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "kernel {}x{} does not fit the padded input {hp}x{wp} (x {xs:?}, padding \
+                     {:?}); use a smaller kernel or more padding",
+                    ws[2], ws[3], p.padding
+                ),
+            ));
+        }
+        Ok(Geometry {
+            batch: xs[0],
+            cin: xs[1],
+            h: xs[2],
+            w: xs[3],
+            cout: ws[0],
+            kh: ws[2],
+            kw: ws[3],
+            stride: p.stride,
+            pad_top: top,
+            pad_left: left,
+            ho: (hp - ws[2]) / p.stride + 1,
+            wo: (wp - ws[3]) / p.stride + 1,
+        })
     }
-    pub fn backward(
-        _x: &Tensor,
-        _w: &Tensor,
-        _dy: &Tensor,
-        _p: &Conv2dParams,
-        _with_bias: bool,
-    ) -> Result<Conv2dGrads> {
-        todo!()
+
+    /// Reduction length of the forward GEMM, `Cin KH KW`.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+
+    /// Pixels of one input image.
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Pixels of one output image.
+    fn out_hw(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    fn out_shape(&self) -> [usize; 4] {
+        [self.batch, self.cout, self.ho, self.wo]
+    }
+
+    /// True when im2col is the identity (1x1 kernel, stride 1, no padding).
+    fn is_pointwise(&self, p: &Conv2dParams) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && p.padding == [0; 4]
+    }
+
+    fn check_bias(&self, op: &'static str, b: &Tensor) -> Result<()> {
+        if b.shape() != [self.cout] {
+            return Err(Error::shape(op, format!("bias [{}]", self.cout), b.shape()));
+        }
+        Ok(())
+    }
+
+    fn check_dy(&self, op: &'static str, dy: &Tensor) -> Result<()> {
+        if dy.shape() != self.out_shape() {
+            return Err(Error::shape(
+                op,
+                format!("dy {:?}", self.out_shape()),
+                dy.shape(),
+            ));
+        }
+        Ok(())
     }
 }
+
+/// The uniform of every conv2d kernel (`Params` in shaders/conv2d.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    batch: u32,
+    cin: u32,
+    h: u32,
+    w: u32,
+    cout: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad_top: u32,
+    pad_left: u32,
+    ho: u32,
+    wo: u32,
+    has_bias: u32,
+    /// Reduction indices per split of a split-K pass.
+    split_len: u32,
+    /// Number of splits of a split-K pass.
+    splits: u32,
+    /// Elements of the result of a split-sum pass.
+    n: u32,
+}
+
+pub(crate) mod cpu {
+    use gemm::Parallelism;
+    use rayon::prelude::*;
+
+    use super::*;
+
+    /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+    #[derive(Clone, Copy)]
+    struct Mat<'a> {
+        data: &'a [f32],
+        rs: usize,
+        cs: usize,
+    }
+
+    impl<'a> Mat<'a> {
+        fn rows(data: &'a [f32], cols: usize) -> Self {
+            Mat {
+                data,
+                rs: cols,
+                cs: 1,
+            }
+        }
+
+        fn transposed(self) -> Self {
+            Mat {
+                data: self.data,
+                rs: self.cs,
+                cs: self.rs,
+            }
+        }
+
+        fn covers(&self, rows: usize, cols: usize) -> bool {
+            rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+        }
+    }
+
+    /// `dst [m, n] = a [m, k] b [k, n]`, or `dst += a b` when `accumulate`; `dst` row-major.
+    fn matmul(
+        dst: &mut [f32],
+        a: Mat,
+        b: Mat,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+        par: Parallelism,
+    ) {
+        assert!(dst.len() >= m * n && a.covers(m, k) && b.covers(k, n));
+        // SAFETY: the assertion above keeps every index the strides reach inside its slice.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+
+    /// The output indices `o` in `0..len_out` whose input index `o stride + offset` lies in
+    /// `0..len_in`, as a range.
+    fn valid(len_in: usize, offset: isize, stride: usize, len_out: usize) -> (usize, usize) {
+        let s = stride as isize;
+        let lo = if offset >= 0 {
+            0
+        } else {
+            (-offset + s - 1) / s
+        };
+        let room = len_in as isize - offset;
+        let hi = if room <= 0 { 0 } else { (room + s - 1) / s };
+        let hi = (hi as usize).min(len_out);
+        ((lo as usize).min(hi), hi)
+    }
+
+    /// Calls `f(row of X, channel, input row index, ox range, input column of the first ox)`
+    /// for each valid output row of each row of the column matrix `X` of one image — the
+    /// index map shared by im2col and col2im. Rows of `X` outside the image are passed with
+    /// `iy = None`.
+    fn for_each_col_row(
+        g: &Geometry,
+        mut f: impl FnMut(usize, usize, usize, Option<usize>, (usize, usize), usize),
+    ) {
+        let (s, ow) = (g.stride, g.wo);
+        for ci in 0..g.cin {
+            for ky in 0..g.kh {
+                let off_y = ky as isize - g.pad_top as isize;
+                let (oy_lo, oy_hi) = valid(g.h, off_y, s, g.ho);
+                for kx in 0..g.kw {
+                    let row = (ci * g.kh + ky) * g.kw + kx;
+                    let off_x = kx as isize - g.pad_left as isize;
+                    let (ox_lo, ox_hi) = valid(g.w, off_x, s, ow);
+                    let ix0 = (ox_lo as isize * s as isize + off_x).max(0) as usize;
+                    for oy in 0..g.ho {
+                        let iy = (oy_lo..oy_hi)
+                            .contains(&oy)
+                            .then(|| (oy as isize * s as isize + off_y) as usize);
+                        f(row, ci, oy, iy, (ox_lo, ox_hi), ix0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// im2col of one image: `col[k, oy Wo + ox] = x[ci, oy s + ky - pt, ox s + kx - pl]`
+    /// with `k = (ci, ky, kx)`, zero where the index falls in the padding.
+    fn im2col(g: &Geometry, x: &[f32], col: &mut [f32]) {
+        let (hw, ohw, s) = (g.hw(), g.out_hw(), g.stride);
+        for_each_col_row(g, |row, ci, oy, iy, (lo, hi), ix0| {
+            let out = &mut col[row * ohw + oy * g.wo..][..g.wo];
+            let Some(iy) = iy else {
+                out.fill(0.0);
+                return;
+            };
+            let src = &x[ci * hw + iy * g.w..][..g.w];
+            out[..lo].fill(0.0);
+            out[hi..].fill(0.0);
+            if lo == hi {
+                return;
+            }
+            if s == 1 {
+                out[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+            } else {
+                for (o, v) in out[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                    *o = *v;
+                }
+            }
+        });
+    }
+
+    /// col2im of one image, the adjoint of [`im2col`]: `dx[ci, iy, ix] += dcol[k, oy Wo + ox]`
+    /// over every `(k, oy, ox)` that im2col reads `(ci, iy, ix)` from. `dx` starts zeroed.
+    fn col2im(g: &Geometry, dcol: &[f32], dx: &mut [f32]) {
+        let (hw, ohw, s) = (g.hw(), g.out_hw(), g.stride);
+        for_each_col_row(g, |row, ci, oy, iy, (lo, hi), ix0| {
+            let Some(iy) = iy.filter(|_| lo < hi) else {
+                return;
+            };
+            let src = &dcol[row * ohw + oy * g.wo..][..g.wo];
+            let dst = &mut dx[ci * hw + iy * g.w..][..g.w];
+            for (d, v) in dst[ix0..].iter_mut().step_by(s).zip(&src[lo..hi]) {
+                *d += *v;
+            }
+        });
+    }
+
+    /// Parallelism inside one image's GEMM: none when the batch alone fills the threads.
+    fn inner_parallelism(batch: usize) -> Parallelism {
+        let threads = rayon::current_num_threads();
+        if batch >= threads {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(threads)
+        }
+    }
+
+    /// Forward pass, equation (1) per image plus the bias, images in parallel.
+    pub fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams) -> Result<Tensor> {
+        const OP: &str = "conv2d";
+        let g = Geometry::new(OP, x, w, p)?;
+        if let Some(b) = b {
+            g.check_bias(OP, b)?;
+        }
+        let xs = x.cpu_read(OP)?;
+        let ws = w.cpu_read(OP)?;
+        let bias = b.map(|b| b.cpu_read(OP)).transpose()?;
+        let (k, ohw, pointwise) = (g.k(), g.out_hw(), g.is_pointwise(p));
+        let par = inner_parallelism(g.batch);
+        let mut y = vec![0.0f32; g.batch * g.cout * ohw];
+        if ohw > 0 && g.cout > 0 {
+            y.par_chunks_mut(g.cout * ohw).enumerate().for_each_init(
+                || vec![0.0f32; if pointwise { 0 } else { k * ohw }],
+                |col, (bi, yb)| {
+                    let xb = &xs[bi * g.cin * g.hw()..][..g.cin * g.hw()];
+                    let cols: &[f32] = if pointwise {
+                        xb
+                    } else {
+                        im2col(&g, xb, col);
+                        col
+                    };
+                    if let Some(bias) = &bias {
+                        for (row, &bv) in yb.chunks_mut(ohw).zip(bias.iter()) {
+                            row.fill(bv);
+                        }
+                    }
+                    let wm = Mat::rows(&ws, k);
+                    let xm = Mat::rows(cols, ohw);
+                    matmul(yb, wm, xm, (g.cout, ohw, k), bias.is_some(), par);
+                },
+            );
+        }
+        Ok(Tensor::from_cpu(&g.out_shape(), y))
+    }
+
+    /// Per-thread state of the backward pass: one image's columns, their gradient, and this
+    /// thread's running sum of `dW`.
+    struct Scratch {
+        col: Vec<f32>,
+        dcol: Vec<f32>,
+        dw: Vec<f32>,
+    }
+
+    /// Backward pass: (2) summed per thread then across threads, (3) per image, (4).
+    pub fn backward(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        with_bias: bool,
+    ) -> Result<Conv2dGrads> {
+        const OP: &str = "conv2d_backward";
+        let g = Geometry::new(OP, x, w, p)?;
+        g.check_dy(OP, dy)?;
+        let xs = x.cpu_read(OP)?;
+        let ws = w.cpu_read(OP)?;
+        let dys = dy.cpu_read(OP)?;
+        let (k, ohw, chw, pointwise) = (g.k(), g.out_hw(), g.cin * g.hw(), g.is_pointwise(p));
+        let par = inner_parallelism(g.batch);
+        let scratch_len = if pointwise { 0 } else { k * ohw };
+        let mut dx = vec![0.0f32; g.batch * chw];
+        let dw = if chw == 0 || ohw == 0 || g.cout == 0 {
+            vec![0.0f32; g.cout * k]
+        } else {
+            dx.par_chunks_mut(chw)
+                .enumerate()
+                .fold(
+                    || Scratch {
+                        col: vec![0.0; scratch_len],
+                        dcol: vec![0.0; scratch_len],
+                        dw: vec![0.0; g.cout * k],
+                    },
+                    |mut t, (bi, dxb)| {
+                        let xb = &xs[bi * chw..][..chw];
+                        let dyb = Mat::rows(&dys[bi * g.cout * ohw..][..g.cout * ohw], ohw);
+                        let cols: &[f32] = if pointwise {
+                            xb
+                        } else {
+                            im2col(&g, xb, &mut t.col);
+                            &t.col
+                        };
+                        let xt = Mat::rows(cols, ohw).transposed();
+                        matmul(&mut t.dw, dyb, xt, (g.cout, k, ohw), true, par);
+                        let wt = Mat::rows(&ws, k).transposed();
+                        if pointwise {
+                            matmul(dxb, wt, dyb, (k, ohw, g.cout), false, par);
+                        } else {
+                            matmul(&mut t.dcol, wt, dyb, (k, ohw, g.cout), false, par);
+                            col2im(&g, &t.dcol, dxb);
+                        }
+                        t
+                    },
+                )
+                .map(|t| t.dw)
+                .reduce(
+                    || vec![0.0f32; g.cout * k],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
+                        a
+                    },
+                )
+        };
+        let db = with_bias.then(|| {
+            let sums: Vec<f32> = (0..g.cout)
+                .into_par_iter()
+                .map(|co| {
+                    (0..g.batch)
+                        .map(|bi| dys[(bi * g.cout + co) * ohw..][..ohw].iter().sum::<f32>())
+                        .sum()
+                })
+                .collect();
+            Tensor::from_cpu(&[g.cout], sums)
+        });
+        Ok(Conv2dGrads {
+            dx: Tensor::from_cpu(x.shape(), dx),
+            dw: Tensor::from_cpu(w.shape(), dw),
+            db,
+        })
+    }
+}
+
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::Gpu;
-    pub fn forward(
-        _g: &Gpu,
-        _x: &Tensor,
-        _w: &Tensor,
-        _b: Option<&Tensor>,
-        _p: &Conv2dParams,
-    ) -> Result<Tensor> {
-        todo!()
+    use crate::gpu::{grid, Arg, Gpu, Kernel};
+    use crate::ops::elementwise_grid;
+
+    const SOURCE: &str = include_str!("../../shaders/conv2d.wgsl");
+
+    /// Invocations per workgroup along the output rows (M) and columns (N) of the GEMM tile;
+    /// each invocation holds a 4x4 register tile, so a workgroup computes a 64x64 tile.
+    const WG_M: u32 = 16;
+    const WG_N: u32 = 16;
+    /// Depth of the reduction slab staged in workgroup memory per step.
+    const TK: u32 = 16;
+    const TM: usize = 4 * WG_M as usize;
+    const TN: usize = 4 * WG_N as usize;
+    /// Fewest reduction indices one workgroup of a split-K pass handles.
+    const MIN_SPLIT: usize = 512;
+    /// Most splits of a split-K pass (bounds the scratch buffer).
+    const MAX_SPLITS: usize = 64;
+
+    fn kernel(entry: &'static str) -> Kernel {
+        Kernel {
+            shader: "conv2d",
+            source: SOURCE,
+            entry,
+        }
     }
+
+    fn tiles() -> [(&'static str, f64); 3] {
+        [
+            ("WG_M", WG_M as f64),
+            ("WG_N", WG_N as f64),
+            ("TK", TK as f64),
+        ]
+    }
+
+    fn params(g: &Geometry) -> Params {
+        let u = |v: usize| v as u32;
+        Params {
+            batch: u(g.batch),
+            cin: u(g.cin),
+            h: u(g.h),
+            w: u(g.w),
+            cout: u(g.cout),
+            kh: u(g.kh),
+            kw: u(g.kw),
+            stride: u(g.stride),
+            pad_top: u(g.pad_top),
+            pad_left: u(g.pad_left),
+            ho: u(g.ho),
+            wo: u(g.wo),
+            has_bias: 0,
+            split_len: 0,
+            splits: 0,
+            n: 0,
+        }
+    }
+
+    /// Workgroups for an `m x n` output in 64x64 tiles, `splits` times over.
+    fn tile_grid(m: usize, n: usize, splits: usize) -> [u32; 3] {
+        grid((m.div_ceil(TM) * n.div_ceil(TN) * splits) as u32)
+    }
+
+    /// Splits of a reduction of length `r`: (splits, indices per split), the latter a
+    /// multiple of `step`.
+    fn split(r: usize, step: usize) -> (usize, usize) {
+        let splits = r.div_ceil(MIN_SPLIT).clamp(1, MAX_SPLITS);
+        let len = r.div_ceil(splits).next_multiple_of(step).max(step);
+        (r.div_ceil(len).max(1), len)
+    }
+
+    /// Forward pass: the implicit GEMM (1), 64x64 output tiles, plus the bias.
+    pub fn forward(
+        g_: &Gpu,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+    ) -> Result<Tensor> {
+        const OP: &str = "conv2d";
+        let g = Geometry::new(OP, x, w, p)?;
+        if let Some(b) = b {
+            g.check_bias(OP, b)?;
+        }
+        let (xb, wb) = (x.gpu_buffer(OP)?, w.gpu_buffer(OP)?);
+        let bias = b.map(|b| b.gpu_buffer(OP)).transpose()?;
+        let numel = g.batch * g.cout * g.out_hw();
+        let y = g_.alloc(OP, numel)?;
+        if numel > 0 {
+            let mut u = params(&g);
+            u.has_bias = bias.is_some() as u32;
+            let args = [
+                Arg::read(xb),
+                Arg::read(wb),
+                Arg::read(bias.unwrap_or(wb)),
+                Arg::write(&y),
+            ];
+            let workgroups = tile_grid(g.cout, g.batch * g.out_hw(), 1);
+            g_.dispatch(&kernel("conv2d_fwd"), &tiles(), &u, &args, workgroups)?;
+        }
+        Ok(Tensor::from_gpu(&g.out_shape(), y))
+    }
+
+    /// `out[i] = sum_s partial[s n + i]`: the second pass of a split reduction.
+    fn sum_splits(
+        g_: &Gpu,
+        op: &'static str,
+        partial: &crate::gpu::GpuBuffer,
+        splits: usize,
+        n: usize,
+    ) -> Result<crate::gpu::GpuBuffer> {
+        let out = g_.alloc(op, n)?;
+        let u = Params {
+            splits: splits as u32,
+            n: n as u32,
+            ..Zeroable::zeroed()
+        };
+        let args = [Arg::read(partial), Arg::write(&out)];
+        g_.dispatch(&kernel("sum_splits"), &[], &u, &args, elementwise_grid(n))?;
+        Ok(out)
+    }
+
+    /// Backward pass: dx by the gather-form implicit GEMM (3), dW by split-K partial tiles of
+    /// (2) and their sum, db by split partial channel sums of (4) and their sum.
     pub fn backward(
-        _g: &Gpu,
-        _x: &Tensor,
-        _w: &Tensor,
-        _dy: &Tensor,
-        _p: &Conv2dParams,
-        _with_bias: bool,
+        g_: &Gpu,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        with_bias: bool,
     ) -> Result<Conv2dGrads> {
-        todo!()
+        const OP: &str = "conv2d_backward";
+        let g = Geometry::new(OP, x, w, p)?;
+        g.check_dy(OP, dy)?;
+        let (xb, wb, dyb) = (x.gpu_buffer(OP)?, w.gpu_buffer(OP)?, dy.gpu_buffer(OP)?);
+        let (k, r) = (g.k(), g.batch * g.out_hw());
+        let empty = x.numel() == 0 || w.numel() == 0 || r == 0;
+
+        let dx = if empty {
+            g_.alloc_zeros(OP, x.numel())?
+        } else {
+            let dx = g_.alloc(OP, x.numel())?;
+            let args = [Arg::read(dyb), Arg::read(wb), Arg::write(&dx)];
+            let workgroups = tile_grid(g.cin, g.batch * g.hw(), 1);
+            g_.dispatch(
+                &kernel("conv2d_bwd_input"),
+                &tiles(),
+                &params(&g),
+                &args,
+                workgroups,
+            )?;
+            dx
+        };
+
+        let dw = if empty {
+            g_.alloc_zeros(OP, w.numel())?
+        } else {
+            let (splits, split_len) = split(r, TK as usize);
+            let partial = g_.alloc(OP, splits * g.cout * k)?;
+            let mut u = params(&g);
+            u.splits = splits as u32;
+            u.split_len = split_len as u32;
+            let args = [Arg::read(xb), Arg::read(dyb), Arg::write(&partial)];
+            let workgroups = tile_grid(g.cout, k, splits);
+            g_.dispatch(
+                &kernel("conv2d_bwd_weight_partial"),
+                &tiles(),
+                &u,
+                &args,
+                workgroups,
+            )?;
+            sum_splits(g_, OP, &partial, splits, g.cout * k)?
+        };
+
+        let db = if !with_bias {
+            None
+        } else if r == 0 || g.cout == 0 {
+            Some(g_.alloc_zeros(OP, g.cout)?)
+        } else {
+            let (splits, split_len) = split(r, 1);
+            let partial = g_.alloc(OP, splits * g.cout)?;
+            let mut u = params(&g);
+            u.splits = splits as u32;
+            u.split_len = split_len as u32;
+            let args = [Arg::read(dyb), Arg::write(&partial)];
+            let workgroups = grid((g.cout * splits) as u32);
+            g_.dispatch(
+                &kernel("conv2d_bwd_bias_partial"),
+                &[],
+                &u,
+                &args,
+                workgroups,
+            )?;
+            Some(sum_splits(g_, OP, &partial, splits, g.cout)?)
+        };
+
+        Ok(Conv2dGrads {
+            dx: Tensor::from_gpu(x.shape(), dx),
+            dw: Tensor::from_gpu(w.shape(), dw),
+            db: db.map(|b| Tensor::from_gpu(&[g.cout], b)),
+        })
     }
 }

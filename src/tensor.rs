@@ -94,6 +94,16 @@ impl Tensor {
         })
     }
 
+    /// True when both tensors are views of one storage (an in-place update cannot read and
+    /// write one buffer through two names).
+    pub fn shares_storage(&self, other: &Tensor) -> bool {
+        match (&self.storage, &other.storage) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => Arc::ptr_eq(a, b),
+            (Storage::Gpu(a), Storage::Gpu(b)) => a.same(b),
+            _ => false,
+        }
+    }
+
     /// Read access to a CPU tensor's data.
     pub(crate) fn cpu_read(&self, op: &'static str) -> Result<RwLockReadGuard<'_, Vec<f32>>> {
         match &self.storage {

@@ -286,11 +286,6 @@ impl Gpu {
         Ok(buffer)
     }
 
-    /// Copies `src` into `dst` in the command stream (both the same size).
-    pub(crate) fn copy(&self, src: &GpuBuffer, dst: &GpuBuffer) {
-        self.ctx.recorder.lock().unwrap().copy(&self.ctx, src, dst);
-    }
-
     /// A new GPU tensor holding `data`.
     pub fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();

@@ -105,11 +105,6 @@ impl Recorder {
         self.encoder(ctx).clear_buffer(buffer.raw(), 0, None);
     }
 
-    pub(crate) fn copy(&mut self, ctx: &Context, src: &GpuBuffer, dst: &GpuBuffer) {
-        let size = src.size().min(dst.size());
-        self.copy_raw(ctx, src.raw(), dst.raw(), size);
-    }
-
     pub(crate) fn copy_raw(
         &mut self,
         ctx: &Context,

@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::check_same_shape;
 use crate::error::{Error, Result};
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWParams {
@@ -125,22 +125,12 @@ fn ema_params(n: usize, decay: f32) -> Result<EmaParams> {
     })
 }
 
-/// True when two tensors share their storage (an in-place update cannot read and write one
-/// buffer through two names).
-fn same_storage(a: &Tensor, b: &Tensor) -> bool {
-    match (&a.storage, &b.storage) {
-        (Storage::Cpu(x), Storage::Cpu(y)) => std::sync::Arc::ptr_eq(x, y),
-        (Storage::Gpu(x), Storage::Gpu(y)) => x.raw() == y.raw(),
-        _ => false,
-    }
-}
-
 /// Shapes alike and storages distinct.
 fn check_distinct(op: &'static str, tensors: &[(&str, &Tensor)]) -> Result<()> {
     for (i, (name_a, a)) in tensors.iter().enumerate() {
         for (name_b, b) in &tensors[i + 1..] {
             check_same_shape(op, a, b)?;
-            if same_storage(a, b) {
+            if a.shares_storage(b) {
                 return Err(Error::invalid(
                     op,
                     format!("{name_a} and {name_b} share storage; pass distinct tensors"),

@@ -1,5 +1,25 @@
-//! Group normalization.
-use crate::error::Result;
+//! Group normalization (Wu & He 2018), exactly as `torch.nn.GroupNorm`.
+//!
+//! `x [B, C, ...spatial]` with `C = G * Cg`; one group of sample `b` is the `n = Cg * S`
+//! values of channels `g Cg .. (g+1) Cg` (contiguous in memory, S = product of the spatial
+//! dims). Per (b, g):
+//!
+//!   mean = (1/n) sum x,   var = (1/n) sum (x - mean)^2   (biased),   rstd = 1 / sqrt(var + eps)
+//!   xhat = (x - mean) * rstd,   y = xhat * gamma_c + beta_c
+//!
+//! Backward, with `u = dy * gamma_c` and means over the group:
+//!
+//!   dx = rstd * (u - mean(u) - xhat * mean(u * xhat))
+//!   dgamma_c = sum_{b, spatial} dy * xhat,   dbeta_c = sum_{b, spatial} dy
+//!
+//! The variance is computed in two passes over shifted data: `K` = the group's first value,
+//! `m = mean(x - K)`, `var = mean(((x - K) - m)^2)`, `mean = K + m`. Subtracting `K` first keeps
+//! the sums small when the group's mean is large against its spread (e.g. 1e3 + noise), where
+//! the one-pass `E[x^2] - E[x]^2` loses every digit.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,46 +41,374 @@ pub struct GroupNormGrads {
     pub dbeta: Tensor,
 }
 
-pub(crate) mod cpu {
-    use super::*;
-    pub fn forward(
-        _x: &Tensor,
-        _gamma: &Tensor,
-        _beta: &Tensor,
-        _p: &GroupNormParams,
-    ) -> Result<GroupNormOutput> {
-        todo!()
+/// Sizes of one group norm: batch, channels, groups, spatial size.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    spatial: usize,
+}
+
+impl Dims {
+    fn channels_per_group(&self) -> usize {
+        self.channels / self.groups
     }
-    pub fn backward(
-        _x: &Tensor,
-        _gamma: &Tensor,
-        _saved: &GroupNormOutput,
-        _dy: &Tensor,
-        _p: &GroupNormParams,
-    ) -> Result<GroupNormGrads> {
-        todo!()
+
+    /// Elements per (sample, group).
+    fn group_len(&self) -> usize {
+        self.channels_per_group() * self.spatial
     }
 }
+
+/// Checks `x [B, C, ...]` (rank >= 2), `gamma`/`beta [C]`, `groups` dividing `C`.
+fn check_forward(
+    op: &'static str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    p: &GroupNormParams,
+) -> Result<Dims> {
+    let s = x.shape();
+    if s.len() < 2 {
+        return Err(Error::shape(op, "x of shape [B, C, ...] (rank >= 2)", s));
+    }
+    let (batch, channels) = (s[0], s[1]);
+    if p.groups == 0 || channels % p.groups != 0 {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{} groups do not divide {channels} channels; pick a group count that divides \
+                 the channel count",
+                p.groups
+            ),
+        ));
+    }
+    for (name, t) in [("gamma", Some(gamma)), ("beta", beta)] {
+        if let Some(t) = t {
+            if t.shape() != [channels] {
+                return Err(Error::shape(
+                    op,
+                    format!("{name} of shape [{channels}]"),
+                    t.shape(),
+                ));
+            }
+        }
+    }
+    Ok(Dims {
+        batch,
+        channels,
+        groups: p.groups,
+        spatial: s[2..].iter().product(),
+    })
+}
+
+/// The forward's checks plus `mean`/`rstd [B, G]` and `dy` shaped like `x`.
+fn check_backward(
+    op: &'static str,
+    x: &Tensor,
+    gamma: &Tensor,
+    saved: &GroupNormOutput,
+    dy: &Tensor,
+    p: &GroupNormParams,
+) -> Result<Dims> {
+    let d = check_forward(op, x, gamma, None, p)?;
+    for (name, t) in [("mean", &saved.mean), ("rstd", &saved.rstd)] {
+        if t.shape() != [d.batch, d.groups] {
+            return Err(Error::shape(
+                op,
+                format!("saved {name} of shape [{}, {}]", d.batch, d.groups),
+                t.shape(),
+            ));
+        }
+    }
+    if dy.shape() != x.shape() {
+        return Err(Error::shape(
+            op,
+            format!("dy of shape {:?}", x.shape()),
+            dy.shape(),
+        ));
+    }
+    Ok(d)
+}
+
+pub(crate) mod cpu {
+    use rayon::prelude::*;
+
+    use super::*;
+
+    /// Mean and 1/std of one group, in f64 over shifted data (two passes).
+    fn statistics(xg: &[f32], eps: f32) -> (f64, f64) {
+        let n = xg.len() as f64;
+        let shift = xg.first().copied().unwrap_or(0.0) as f64;
+        let m = xg.iter().map(|&v| v as f64 - shift).sum::<f64>() / n;
+        let var = xg
+            .iter()
+            .map(|&v| {
+                let d = (v as f64 - shift) - m;
+                d * d
+            })
+            .sum::<f64>()
+            / n;
+        (shift + m, 1.0 / (var + eps as f64).sqrt())
+    }
+
+    /// `y = (x - mean) * rstd * gamma_c + beta_c`, one task per (sample, group).
+    pub fn forward(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormOutput> {
+        const OP: &str = "group_norm";
+        let d = check_forward(OP, x, gamma, Some(beta), p)?;
+        let (xs, gs, bs) = (x.cpu_read(OP)?, gamma.cpu_read(OP)?, beta.cpu_read(OP)?);
+        let rows = d.batch * d.groups;
+        let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
+        let mut y = vec![0.0; xs.len()];
+        let mut mean = vec![0.0; rows];
+        let mut rstd = vec![0.0; rows];
+        if len > 0 {
+            y.par_chunks_mut(len)
+                .zip(xs.par_chunks(len))
+                .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+                .enumerate()
+                .for_each(|(bg, ((yg, xg), (mean_bg, rstd_bg)))| {
+                    let (mu, r) = statistics(xg, p.eps);
+                    let c0 = (bg % d.groups) * cg;
+                    for (j, (yc, xc)) in yg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
+                        let (gc, bc) = (gs[c0 + j] as f64, bs[c0 + j] as f64);
+                        for (o, &v) in yc.iter_mut().zip(xc) {
+                            *o = ((v as f64 - mu) * r * gc + bc) as f32;
+                        }
+                    }
+                    *mean_bg = mu as f32;
+                    *rstd_bg = r as f32;
+                });
+        } else {
+            // Empty groups have no statistics (0 / 0, as on the GPU).
+            mean.fill(f32::NAN);
+            rstd.fill(f32::NAN);
+        }
+        let shape = [d.batch, d.groups];
+        Ok(GroupNormOutput {
+            y: Tensor::from_cpu(x.shape(), y),
+            mean: Tensor::from_cpu(&shape, mean),
+            rstd: Tensor::from_cpu(&shape, rstd),
+        })
+    }
+
+    /// dx per (sample, group); the per-(sample, channel) sums of `dy * xhat` and `dy` on the
+    /// way, then summed over the batch for dgamma and dbeta. All sums in f64.
+    pub fn backward(
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &GroupNormOutput,
+        dy: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormGrads> {
+        const OP: &str = "group_norm_backward";
+        let d = check_backward(OP, x, gamma, saved, dy, p)?;
+        let (xs, gs, ds) = (x.cpu_read(OP)?, gamma.cpu_read(OP)?, dy.cpu_read(OP)?);
+        let (mean, rstd) = (saved.mean.cpu_read(OP)?, saved.rstd.cpu_read(OP)?);
+        let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
+        let mut dx = vec![0.0; xs.len()];
+        // Per (sample, channel): (sum dy * xhat, sum dy).
+        let mut partials = vec![(0.0f64, 0.0f64); d.batch * d.channels];
+        if len > 0 {
+            dx.par_chunks_mut(len)
+                .zip(xs.par_chunks(len).zip(ds.par_chunks(len)))
+                .zip(partials.par_chunks_mut(cg))
+                .enumerate()
+                .for_each(|(bg, ((dxg, (xg, dyg)), part))| {
+                    let (mu, r) = (mean[bg] as f64, rstd[bg] as f64);
+                    let c0 = (bg % d.groups) * cg;
+                    let (mut sum_u, mut sum_u_xhat) = (0.0f64, 0.0f64);
+                    for (j, (xc, dc)) in xg.chunks(s).zip(dyg.chunks(s)).enumerate() {
+                        let gc = gs[c0 + j] as f64;
+                        let (mut dg, mut db) = (0.0f64, 0.0f64);
+                        for (&v, &g) in xc.iter().zip(dc) {
+                            let xhat = (v as f64 - mu) * r;
+                            let g = g as f64;
+                            dg += g * xhat;
+                            db += g;
+                        }
+                        sum_u += gc * db;
+                        sum_u_xhat += gc * dg;
+                        part[j] = (dg, db);
+                    }
+                    let (mean_u, mean_u_xhat) = (sum_u / len as f64, sum_u_xhat / len as f64);
+                    for (j, (dxc, (xc, dc))) in dxg
+                        .chunks_mut(s)
+                        .zip(xg.chunks(s).zip(dyg.chunks(s)))
+                        .enumerate()
+                    {
+                        let gc = gs[c0 + j] as f64;
+                        for (o, (&v, &g)) in dxc.iter_mut().zip(xc.iter().zip(dc)) {
+                            let xhat = (v as f64 - mu) * r;
+                            *o = (r * (g as f64 * gc - mean_u - xhat * mean_u_xhat)) as f32;
+                        }
+                    }
+                });
+        }
+        let mut dgamma = vec![0.0f32; d.channels];
+        let mut dbeta = vec![0.0f32; d.channels];
+        for c in 0..d.channels {
+            let (dg, db) = (0..d.batch).fold((0.0, 0.0), |(a, b), n| {
+                let (pg, pb) = partials[n * d.channels + c];
+                (a + pg, b + pb)
+            });
+            dgamma[c] = dg as f32;
+            dbeta[c] = db as f32;
+        }
+        Ok(GroupNormGrads {
+            dx: Tensor::from_cpu(x.shape(), dx),
+            dgamma: Tensor::from_cpu(&[d.channels], dgamma),
+            dbeta: Tensor::from_cpu(&[d.channels], dbeta),
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    batch: u32,
+    channels: u32,
+    groups: u32,
+    spatial: u32,
+    eps: f32,
+    _pad: [u32; 3],
+}
+
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::Gpu;
-    pub fn forward(
-        _g: &Gpu,
-        _x: &Tensor,
-        _gamma: &Tensor,
-        _beta: &Tensor,
-        _p: &GroupNormParams,
-    ) -> Result<GroupNormOutput> {
-        todo!()
+    use crate::gpu::{grid, Arg, Gpu, Kernel};
+    use crate::ops::elementwise_grid;
+
+    const SOURCE: &str = include_str!("../../shaders/group_norm.wgsl");
+
+    fn kernel(entry: &'static str) -> Kernel {
+        Kernel {
+            shader: "group_norm",
+            source: SOURCE,
+            entry,
+        }
     }
+
+    fn params(d: &Dims, eps: f32) -> Params {
+        Params {
+            batch: d.batch as u32,
+            channels: d.channels as u32,
+            groups: d.groups as u32,
+            spatial: d.spatial as u32,
+            eps,
+            _pad: [0; 3],
+        }
+    }
+
+    /// One workgroup per (sample, group): statistics by two tree sums, then `y`.
+    pub fn forward(
+        g: &Gpu,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<GroupNormOutput> {
+        const OP: &str = "group_norm";
+        let d = check_forward(OP, x, gamma, Some(beta), p)?;
+        let rows = d.batch * d.groups;
+        let y = g.alloc(OP, x.numel())?;
+        let mean = g.alloc(OP, rows)?;
+        let rstd = g.alloc(OP, rows)?;
+        g.dispatch(
+            &kernel("group_norm_forward"),
+            &[],
+            &params(&d, p.eps),
+            &[
+                Arg::read(x.gpu_buffer(OP)?),
+                Arg::read(gamma.gpu_buffer(OP)?),
+                Arg::read(beta.gpu_buffer(OP)?),
+                Arg::write(&y),
+                Arg::write(&mean),
+                Arg::write(&rstd),
+            ],
+            grid(rows as u32),
+        )?;
+        let shape = [d.batch, d.groups];
+        Ok(GroupNormOutput {
+            y: Tensor::from_gpu(x.shape(), y),
+            mean: Tensor::from_gpu(&shape, mean),
+            rstd: Tensor::from_gpu(&shape, rstd),
+        })
+    }
+
+    /// Three dispatches: dx (one workgroup per (sample, group)); the per-(sample, channel)
+    /// partials of dgamma and dbeta (one workgroup per (sample, channel)); their sum over the
+    /// batch (one invocation per channel).
     pub fn backward(
-        _g: &Gpu,
-        _x: &Tensor,
-        _gamma: &Tensor,
-        _saved: &GroupNormOutput,
-        _dy: &Tensor,
-        _p: &GroupNormParams,
+        g: &Gpu,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &GroupNormOutput,
+        dy: &Tensor,
+        p: &GroupNormParams,
     ) -> Result<GroupNormGrads> {
-        todo!()
+        const OP: &str = "group_norm_backward";
+        let d = check_backward(OP, x, gamma, saved, dy, p)?;
+        let u = params(&d, p.eps);
+        let (xb, gb, db) = (x.gpu_buffer(OP)?, gamma.gpu_buffer(OP)?, dy.gpu_buffer(OP)?);
+        let mean = saved.mean.gpu_buffer(OP)?;
+        let rstd = saved.rstd.gpu_buffer(OP)?;
+
+        let dx = g.alloc(OP, x.numel())?;
+        g.dispatch(
+            &kernel("group_norm_backward_input"),
+            &[],
+            &u,
+            &[
+                Arg::read(xb),
+                Arg::read(gb),
+                Arg::read(mean),
+                Arg::read(rstd),
+                Arg::read(db),
+                Arg::write(&dx),
+            ],
+            grid((d.batch * d.groups) as u32),
+        )?;
+
+        let rows = d.batch * d.channels;
+        let partials = g.alloc(OP, 2 * rows)?;
+        g.dispatch(
+            &kernel("group_norm_backward_affine_partials"),
+            &[],
+            &u,
+            &[
+                Arg::read(xb),
+                Arg::read(mean),
+                Arg::read(rstd),
+                Arg::read(db),
+                Arg::write(&partials),
+            ],
+            grid(rows as u32),
+        )?;
+
+        let dgamma = g.alloc(OP, d.channels)?;
+        let dbeta = g.alloc(OP, d.channels)?;
+        g.dispatch(
+            &kernel("group_norm_backward_affine"),
+            &[],
+            &u,
+            &[
+                Arg::read(&partials),
+                Arg::write(&dgamma),
+                Arg::write(&dbeta),
+            ],
+            elementwise_grid(d.channels),
+        )?;
+        Ok(GroupNormGrads {
+            dx: Tensor::from_gpu(x.shape(), dx),
+            dgamma: Tensor::from_gpu(&[d.channels], dgamma),
+            dbeta: Tensor::from_gpu(&[d.channels], dbeta),
+        })
     }
 }

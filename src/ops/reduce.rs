@@ -1,46 +1,201 @@
-//! Reductions and the MSE loss.
+//! Reductions of a whole tensor to one value, and the MSE loss.
+//!
+//!   sum(x) = sum_i x_i,  mean(x) = sum(x) / N,  sum_squares(x) = sum_i x_i^2,
+//!   mse_loss(p, t) = (1/N) sum_i (p_i - t_i)^2,  d p_i = d_loss * 2 (p_i - t_i) / N.
+//!
+//! CPU: the elements are cut into chunks of `CPU_CHUNK`, each chunk is summed in f64 (in
+//! parallel for large tensors) and the chunk sums are added in f64; only the result is rounded
+//! to f32, so the CPU value is the f32 rounding of an almost exact sum.
+//!
+//! GPU: a tree. Pass 1 gives each workgroup a contiguous chunk of `GPU_CHUNK` elements; each of
+//! its 256 invocations adds 16 of them (strided by 256, so the loads are coalesced) and the 256
+//! values are summed by a tree in workgroup memory, giving one partial sum per workgroup. Later
+//! passes sum the partials the same way until one value remains. All in f32: the error bound is
+//! that of pairwise summation, about `(16 + log2 N) * eps_f32 * sum_i |x_i|`.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::check_same_shape;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    /// Elements this pass reads.
+    n: u32,
+    /// Factor applied to every value written (`1/N` on the last pass of a mean, the
+    /// gradient factor of the MSE backward, 1 otherwise).
+    scale: f32,
+    _pad: [u32; 2],
+}
+
 pub(crate) mod cpu {
+    use rayon::prelude::*;
+
     use super::*;
-    pub fn sum(_x: &Tensor) -> Result<Tensor> {
-        todo!()
+
+    /// Elements summed sequentially (in f64) per task.
+    const CPU_CHUNK: usize = 1 << 14;
+
+    /// `sum_i f(a_i, b_i)` accumulated in f64 per chunk, chunks in parallel.
+    fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64 + Sync) -> f64 {
+        let chunk =
+            |(ca, cb): (&[f32], &[f32])| -> f64 { ca.iter().zip(cb).map(|(&x, &y)| f(x, y)).sum() };
+        if a.len() <= CPU_CHUNK {
+            chunk((a, b))
+        } else {
+            a.par_chunks(CPU_CHUNK)
+                .zip(b.par_chunks(CPU_CHUNK))
+                .map(chunk)
+                .sum()
+        }
     }
-    pub fn mean(_x: &Tensor) -> Result<Tensor> {
-        todo!()
+
+    fn scalar(v: f64) -> Tensor {
+        Tensor::from_cpu(&[1], vec![v as f32])
     }
-    pub fn sum_squares(_x: &Tensor) -> Result<Tensor> {
-        todo!()
+
+    pub fn sum(x: &Tensor) -> Result<Tensor> {
+        let x = x.cpu_read("sum")?;
+        Ok(scalar(sum_f64(&x, &x, |v, _| v as f64)))
     }
-    pub fn mse_loss(_pred: &Tensor, _target: &Tensor) -> Result<Tensor> {
-        todo!()
+
+    pub fn mean(x: &Tensor) -> Result<Tensor> {
+        let x = x.cpu_read("mean")?;
+        Ok(scalar(sum_f64(&x, &x, |v, _| v as f64) / x.len() as f64))
     }
-    pub fn mse_loss_backward(_pred: &Tensor, _target: &Tensor, _d_loss: f32) -> Result<Tensor> {
-        todo!()
+
+    pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
+        let x = x.cpu_read("sum_squares")?;
+        Ok(scalar(sum_f64(&x, &x, |v, _| (v as f64) * (v as f64))))
+    }
+
+    /// `mean((pred - target)^2)`.
+    pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        check_same_shape("mse_loss", pred, target)?;
+        let p = pred.cpu_read("mse_loss")?;
+        let t = target.cpu_read("mse_loss")?;
+        let squared_error = sum_f64(&p, &t, |a, b| {
+            let d = a as f64 - b as f64;
+            d * d
+        });
+        Ok(scalar(squared_error / p.len() as f64))
+    }
+
+    /// `d pred_i = d_loss * 2 (pred_i - target_i) / N`.
+    pub fn mse_loss_backward(pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor> {
+        check_same_shape("mse_loss_backward", pred, target)?;
+        let s = 2.0 * d_loss / pred.numel() as f32;
+        let dp = crate::ops::elementwise::cpu::map2(
+            &pred.cpu_read("mse_loss_backward")?,
+            &target.cpu_read("mse_loss_backward")?,
+            |a, b| s * (a - b),
+        );
+        Ok(Tensor::from_cpu(pred.shape(), dp))
     }
 }
+
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::Gpu;
-    pub fn sum(_g: &Gpu, _x: &Tensor) -> Result<Tensor> {
-        todo!()
+    use crate::gpu::{grid, Arg, Gpu, GpuBuffer, Kernel};
+    use crate::ops::elementwise_grid;
+
+    const SOURCE: &str = include_str!("../../shaders/reduce.wgsl");
+
+    /// Elements one workgroup reduces: 256 invocations x 16 elements (must match the shader).
+    const GPU_CHUNK: usize = 4096;
+
+    fn kernel(entry: &'static str) -> Kernel {
+        Kernel {
+            shader: "reduce",
+            source: SOURCE,
+            entry,
+        }
     }
-    pub fn mean(_g: &Gpu, _x: &Tensor) -> Result<Tensor> {
-        todo!()
+
+    fn params(n: usize, scale: f32) -> Params {
+        Params {
+            n: n as u32,
+            scale,
+            _pad: [0; 2],
+        }
     }
-    pub fn sum_squares(_g: &Gpu, _x: &Tensor) -> Result<Tensor> {
-        todo!()
+
+    /// Reduces `inputs` to shape `[1]`: pass 1 runs `entry` (sum of `x`, of `x^2`, or of
+    /// `(a - b)^2`) into per-workgroup partials, then `sum_partials` passes follow until one
+    /// value remains. The last pass multiplies by `scale`.
+    fn reduce(g: &Gpu, entry: &'static str, inputs: &[&Tensor], scale: f32) -> Result<Tensor> {
+        let mut n = inputs[0].numel();
+        let mut workgroups = n.div_ceil(GPU_CHUNK).max(1);
+        let last_scale = |wg: usize| if wg == 1 { scale } else { 1.0 };
+        let mut partials = g.alloc(entry, workgroups)?;
+        let mut args: Vec<Arg> = Vec::with_capacity(3);
+        for t in inputs {
+            args.push(Arg::read(t.gpu_buffer(entry)?));
+        }
+        args.push(Arg::write(&partials));
+        let p = params(n, last_scale(workgroups));
+        g.dispatch(&kernel(entry), &[], &p, &args, grid(workgroups as u32))?;
+        while workgroups > 1 {
+            n = workgroups;
+            workgroups = n.div_ceil(GPU_CHUNK);
+            let next: GpuBuffer = g.alloc(entry, workgroups)?;
+            g.dispatch(
+                &kernel("sum_partials"),
+                &[],
+                &params(n, last_scale(workgroups)),
+                &[Arg::read(&partials), Arg::write(&next)],
+                grid(workgroups as u32),
+            )?;
+            partials = next;
+        }
+        Ok(Tensor::from_gpu(&[1], partials))
     }
-    pub fn mse_loss(_g: &Gpu, _pred: &Tensor, _target: &Tensor) -> Result<Tensor> {
-        todo!()
+
+    pub fn sum(g: &Gpu, x: &Tensor) -> Result<Tensor> {
+        reduce(g, "sum_partials", &[x], 1.0)
     }
+
+    pub fn mean(g: &Gpu, x: &Tensor) -> Result<Tensor> {
+        reduce(g, "sum_partials", &[x], 1.0 / x.numel() as f32)
+    }
+
+    pub fn sum_squares(g: &Gpu, x: &Tensor) -> Result<Tensor> {
+        reduce(g, "sum_squares_partials", &[x], 1.0)
+    }
+
+    pub fn mse_loss(g: &Gpu, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        check_same_shape("mse_loss", pred, target)?;
+        reduce(
+            g,
+            "squared_error_partials",
+            &[pred, target],
+            1.0 / pred.numel() as f32,
+        )
+    }
+
     pub fn mse_loss_backward(
-        _g: &Gpu,
-        _pred: &Tensor,
-        _target: &Tensor,
-        _d_loss: f32,
+        g: &Gpu,
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
     ) -> Result<Tensor> {
-        todo!()
+        const OP: &str = "mse_loss_backward";
+        check_same_shape(OP, pred, target)?;
+        let n = pred.numel();
+        let dp = g.alloc(OP, n)?;
+        g.dispatch(
+            &kernel(OP),
+            &[],
+            &params(n, 2.0 * d_loss / n as f32),
+            &[
+                Arg::read(pred.gpu_buffer(OP)?),
+                Arg::read(target.gpu_buffer(OP)?),
+                Arg::write(&dp),
+            ],
+            elementwise_grid(n),
+        )?;
+        Ok(Tensor::from_gpu(pred.shape(), dp))
     }
 }

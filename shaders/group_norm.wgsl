@@ -1,0 +1,186 @@
+// Group normalization, torch.nn.GroupNorm semantics. x [B, C, S] (S = product of the spatial
+// dims), G groups of Cg = C / G channels; the n = Cg * S values of group (b, g) are contiguous
+// from (b G + g) n. Workgroups are laid out as an x-by-y grid (index = wid.x + wid.y * nwg.x).
+//
+//   group_norm_forward: one workgroup of WG per (b, g).
+//       K = x[first], m = mean(x - K), var = mean(((x - K) - m)^2)    (two tree sums)
+//       rstd = 1 / sqrt(var + eps), y = ((x - K) - m) * rstd * gamma_c + beta_c,
+//       mean[b, g] = K + m, rstd[b, g] = rstd
+//   group_norm_backward_input: one workgroup of WG per (b, g), u = dy * gamma_c,
+//       xhat = (x - mean) * rstd, dx = rstd * (u - mean(u) - xhat * mean(u * xhat))
+//       (the two group means by one tree sum of a vec2)
+//   group_norm_backward_affine_partials: one workgroup of WG per (b, c),
+//       partials[b C + c] = sum_s dy * xhat, partials[B C + b C + c] = sum_s dy
+//   group_norm_backward_affine: one invocation per channel c, sums the partials over b:
+//       dgamma_c = sum_b partials[b C + c], dbeta_c = sum_b partials[B C + b C + c]
+
+const WG: u32 = 256u;
+
+struct Params {
+    batch: u32,
+    channels: u32,
+    groups: u32,
+    spatial: u32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// group_norm_forward
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> gamma: array<f32>;
+@group(0) @binding(3) var<storage, read> beta: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;
+
+// group_norm_backward_input: x, gamma, then these
+@group(0) @binding(3) var<storage, read> mean_in: array<f32>;
+@group(0) @binding(4) var<storage, read> rstd_in: array<f32>;
+@group(0) @binding(5) var<storage, read> dy: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dx: array<f32>;
+
+// group_norm_backward_affine_partials: x, then these
+@group(0) @binding(2) var<storage, read> ap_mean: array<f32>;
+@group(0) @binding(3) var<storage, read> ap_rstd: array<f32>;
+@group(0) @binding(4) var<storage, read> ap_dy: array<f32>;
+@group(0) @binding(5) var<storage, read_write> ap_partials: array<f32>;
+
+// group_norm_backward_affine
+@group(0) @binding(1) var<storage, read> partials: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dbeta: array<f32>;
+
+var<workgroup> scratch: array<vec2<f32>, WG>;
+
+// Sum of `v` over the workgroup (a tree of log2(WG) levels); every invocation gets the total.
+// Must be called in workgroup-uniform control flow.
+fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    scratch[lid] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            scratch[lid] = scratch[lid] + scratch[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = scratch[0];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(256)
+fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let bg = wid.x + wid.y * nwg.x;
+    if (bg >= p.batch * p.groups) {
+        return;
+    }
+    let cg = p.channels / p.groups;
+    let n = cg * p.spatial;
+    let base = bg * n;
+    let c0 = (bg % p.groups) * cg;
+    let shift = x[base];
+
+    var acc = 0.0;
+    for (var i = lid; i < n; i += WG) {
+        acc += x[base + i] - shift;
+    }
+    let m = workgroup_sum(lid, vec2(acc, 0.0)).x / f32(n);
+
+    var acc2 = 0.0;
+    for (var i = lid; i < n; i += WG) {
+        let d = (x[base + i] - shift) - m;
+        acc2 += d * d;
+    }
+    let variance = workgroup_sum(lid, vec2(acc2, 0.0)).x / f32(n);
+    let rstd = 1.0 / sqrt(variance + p.eps);
+
+    for (var i = lid; i < n; i += WG) {
+        let c = c0 + i / p.spatial;
+        y[base + i] = ((x[base + i] - shift) - m) * rstd * gamma[c] + beta[c];
+    }
+    if (lid == 0u) {
+        mean_out[bg] = shift + m;
+        rstd_out[bg] = rstd;
+    }
+}
+
+@compute @workgroup_size(256)
+fn group_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) lid: u32) {
+    let bg = wid.x + wid.y * nwg.x;
+    if (bg >= p.batch * p.groups) {
+        return;
+    }
+    let cg = p.channels / p.groups;
+    let n = cg * p.spatial;
+    let base = bg * n;
+    let c0 = (bg % p.groups) * cg;
+    let mean = mean_in[bg];
+    let rstd = rstd_in[bg];
+
+    // (sum u, sum u * xhat)
+    var acc = vec2(0.0, 0.0);
+    for (var i = lid; i < n; i += WG) {
+        let u = dy[base + i] * gamma[c0 + i / p.spatial];
+        let xhat = (x[base + i] - mean) * rstd;
+        acc += vec2(u, u * xhat);
+    }
+    let means = workgroup_sum(lid, acc) / f32(n);
+
+    for (var i = lid; i < n; i += WG) {
+        let u = dy[base + i] * gamma[c0 + i / p.spatial];
+        let xhat = (x[base + i] - mean) * rstd;
+        dx[base + i] = rstd * (u - means.x - xhat * means.y);
+    }
+}
+
+@compute @workgroup_size(256)
+fn group_norm_backward_affine_partials(@builtin(workgroup_id) wid: vec3<u32>,
+                                       @builtin(num_workgroups) nwg: vec3<u32>,
+                                       @builtin(local_invocation_index) lid: u32) {
+    let bc = wid.x + wid.y * nwg.x;
+    let rows = p.batch * p.channels;
+    if (bc >= rows) {
+        return;
+    }
+    let b = bc / p.channels;
+    let g = (bc % p.channels) / (p.channels / p.groups);
+    let mean = ap_mean[b * p.groups + g];
+    let rstd = ap_rstd[b * p.groups + g];
+    let base = bc * p.spatial;
+
+    // (sum dy * xhat, sum dy)
+    var acc = vec2(0.0, 0.0);
+    for (var s = lid; s < p.spatial; s += WG) {
+        let d = ap_dy[base + s];
+        acc += vec2(d * (x[base + s] - mean) * rstd, d);
+    }
+    let total = workgroup_sum(lid, acc);
+    if (lid == 0u) {
+        ap_partials[bc] = total.x;
+        ap_partials[rows + bc] = total.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn group_norm_backward_affine(@builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) lid: u32) {
+    let c = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (c >= p.channels) {
+        return;
+    }
+    let rows = p.batch * p.channels;
+    var dg = 0.0;
+    var db = 0.0;
+    for (var b = 0u; b < p.batch; b++) {
+        dg += partials[b * p.channels + c];
+        db += partials[rows + b * p.channels + c];
+    }
+    dgamma[c] = dg;
+    dbeta[c] = db;
+}

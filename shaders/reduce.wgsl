@@ -1,0 +1,122 @@
+// Reductions to one value, in passes. A pass gives workgroup w the contiguous chunk
+// [w * CHUNK, (w + 1) * CHUNK) of its input (workgroups as an x-by-y grid,
+// w = wid.x + wid.y * nwg.x); each of the WG invocations adds ITEMS elements strided by WG
+// (coalesced loads), then a tree in workgroup memory sums the WG values, and invocation 0
+// writes out[w] = scale * sum. The host repeats `sum_partials` over the partials until one
+// value is left.
+//   sum_partials:           out[w] = scale * sum_{i in chunk w} a_i
+//   sum_squares_partials:   out[w] = scale * sum_{i in chunk w} a_i^2
+//   squared_error_partials: out[w] = scale * sum_{i in chunk w} (a_i - b_i)^2
+//   mse_loss_backward:      one invocation per element, out_i = scale * (a_i - b_i)
+//                           (scale = 2 d_loss / N)
+
+const WG: u32 = 256u;
+const ITEMS: u32 = 16u;
+const CHUNK: u32 = 4096u; // WG * ITEMS
+
+struct Params {
+    n: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+
+// One-input entries write at binding 2.
+@group(0) @binding(2) var<storage, read_write> out1: array<f32>;
+
+// Two-input entries read b at binding 2 and write at binding 3.
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out2: array<f32>;
+
+var<workgroup> scratch: array<f32, WG>;
+
+// Sum of `v` over the workgroup (a tree of log2(WG) levels); every invocation gets the total.
+// Must be called in workgroup-uniform control flow.
+fn workgroup_sum(lid: u32, v: f32) -> f32 {
+    scratch[lid] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            scratch[lid] = scratch[lid] + scratch[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = scratch[0];
+    workgroupBarrier();
+    return total;
+}
+
+fn chunk_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// False for the few extra workgroups of an x-by-y grid (an empty input still has one chunk).
+fn is_chunk(w: u32) -> bool {
+    return w < max((p.n + CHUNK - 1u) / CHUNK, 1u);
+}
+
+@compute @workgroup_size(256)
+fn sum_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let w = chunk_index(wid, nwg);
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = w * CHUNK + k * WG + lid;
+        if (i < p.n) {
+            acc += a[i];
+        }
+    }
+    let total = workgroup_sum(lid, acc);
+    if (lid == 0u && is_chunk(w)) {
+        out1[w] = p.scale * total;
+    }
+}
+
+@compute @workgroup_size(256)
+fn sum_squares_partials(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let w = chunk_index(wid, nwg);
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = w * CHUNK + k * WG + lid;
+        if (i < p.n) {
+            let v = a[i];
+            acc += v * v;
+        }
+    }
+    let total = workgroup_sum(lid, acc);
+    if (lid == 0u && is_chunk(w)) {
+        out1[w] = p.scale * total;
+    }
+}
+
+@compute @workgroup_size(256)
+fn squared_error_partials(@builtin(workgroup_id) wid: vec3<u32>,
+                          @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
+    let w = chunk_index(wid, nwg);
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = w * CHUNK + k * WG + lid;
+        if (i < p.n) {
+            let d = a[i] - b[i];
+            acc += d * d;
+        }
+    }
+    let total = workgroup_sum(lid, acc);
+    if (lid == 0u && is_chunk(w)) {
+        out2[w] = p.scale * total;
+    }
+}
+
+@compute @workgroup_size(256)
+fn mse_loss_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = chunk_index(wid, nwg) * WG + lid;
+    if (i < p.n) {
+        out2[i] = p.scale * (a[i] - b[i]);
+    }
+}

@@ -44,6 +44,19 @@ pub enum Error {
     #[error("GPU error in {op}: {msg}")]
     Gpu { op: &'static str, msg: String },
 
+    /// A model configuration that diffwgpu cannot build (bad numbers, or keys it does not
+    /// support); the message names the key and what to change.
+    #[error("model config: {0}")]
+    Config(String),
+
+    /// A checkpoint or pipeline folder that is missing, corrupt or does not fit the model.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
+
+    /// A dataset that cannot be read or used (missing, empty, unreadable or mixed-size images).
+    #[error("dataset {path}: {msg}")]
+    Data { path: String, msg: String },
+
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod diffusion;
 pub mod error;
 pub mod gpu;
+pub mod nn;
 pub mod ops;
 pub mod rng;
 pub mod tensor;

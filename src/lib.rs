@@ -3,6 +3,8 @@
 //! reference implementation of every op that the GPU results are checked against.
 
 pub mod backend;
+pub mod checkpoint;
+pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod gpu;

@@ -1,6 +1,6 @@
 // In-place optimizer updates, one invocation per element, 256 per workgroup, workgroups as an
 // x-by-y grid (linear = wid.x + wid.y * nwg.x).
-//   adamw_step: p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+//   adamw_step: g <- c g (c: global-norm clipping); p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
 //               p <- p - (lr / (1 - b1^k)) m / (sqrt(v) / sqrt(1 - b2^k) + eps)
 //   ema_update: ema <- d ema + (1 - d) p
 
@@ -17,6 +17,8 @@ struct AdamW {
     step_size: f32,
     // sqrt(1 - b2^k).
     sqrt_bias_correction2: f32,
+    // The clipping factor c.
+    grad_scale: f32,
 }
 
 struct Ema {
@@ -48,7 +50,7 @@ fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if (i >= h.n) {
         return;
     }
-    let g = grad[i];
+    let g = grad[i] * h.grad_scale;
     let p = param[i] * h.decay_factor;
     let m1 = h.beta1 * m[i] + h.one_minus_beta1 * g;
     let v1 = h.beta2 * v[i] + h.one_minus_beta2 * g * g;

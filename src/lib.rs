@@ -2,6 +2,7 @@
 //! reaches, with every kernel hand-written in WGSL, backpropagation written by hand, and a CPU
 //! reference implementation of every op that the GPU results are checked against.
 
+pub mod autodiff;
 pub mod backend;
 pub mod checkpoint;
 pub mod data;

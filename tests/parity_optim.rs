@@ -11,6 +11,7 @@ use diffwgpu::{Backend, Cpu, Error};
 /// tasks.
 const SHAPES: &[&[usize]] = &[&[1], &[3, 5, 7], &[2, 3, 17, 19], &[70_001]];
 
+/// Even steps clip (scale the gradient by 0.37), odd steps do not.
 fn hyper(step: u32) -> AdamWParams {
     AdamWParams {
         lr: 1e-2,
@@ -19,6 +20,7 @@ fn hyper(step: u32) -> AdamWParams {
         eps: 1e-8,
         weight_decay: 0.1,
         step,
+        grad_scale: if step % 2 == 0 { 0.37 } else { 1.0 },
     }
 }
 
@@ -55,7 +57,7 @@ fn adamw_and_ema_match_cpu_over_several_steps() {
     }
 }
 
-/// torch.optim.AdamW's single-tensor update, in f64.
+/// torch.optim.AdamW's single-tensor update, in f64, after clip_grad_norm_ scaled the gradient.
 fn torch_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], h: &AdamWParams) {
     let (lr, b1, b2, eps, wd) = (
         h.lr as f64,
@@ -66,10 +68,12 @@ fn torch_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], h: &AdamW
     );
     let bc1 = 1.0 - b1.powi(h.step as i32);
     let bc2 = 1.0 - b2.powi(h.step as i32);
+    let c = h.grad_scale as f64;
     for i in 0..p.len() {
+        let g = c * g[i];
         p[i] *= 1.0 - lr * wd;
-        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+        m[i] = b1 * m[i] + (1.0 - b1) * g;
+        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
         let denom = (v[i] / bc2).sqrt() + eps;
         p[i] -= lr * (m[i] / bc1) / denom;
     }

@@ -1,7 +1,7 @@
 """The CPU reference figure for BENCHMARKS.md: float32 GEMM throughput of numpy's BLAS
 (OpenBLAS in the PyPI wheel) on a 512x512x512 product, using every core.
-Set-up: python3 -m venv /tmp/npenv && /tmp/npenv/bin/pip install numpy
-Usage:  /tmp/npenv/bin/python tools/numpy_sgemm.py [n] [repeats]"""
+Set-up: python3 -m venv .venv && .venv/bin/pip install numpy
+Usage:  .venv/bin/python tools/numpy_sgemm.py [n] [repeats]"""
 import sys
 import time
 

@@ -313,7 +313,7 @@ impl UNet2DConfig {
         }
         let size = self.size();
         let halvings = levels - 1;
-        if size == 0 || size % (1 << halvings) != 0 {
+        if size == 0 || !size.is_multiple_of(1 << halvings) {
             return bad(format!(
                 "sample_size = {size} cannot be halved {halvings} times by the {levels}-level \
                  down path; use a multiple of {}",
@@ -323,20 +323,20 @@ impl UNet2DConfig {
         let groups = self.groups();
         let attn_groups = self.attn_groups();
         for &c in &self.block_out_channels {
-            if c == 0 || c % groups != 0 {
+            if c == 0 || !c.is_multiple_of(groups) {
                 return bad(format!(
                     "block_out_channels entry {c} is not divisible by norm_num_groups = {groups}; \
                      make every channel count a multiple of the group count"
                 ));
             }
-            if c % attn_groups != 0 {
+            if !c.is_multiple_of(attn_groups) {
                 return bad(format!(
                     "block_out_channels entry {c} is not divisible by attn_norm_num_groups = \
                      {attn_groups}"
                 ));
             }
             if let Some(d) = self.attention_head_dim {
-                if d == 0 || c % d != 0 {
+                if d == 0 || !c.is_multiple_of(d) {
                     return bad(format!(
                         "block_out_channels entry {c} is not divisible by attention_head_dim = \
                          {d}; choose a head width that divides every channel count"
@@ -344,7 +344,7 @@ impl UNet2DConfig {
                 }
             }
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return bad(format!("norm_eps = {} must be positive", self.norm_eps));
         }
         if !(0.0..1.0).contains(&self.dropout) {

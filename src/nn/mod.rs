@@ -1,5 +1,13 @@
-//! The model: layers written once over `Backend`, assembled into diffusers' `UNet2DModel`.
+//! The model: layers written once over the tape (and so over either backend), assembled into
+//! diffusers' `UNet2DModel`.
 
+pub mod attention;
 pub mod config;
+pub mod layers;
+pub mod params;
+pub mod resnet;
+pub mod unet;
 
 pub use config::UNet2DConfig;
+pub use params::{Init, ParamList, ParamSpec};
+pub use unet::UNet2D;

@@ -1,6 +1,8 @@
 //! Fused AdamW and the EMA update, both in place and one pass over the elements.
 //!
-//! AdamW (Loshchilov and Hutter 2019) with the semantics of `torch.optim.AdamW`:
+//! AdamW (Loshchilov and Hutter 2019) with the semantics of `torch.optim.AdamW`, on the gradient
+//! scaled by `c` (global-norm clipping, `torch.nn.utils.clip_grad_norm_`, folded in):
+//!   g <- c g
 //!   p <- p - lr wd p                          (decoupled weight decay)
 //!   m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
 //!   p <- p - (lr / (1 - b1^k)) m / (sqrt(v) / sqrt(1 - b2^k) + eps)     (step k >= 1)
@@ -21,6 +23,8 @@ pub struct AdamWParams {
     pub weight_decay: f32,
     /// 1-based step count, for bias correction.
     pub step: u32,
+    /// Factor applied to the gradient first (1 without clipping).
+    pub grad_scale: f32,
 }
 
 /// The per-step scalars of AdamW, the uniform block of `adamw_step` in `shaders/optim.wgsl`.
@@ -39,7 +43,8 @@ struct AdamWScalars {
     step_size: f32,
     /// `sqrt(1 - b2^k)`.
     sqrt_bias_correction2: f32,
-    _pad: [u32; 3],
+    grad_scale: f32,
+    _pad: [u32; 2],
 }
 
 /// The uniform block of `ema_update`.
@@ -74,13 +79,15 @@ impl AdamWScalars {
             && h.lr >= 0.0
             && h.weight_decay >= 0.0
             && h.lr.is_finite()
-            && h.weight_decay.is_finite())
+            && h.weight_decay.is_finite()
+            && h.grad_scale.is_finite())
         {
             return Err(Error::invalid(
                 OP,
                 format!(
-                    "need eps > 0, lr >= 0 and weight_decay >= 0, got {}, {} and {}",
-                    h.eps, h.lr, h.weight_decay
+                    "need eps > 0, lr >= 0, weight_decay >= 0 and a finite grad_scale, \
+                     got {}, {}, {} and {}",
+                    h.eps, h.lr, h.weight_decay, h.grad_scale
                 ),
             ));
         }
@@ -96,12 +103,14 @@ impl AdamWScalars {
             decay_factor: (1.0 - lr * h.weight_decay as f64) as f32,
             step_size: (lr / (1.0 - b1.powi(step))) as f32,
             sqrt_bias_correction2: (1.0 - b2.powi(step)).sqrt() as f32,
-            _pad: [0; 3],
+            grad_scale: h.grad_scale,
+            _pad: [0; 2],
         })
     }
 
     /// One element of the fused update; returns the new `(p, m, v)`.
     fn update(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let g = g * self.grad_scale;
         let p = p * self.decay_factor;
         let m = self.beta1 * m + self.one_minus_beta1 * g;
         let v = self.beta2 * v + self.one_minus_beta2 * g * g;

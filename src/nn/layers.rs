@@ -1,0 +1,87 @@
+//! The leaf layers: convolution, linear and group norm, each a handful of parameter indices
+//! and a forward that records onto the tape.
+
+use super::params::{Init, ParamList};
+use crate::autodiff::{Tape, Var};
+use crate::error::Result;
+use crate::ops::conv2d::Conv2dParams;
+use crate::ops::group_norm::GroupNormParams;
+
+/// `nn.Conv2d` with bias.
+pub struct Conv2d {
+    weight: usize,
+    bias: usize,
+    params: Conv2dParams,
+}
+
+impl Conv2d {
+    /// A `kernel x kernel` convolution `cin -> cout` named `name` (`name.weight`, `name.bias`).
+    pub fn new(
+        list: &mut ParamList,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        params: Conv2dParams,
+    ) -> Self {
+        let bound = 1.0 / ((cin * kernel * kernel) as f32).sqrt();
+        Conv2d {
+            weight: list.add(
+                format!("{name}.weight"),
+                &[cout, cin, kernel, kernel],
+                Init::Uniform(bound),
+            ),
+            bias: list.add(format!("{name}.bias"), &[cout], Init::Uniform(bound)),
+            params,
+        }
+    }
+
+    pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
+        tape.conv2d(x, p[self.weight], Some(p[self.bias]), self.params)
+    }
+}
+
+/// `nn.Linear` with bias, over `[rows, in]`.
+pub struct Linear {
+    weight: usize,
+    bias: usize,
+}
+
+impl Linear {
+    pub fn new(list: &mut ParamList, name: &str, fan_in: usize, fan_out: usize) -> Self {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        Linear {
+            weight: list.add(
+                format!("{name}.weight"),
+                &[fan_out, fan_in],
+                Init::Uniform(bound),
+            ),
+            bias: list.add(format!("{name}.bias"), &[fan_out], Init::Uniform(bound)),
+        }
+    }
+
+    pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
+        tape.linear(x, p[self.weight], Some(p[self.bias]))
+    }
+}
+
+/// `nn.GroupNorm` with affine scale and shift.
+pub struct GroupNorm {
+    weight: usize,
+    bias: usize,
+    params: GroupNormParams,
+}
+
+impl GroupNorm {
+    pub fn new(list: &mut ParamList, name: &str, channels: usize, groups: usize, eps: f32) -> Self {
+        GroupNorm {
+            weight: list.add(format!("{name}.weight"), &[channels], Init::Ones),
+            bias: list.add(format!("{name}.bias"), &[channels], Init::Zeros),
+            params: GroupNormParams { groups, eps },
+        }
+    }
+
+    pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
+        tape.group_norm(x, p[self.weight], p[self.bias], self.params)
+    }
+}

@@ -1,0 +1,62 @@
+//! diffusers' `ResnetBlock2D` (pre-activation, time embedding added after the first conv):
+//!   h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb))[:, :, None, None]
+//!   h = conv2(SiLU(norm2(h)))                      (dropout sits before conv2; rate 0 here)
+//!   out = shortcut(x) + h,   shortcut = 1x1 conv_shortcut when the channel count changes.
+
+use super::layers::{Conv2d, GroupNorm, Linear};
+use super::params::ParamList;
+use crate::autodiff::{Tape, Var};
+use crate::error::Result;
+use crate::ops::conv2d::Conv2dParams;
+
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    /// `name.{norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut}`.
+    pub fn new(
+        list: &mut ParamList,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        groups: usize,
+        eps: f32,
+    ) -> Self {
+        let same = Conv2dParams::new(1, 1);
+        ResnetBlock2D {
+            norm1: GroupNorm::new(list, &format!("{name}.norm1"), cin, groups, eps),
+            conv1: Conv2d::new(list, &format!("{name}.conv1"), cin, cout, 3, same),
+            time_emb_proj: Linear::new(list, &format!("{name}.time_emb_proj"), temb, cout),
+            norm2: GroupNorm::new(list, &format!("{name}.norm2"), cout, groups, eps),
+            conv2: Conv2d::new(list, &format!("{name}.conv2"), cout, cout, 3, same),
+            conv_shortcut: (cin != cout).then(|| {
+                let one = Conv2dParams::new(1, 0);
+                Conv2d::new(list, &format!("{name}.conv_shortcut"), cin, cout, 1, one)
+            }),
+        }
+    }
+
+    /// `x [B, Cin, H, W]`, `temb_act = SiLU(temb) [B, T]` (shared by every block).
+    pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var, temb_act: Var) -> Result<Var> {
+        let h = self.norm1.forward(tape, p, x)?;
+        let h = tape.silu(h)?;
+        let h = self.conv1.forward(tape, p, h)?;
+        let t = self.time_emb_proj.forward(tape, p, temb_act)?;
+        let h = tape.add_per_channel(h, t)?;
+        let h = self.norm2.forward(tape, p, h)?;
+        let h = tape.silu(h)?;
+        let h = self.conv2.forward(tape, p, h)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(tape, p, x)?,
+            None => x,
+        };
+        tape.add(shortcut, h)
+    }
+}

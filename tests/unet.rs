@@ -1,0 +1,242 @@
+//! The whole U-Net: the parameter list of the presets, forward and every parameter gradient
+//! on the GPU against the CPU, and parameter gradients against finite differences.
+
+mod common;
+
+use common::{assert_close, gpu, seeded};
+use diffwgpu::autodiff::Tape;
+use diffwgpu::nn::{UNet2D, UNet2DConfig};
+use diffwgpu::{Backend, Cpu, Tensor};
+
+/// Loss `mse(model(x, t), target)` and the gradient of every parameter, on backend `be`.
+fn loss_and_grads(
+    be: &dyn Backend,
+    model: &UNet2D,
+    values: &[Vec<f32>],
+    x: &[f32],
+    t: &[f32],
+    target: &[f32],
+) -> (f32, Vec<f32>, Vec<Vec<f32>>) {
+    let s = model.config.size();
+    let shape = [t.len(), model.config.in_channels, s, s];
+    let params: Vec<Tensor> = model
+        .params
+        .specs
+        .iter()
+        .zip(values)
+        .map(|(spec, v)| be.upload(&spec.shape, v).unwrap())
+        .collect();
+    let mut tape = Tape::new(be);
+    let p = tape.leaves(&params, true);
+    let x = tape.leaf(be.upload(&shape, x).unwrap(), false);
+    let t = be.upload(&[t.len()], t).unwrap();
+    let out = model.forward(&mut tape, &p, x, &t).unwrap();
+    let target = be.upload(&shape, target).unwrap();
+    let loss = be.mse_loss(tape.value(out), &target).unwrap();
+    let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
+    let mut grads = tape.backward(out, d_out).unwrap();
+    let grads = p
+        .iter()
+        .map(|&v| {
+            be.to_vec(&grads.take(v).expect("every parameter gets a gradient"))
+                .unwrap()
+        })
+        .collect();
+    let out = be.to_vec(tape.value(out)).unwrap();
+    (be.to_vec(&loss).unwrap()[0], out, grads)
+}
+
+/// The tiny preset with its default initialisation, a batch of 2 and a target.
+fn tiny_case() -> (UNet2D, Vec<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let model = UNet2D::new(&UNet2DConfig::preset("tiny").unwrap()).unwrap();
+    let values = model.params.initial_values(7);
+    let n = 2 * 16 * 16;
+    let x = seeded(n, 1);
+    let target = seeded(n, 2);
+    (model, values, x, vec![37.0, 901.0], target)
+}
+
+/// The names and shapes diffusers' `UNet2DModel` gives each preset's parameters
+/// (`tests/fixtures/unet_params_<preset>.txt`, written by `tools/diffusers_reference.py`).
+#[test]
+fn presets_have_diffusers_parameter_names_and_shapes() {
+    for preset in ["tiny", "mnist", "cifar10"] {
+        let path = format!(
+            "{}/tests/fixtures/unet_params_{preset}.txt",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut want: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut total = 0;
+        for line in text.lines() {
+            let (name, shape) = line.split_once(' ').unwrap();
+            if name == "total" {
+                total = shape.parse().unwrap();
+                continue;
+            }
+            let shape = shape.split(',').map(|d| d.parse().unwrap()).collect();
+            want.push((name.to_string(), shape));
+        }
+        let model = UNet2D::new(&UNet2DConfig::preset(preset).unwrap()).unwrap();
+        let mut got: Vec<(String, Vec<usize>)> = model
+            .params
+            .specs
+            .iter()
+            .map(|s| (s.name.clone(), s.shape.clone()))
+            .collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{preset}");
+        assert_eq!(model.params.count(), total, "{preset}");
+    }
+}
+
+#[test]
+fn gpu_forward_and_gradients_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let (model, values, x, t, target) = tiny_case();
+    let (loss_c, out_c, grads_c) = loss_and_grads(&Cpu, &model, &values, &x, &t, &target);
+    let (loss_g, out_g, grads_g) = loss_and_grads(g, &model, &values, &x, &t, &target);
+    // Tolerance: f32 with different summation orders through ~40 layers; outputs are O(1).
+    assert_close("output", &out_g, &out_c, 1e-4, 1e-3);
+    assert_close("loss", &[loss_g], &[loss_c], 1e-5, 1e-4);
+    for (spec, (gg, gc)) in model.params.specs.iter().zip(grads_g.iter().zip(&grads_c)) {
+        let scale = gc.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_close(&spec.name, gg, gc, 1e-3 * scale + 1e-6, 1e-3);
+    }
+}
+
+#[test]
+fn parameter_gradients_match_finite_differences() {
+    let (model, values, x, t, target) = tiny_case();
+    let (_, _, grads) = loss_and_grads(&Cpu, &model, &values, &x, &t, &target);
+    let loss_at = |values: &[Vec<f32>]| -> f64 {
+        let s = model.config.size();
+        let shape = [2, 1, s, s];
+        let params: Vec<Tensor> = model
+            .params
+            .specs
+            .iter()
+            .zip(values)
+            .map(|(spec, v)| Cpu.upload(&spec.shape, v).unwrap())
+            .collect();
+        let mut tape = Tape::inference(&Cpu);
+        let p = tape.leaves(&params, false);
+        let xv = tape.leaf(Cpu.upload(&shape, &x).unwrap(), false);
+        let tt = Cpu.upload(&[2], &t).unwrap();
+        let out = model.forward(&mut tape, &p, xv, &tt).unwrap();
+        let out = Cpu.to_vec(tape.value(out)).unwrap();
+        let n = out.len() as f64;
+        out.iter()
+            .zip(&target)
+            .map(|(&o, &y)| (o as f64 - y as f64).powi(2))
+            .sum::<f64>()
+            / n
+    };
+    // One parameter of every kind: the entry with the largest gradient of each of a spread of
+    // tensors (conv, linear, norm, attention, time embedding, shortcut, up and down path).
+    let names = [
+        "conv_in.weight",
+        "time_embedding.linear_1.weight",
+        "down_blocks.0.resnets.0.norm1.weight",
+        "down_blocks.0.downsamplers.0.conv.weight",
+        "down_blocks.1.resnets.0.conv_shortcut.bias",
+        "down_blocks.1.attentions.0.to_q.weight",
+        "mid_block.attentions.0.to_v.bias",
+        "up_blocks.0.resnets.1.time_emb_proj.weight",
+        "up_blocks.0.upsamplers.0.conv.weight",
+        "up_blocks.1.resnets.0.norm2.bias",
+        "conv_norm_out.weight",
+        "conv_out.bias",
+    ];
+    let h = 1e-2f32;
+    for name in names {
+        let i = model
+            .params
+            .specs
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no parameter {name}"));
+        let (j, &analytic) = grads[i]
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
+        let mut plus = values.clone();
+        plus[i][j] += h;
+        let mut minus = values.clone();
+        minus[i][j] -= h;
+        let numeric = ((loss_at(&plus) - loss_at(&minus)) / (2.0 * h as f64)) as f32;
+        let err = (numeric - analytic).abs();
+        assert!(
+            err <= 2e-2 * analytic.abs() + 1e-5,
+            "{name}[{j}]: analytic {analytic}, finite difference {numeric}"
+        );
+    }
+}
+
+/// Reads every f32 tensor of a safetensors file by name.
+fn read_fixture(path: &str) -> std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// The tiny model with perturbed weights, evaluated by diffusers in float64
+/// (`tests/fixtures/tiny_reference.safetensors`): our output, loss and every parameter
+/// gradient agree on both backends.
+#[test]
+fn tiny_model_matches_diffusers() {
+    let path = format!(
+        "{}/tests/fixtures/tiny_reference.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let fx = read_fixture(&path);
+    let model = UNet2D::new(&UNet2DConfig::preset("tiny").unwrap()).unwrap();
+    let values: Vec<Vec<f32>> = model
+        .params
+        .specs
+        .iter()
+        .map(|s| {
+            let (shape, data) = &fx[&format!("param.{}", s.name)];
+            assert_eq!(shape, &s.shape, "{}", s.name);
+            data.clone()
+        })
+        .collect();
+    let (x, t, target) = (&fx["x"].1, &fx["t"].1, &fx["target"].1);
+    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
+    if let Some(g) = gpu() {
+        backends.push(g);
+    }
+    for be in backends {
+        let (loss, out, grads) = loss_and_grads(be, &model, &values, x, t, target);
+        let rel = |name: &str, got: &[f32], want: &[f32], tol: f32| {
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert_close(
+                &format!("{} {name}", be.name()),
+                got,
+                want,
+                tol * scale + 1e-7,
+                0.0,
+            );
+        };
+        rel("output", &out, &fx["out"].1, 1e-4);
+        rel("loss", &[loss], &fx["loss"].1, 1e-4);
+        for (spec, g) in model.params.specs.iter().zip(&grads) {
+            let want = &fx[&format!("grad.{}", spec.name)].1;
+            // Relative to the largest gradient of the tensor; `to_k.bias` has an exactly zero
+            // gradient (softmax cancels a key bias), so it is held to an absolute bound.
+            rel(&spec.name, g, want, 1e-3);
+        }
+    }
+}

@@ -20,7 +20,7 @@ fn hyper(step: u32) -> AdamWParams {
         eps: 1e-8,
         weight_decay: 0.1,
         step,
-        grad_scale: if step % 2 == 0 { 0.37 } else { 1.0 },
+        grad_scale: if step.is_multiple_of(2) { 0.37 } else { 1.0 },
     }
 }
 

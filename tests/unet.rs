@@ -46,14 +46,29 @@ fn loss_and_grads(
     (be.to_vec(&loss).unwrap()[0], out, grads)
 }
 
+/// A model, its parameter values, a batch and a target.
+struct Case {
+    model: UNet2D,
+    values: Vec<Vec<f32>>,
+    x: Vec<f32>,
+    t: Vec<f32>,
+    target: Vec<f32>,
+}
+
 /// The tiny preset with its default initialisation, a batch of 2 and a target.
-fn tiny_case() -> (UNet2D, Vec<Vec<f32>>, Vec<f32>, Vec<f32>, Vec<f32>) {
+fn tiny_case() -> Case {
     let model = UNet2D::new(&UNet2DConfig::preset("tiny").unwrap()).unwrap();
     let values = model.params.initial_values(7);
     let n = 2 * 16 * 16;
     let x = seeded(n, 1);
     let target = seeded(n, 2);
-    (model, values, x, vec![37.0, 901.0], target)
+    Case {
+        model,
+        values,
+        x,
+        t: vec![37.0, 901.0],
+        target,
+    }
 }
 
 /// The names and shapes diffusers' `UNet2DModel` gives each preset's parameters
@@ -94,7 +109,13 @@ fn presets_have_diffusers_parameter_names_and_shapes() {
 #[test]
 fn gpu_forward_and_gradients_match_cpu() {
     let Some(g) = gpu() else { return };
-    let (model, values, x, t, target) = tiny_case();
+    let Case {
+        model,
+        values,
+        x,
+        t,
+        target,
+    } = tiny_case();
     let (loss_c, out_c, grads_c) = loss_and_grads(&Cpu, &model, &values, &x, &t, &target);
     let (loss_g, out_g, grads_g) = loss_and_grads(g, &model, &values, &x, &t, &target);
     // Tolerance: f32 with different summation orders through ~40 layers; outputs are O(1).
@@ -108,7 +129,13 @@ fn gpu_forward_and_gradients_match_cpu() {
 
 #[test]
 fn parameter_gradients_match_finite_differences() {
-    let (model, values, x, t, target) = tiny_case();
+    let Case {
+        model,
+        values,
+        x,
+        t,
+        target,
+    } = tiny_case();
     let (_, _, grads) = loss_and_grads(&Cpu, &model, &values, &x, &t, &target);
     let loss_at = |values: &[Vec<f32>]| -> f64 {
         let s = model.config.size();

@@ -13,6 +13,7 @@ pub mod nn;
 pub mod ops;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 
 pub use backend::{Backend, Cpu};
 pub use error::{Error, Result};

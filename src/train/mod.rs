@@ -1,0 +1,7 @@
+//! Training: hyperparameters and their schedules, and the training step.
+
+pub mod hyper;
+pub mod trainer;
+
+pub use hyper::{LrSchedule, TrainHyper};
+pub use trainer::{StepStats, TrainState, Trainer};

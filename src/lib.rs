@@ -9,6 +9,7 @@ pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod gpu;
+pub mod images;
 pub mod nn;
 pub mod ops;
 pub mod rng;

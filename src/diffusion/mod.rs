@@ -1,5 +1,8 @@
-//! The diffusion process: noise schedules and the per-step coefficients of the samplers.
+//! The diffusion process: noise schedules, the per-step coefficients of the samplers, and the
+//! reverse process that turns noise into images.
 
+pub mod sampler;
 pub mod schedule;
 
+pub use sampler::{inference_timesteps, sample, Sampler, StepView, TimestepSpacing};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, VarianceType};

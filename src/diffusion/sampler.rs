@@ -1,0 +1,202 @@
+//! The reverse process: start from `x_T ~ N(0, I)` and apply the model and one fused step
+//! kernel per timestep.
+//!
+//! - DDPM (Algorithm 2 of Ho et al. 2020): the posterior step from each timestep of the
+//!   sequence to the next (`x_t -> x_{t-1}` over all T of them by default).
+//! - DDIM (Song et al. 2021): `x_t -> x_{t'}` with `t' = t - T / n` as diffusers steps,
+//!   deterministic at `eta = 0`.
+//!
+//! Timestep sequences follow diffusers' `timestep_spacing` so that the same model, steps and
+//! spacing visit the same timesteps as diffusers' schedulers. The noise of step `i` is drawn at
+//! offset `(i + 1) * numel` of the seed's stream (`x_T` at offset 0): a seed fixes the images.
+
+use crate::autodiff::Tape;
+use crate::backend::Backend;
+use crate::diffusion::{NoiseSchedule, PredictionType, VarianceType};
+use crate::error::{Error, Result};
+use crate::nn::UNet2D;
+use crate::tensor::Tensor;
+
+/// How inference timesteps are spread over `0 .. T` (diffusers' names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    /// `k * (T / n)` for `k = n-1 .. 0`, plus `steps_offset`.
+    Leading,
+    /// `round(T - k T / n) - 1` for `k = 0 .. n-1`: always starts at `T - 1`.
+    Trailing,
+    /// `round(linspace(0, T - 1, n))`, descending.
+    Linspace,
+}
+
+impl TimestepSpacing {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "leading" => Ok(TimestepSpacing::Leading),
+            "trailing" => Ok(TimestepSpacing::Trailing),
+            "linspace" => Ok(TimestepSpacing::Linspace),
+            other => Err(Error::invalid(
+                "timestep_spacing",
+                format!("unknown timestep spacing {other:?}; use leading, trailing or linspace"),
+            )),
+        }
+    }
+}
+
+/// The descending timesteps of `n` inference steps over `T` training timesteps.
+pub fn inference_timesteps(
+    t_max: usize,
+    n: usize,
+    spacing: TimestepSpacing,
+    steps_offset: usize,
+) -> Result<Vec<usize>> {
+    if n == 0 || n > t_max {
+        return Err(Error::invalid(
+            "sampling",
+            format!("steps = {n} must be between 1 and the {t_max} training timesteps"),
+        ));
+    }
+    let ts: Vec<usize> = match spacing {
+        TimestepSpacing::Leading => {
+            let ratio = t_max / n;
+            (0..n).rev().map(|k| k * ratio + steps_offset).collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = t_max as f64 / n as f64;
+            (0..n)
+                .map(|k| ((t_max as f64 - k as f64 * ratio).round() as usize).saturating_sub(1))
+                .collect()
+        }
+        TimestepSpacing::Linspace => {
+            let last = (t_max - 1) as f64;
+            (0..n)
+                .rev()
+                .map(|k| {
+                    let v = if n == 1 {
+                        0.0
+                    } else {
+                        k as f64 * last / (n - 1) as f64
+                    };
+                    v.round() as usize
+                })
+                .collect()
+        }
+    };
+    if let Some(&t) = ts.iter().find(|&&t| t >= t_max) {
+        return Err(Error::invalid(
+            "sampling",
+            format!("timestep {t} is past the schedule's {t_max} steps; lower steps_offset"),
+        ));
+    }
+    Ok(ts)
+}
+
+/// Which reverse process to run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampler {
+    Ddpm {
+        variance_type: VarianceType,
+        /// Clip `x0_hat` to `[-r, r]`.
+        clip_sample: Option<f32>,
+    },
+    Ddim {
+        eta: f32,
+        clip_sample: Option<f32>,
+    },
+}
+
+/// One step of the reverse process, as the sampler reports it.
+pub struct StepView<'a> {
+    /// 0-based index of the step, of `total`.
+    pub index: usize,
+    pub total: usize,
+    pub t: usize,
+    /// The state before the step.
+    pub x_t: &'a Tensor,
+    /// The model's output at `(x_t, t)`.
+    pub model_output: &'a Tensor,
+}
+
+/// Runs the reverse process for `n` images with the given weights; returns `x_0`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    be: &dyn Backend,
+    model: &UNet2D,
+    params: &[Tensor],
+    schedule: &NoiseSchedule,
+    prediction_type: PredictionType,
+    sampler: &Sampler,
+    timesteps: &[usize],
+    x_t: Tensor,
+    seed: u64,
+    on_step: &mut dyn FnMut(&StepView) -> Result<()>,
+) -> Result<Tensor> {
+    let c = &model.config;
+    let n = x_t.shape().first().copied().unwrap_or(0);
+    let want = [n, c.in_channels, c.size(), c.size()];
+    if x_t.shape() != want || n == 0 {
+        return Err(Error::shape(
+            "sample",
+            format!(
+                "x_T of shape [N, {}, {}, {}]",
+                c.in_channels,
+                c.size(),
+                c.size()
+            ),
+            x_t.shape(),
+        ));
+    }
+    let numel = x_t.numel() as u64;
+    let mut x = x_t;
+    for (i, &t) in timesteps.iter().enumerate() {
+        let t_prev = timesteps.get(i + 1).copied();
+        let tt = be.upload(&[n], &vec![t as f32; n])?;
+        let mut tape = Tape::inference(be);
+        let p = tape.leaves(params, false);
+        let xv = tape.leaf(x.clone(), false);
+        let out = model.forward(&mut tape, &p, xv, &tt)?;
+        let out = tape.value(out).clone();
+        drop(tape);
+        on_step(&StepView {
+            index: i,
+            total: timesteps.len(),
+            t,
+            x_t: &x,
+            model_output: &out,
+        })?;
+        let z_shape = x.shape().to_vec();
+        x = match sampler {
+            Sampler::Ddpm {
+                variance_type,
+                clip_sample,
+            } => {
+                let k = schedule.ddpm_coefficients_to(
+                    t,
+                    t_prev,
+                    *variance_type,
+                    prediction_type,
+                    *clip_sample,
+                )?;
+                let z = if k.sigma > 0.0 {
+                    be.randn(&z_shape, seed, (i as u64 + 1) * numel)?
+                } else {
+                    be.zeros(&z_shape)?
+                };
+                be.ddpm_step(&x, &out, &z, &k)?
+            }
+            Sampler::Ddim { eta, clip_sample } => {
+                // diffusers' DDIMScheduler steps back by T / n whatever the spacing.
+                let stride = schedule.num_train_timesteps() / timesteps.len();
+                let t_prev = t.checked_sub(stride);
+                let k =
+                    schedule.ddim_coefficients(t, t_prev, *eta, prediction_type, *clip_sample)?;
+                let z = if k.sigma > 0.0 {
+                    be.randn(&z_shape, seed, (i as u64 + 1) * numel)?
+                } else {
+                    be.zeros(&z_shape)?
+                };
+                be.ddim_step(&x, &out, &z, &k)?
+            }
+        };
+    }
+    Ok(x)
+}

@@ -1,0 +1,189 @@
+//! The diffusers pipeline folder: `model_index.json`, `unet/` (config and weights) and
+//! `scheduler/` (config), as `DDPMPipeline.save_pretrained` writes it and `from_pretrained`
+//! reads it. Loading also takes a bare `UNet2DModel` folder (the `unet/` folder on its own).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::{
+    error, read_safetensors, write_atomic, write_safetensors, NamedTensor, SchedulerConfig,
+};
+use crate::error::{Error, Result};
+use crate::nn::config::UNet2DConfig;
+
+/// The diffusers version written into every config (the format the files follow).
+pub const DIFFUSERS_VERSION: &str = "0.31.0";
+
+const MODEL_INDEX: &str = "model_index.json";
+const UNET_DIR: &str = "unet";
+const SCHEDULER_DIR: &str = "scheduler";
+const CONFIG: &str = "config.json";
+const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+const PICKLED_WEIGHTS: &str = "diffusion_pytorch_model.bin";
+const SCHEDULER_CONFIG: &str = "scheduler_config.json";
+
+/// A UNet read from disk: its config, its weights (diffusers parameter names, sorted), and
+/// the scheduler config that came with it, if any.
+#[derive(Debug, Clone)]
+pub struct UnetFolder {
+    pub config: UNet2DConfig,
+    pub weights: Vec<NamedTensor>,
+    pub scheduler: Option<SchedulerConfig>,
+    /// The folder that was loaded: the pipeline folder, or the bare unet folder.
+    pub root: PathBuf,
+}
+
+/// Writes the pipeline folder `out` (created if needed): the UNet's config and `weights`, the
+/// scheduler config, and `model_index.json`. Each file is replaced atomically, and
+/// `model_index.json` comes last, so a folder that has one holds a complete pipeline.
+pub fn save_pipeline(
+    out: &Path,
+    unet: &UNet2DConfig,
+    weights: &[NamedTensor],
+    scheduler: &SchedulerConfig,
+) -> Result<()> {
+    unet.validate()?;
+    let scheduler_dir = out.join(SCHEDULER_DIR);
+    scheduler
+        .validate()
+        .map_err(|e| in_file(&scheduler_dir.join(SCHEDULER_CONFIG), e))?;
+    let unet_dir = out.join(UNET_DIR);
+    for dir in [&unet_dir, &scheduler_dir] {
+        fs::create_dir_all(dir).map_err(|e| {
+            error(
+                dir,
+                format!("cannot create the folder: {e}; check that the output path is writable"),
+            )
+        })?;
+    }
+    // diffusers (like torch's safetensors writer) marks its weight files as PyTorch tensors.
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&unet_dir.join(WEIGHTS), weights, &metadata)?;
+    // Through the config's own JSON, which prints its f32 values as written (`1e-5`, not the
+    // f64 widening `9.99999974e-6`).
+    let mut config: Value =
+        serde_json::from_str(&unet.to_json()).expect("a model config's JSON parses");
+    config["_diffusers_version"] = json!(DIFFUSERS_VERSION);
+    write_json_atomic(&unet_dir.join(CONFIG), &pretty(&config))?;
+    write_json_atomic(&scheduler_dir.join(SCHEDULER_CONFIG), &scheduler.to_json())?;
+    let index = json!({
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", scheduler.class_name],
+        "unet": ["diffusers", unet.class_name],
+    });
+    write_json_atomic(&out.join(MODEL_INDEX), &pretty(&index))
+}
+
+/// Reads a pipeline folder (`unet/` and, if present, `scheduler/`), or a bare unet folder
+/// (`config.json` and `diffusion_pytorch_model.safetensors`; its scheduler is the sibling
+/// `../scheduler/scheduler_config.json` when there is one).
+pub fn load_pipeline(path: &Path) -> Result<UnetFolder> {
+    if !path.exists() {
+        return Err(error(
+            path,
+            "no such folder; give the output folder of a training run or a diffusers pipeline \
+             or UNet2DModel folder",
+        ));
+    }
+    if !path.is_dir() {
+        return Err(error(
+            path,
+            "is a file, not a folder; give the pipeline folder (or its unet/ folder) that holds it",
+        ));
+    }
+    let (unet_dir, scheduler_path) = if path.join(UNET_DIR).join(CONFIG).is_file() {
+        let scheduler = path.join(SCHEDULER_DIR).join(SCHEDULER_CONFIG);
+        (path.join(UNET_DIR), scheduler)
+    } else if path.join(CONFIG).is_file() {
+        (path.to_path_buf(), sibling_scheduler(path)?)
+    } else {
+        return Err(error(
+            path,
+            format!(
+                "holds no model; expected a pipeline folder ({MODEL_INDEX}, {UNET_DIR}/{CONFIG}, \
+                 {UNET_DIR}/{WEIGHTS}, {SCHEDULER_DIR}/{SCHEDULER_CONFIG}) or a UNet2DModel \
+                 folder ({CONFIG} and {WEIGHTS})"
+            ),
+        ));
+    };
+    let config_path = unet_dir.join(CONFIG);
+    let config =
+        UNet2DConfig::from_json(&read_text(&config_path)?).map_err(|e| in_file(&config_path, e))?;
+    let (weights, _) = read_safetensors(&weights_path(&unet_dir)?)?;
+    let scheduler = if scheduler_path.is_file() {
+        let text = read_text(&scheduler_path)?;
+        Some(SchedulerConfig::from_json(&text).map_err(|e| in_file(&scheduler_path, e))?)
+    } else {
+        None
+    };
+    Ok(UnetFolder {
+        config,
+        weights,
+        scheduler,
+        root: path.to_path_buf(),
+    })
+}
+
+/// Writes `text` (with a final newline) to `path` atomically.
+pub fn write_json_atomic(path: &Path, text: &str) -> Result<()> {
+    write_atomic(path, |out| {
+        out.write_all(text.as_bytes())?;
+        if !text.ends_with('\n') {
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+}
+
+/// JSON as diffusers writes it: indented, keys sorted.
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).expect("a JSON value always serializes")
+}
+
+/// `scheduler/scheduler_config.json` beside the unet folder `unet_dir`.
+fn sibling_scheduler(unet_dir: &Path) -> Result<PathBuf> {
+    let full = unet_dir
+        .canonicalize()
+        .map_err(|e| error(unet_dir, format!("cannot resolve the folder: {e}")))?;
+    let parent = full.parent().unwrap_or(&full);
+    Ok(parent.join(SCHEDULER_DIR).join(SCHEDULER_CONFIG))
+}
+
+/// The weights file of `unet_dir`, which must exist.
+fn weights_path(unet_dir: &Path) -> Result<PathBuf> {
+    let path = unet_dir.join(WEIGHTS);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let hint = if unet_dir.join(PICKLED_WEIGHTS).is_file() {
+        format!(
+            "the folder has only the pickled {PICKLED_WEIGHTS}; convert it with diffusers \
+             (`UNet2DModel.from_pretrained(folder).save_pretrained(folder, \
+             safe_serialization=True)`)"
+        )
+    } else {
+        "save the model again, or download it again".to_string()
+    };
+    Err(error(&path, format!("the weights file is missing; {hint}")))
+}
+
+/// The text of a config file.
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => error(path, "no such file; check the path"),
+        _ => error(path, format!("cannot read the file: {e}")),
+    })
+}
+
+/// A config error reported against the file at `path`.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Checkpoint { msg, .. } | Error::Config(msg) => error(path, msg),
+        other => other,
+    }
+}

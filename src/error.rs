@@ -53,7 +53,7 @@ pub enum Error {
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: String, msg: String },
 
-    /// A dataset that cannot be read or used (missing, empty, unreadable or mixed-size images).
+    /// A dataset that cannot be read or used (missing, empty or unreadable images).
     #[error("dataset {path}: {msg}")]
     Data { path: String, msg: String },
 

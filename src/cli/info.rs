@@ -1,0 +1,40 @@
+//! `diffwgpu info`: the adapters wgpu finds and the device `--device auto` would pick.
+
+use anyhow::Result;
+
+pub fn run() -> Result<()> {
+    let adapters = diffwgpu::gpu::adapters();
+    if adapters.is_empty() {
+        println!("no GPU adapter found");
+        println!(
+            "(install a Vulkan/Metal/DX12 driver; on Debian `apt-get install mesa-vulkan-drivers \
+             libvulkan1` gives the lavapipe software driver)"
+        );
+    }
+    for (i, a) in adapters.iter().enumerate() {
+        let kind = if a.software { "software" } else { "hardware" };
+        println!(
+            "[{i}] {} — {} {} ({kind})",
+            a.name, a.backend, a.device_type
+        );
+        println!("    driver: {}", a.driver.trim());
+        println!(
+            "    max storage buffer: {} MiB, max buffer: {} MiB, storage buffers/stage: {}, \
+             workgroup memory: {} KiB, invocations/workgroup: {}",
+            a.max_storage_buffer_binding_size >> 20,
+            a.max_buffer_size >> 20,
+            a.max_storage_buffers_per_shader_stage,
+            a.max_compute_workgroup_storage_size >> 10,
+            a.max_compute_invocations_per_workgroup
+        );
+    }
+    if let Some(a) = adapters.first() {
+        println!(
+            "--device gpu would use [0] {} (DIFFWGPU_ADAPTER=<name part> picks another)",
+            a.name
+        );
+    }
+    let (_, why) = super::device::open(super::device::DeviceChoice::Auto)?;
+    println!("--device auto would use {why}");
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! The subcommands of the `diffwgpu` binary.
+
+pub mod device;
+pub mod info;
+pub mod train;

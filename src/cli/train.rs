@@ -1,0 +1,603 @@
+//! `diffwgpu train`: trains a U-Net on a dataset and writes a diffusers pipeline folder, sample
+//! grids, a CSV log and a resumable training state.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use diffwgpu::checkpoint::TRAINING_STATE_FILE;
+use diffwgpu::checkpoint::{save_pipeline, NamedTensor, SchedulerConfig, TrainingState};
+use diffwgpu::data::{Batcher, Dataset};
+use diffwgpu::diffusion::{inference_timesteps, sample, PredictionType, Sampler, TimestepSpacing};
+use diffwgpu::images;
+use diffwgpu::nn::{UNet2D, UNet2DConfig};
+use diffwgpu::train::{LrSchedule, TrainHyper, TrainState, Trainer};
+use diffwgpu::{Backend, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use super::device::{self, DeviceChoice};
+
+/// The noise schedule, by the names users know (`cosine` is diffusers' `squaredcos_cap_v2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleName {
+    Linear,
+    Cosine,
+    ScaledLinear,
+}
+
+impl ScheduleName {
+    fn diffusers_name(self) -> &'static str {
+        match self {
+            ScheduleName::Linear => "linear",
+            ScheduleName::Cosine => "squaredcos_cap_v2",
+            ScheduleName::ScaledLinear => "scaled_linear",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionName {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+impl PredictionName {
+    fn prediction_type(self) -> PredictionType {
+        match self {
+            PredictionName::Epsilon => PredictionType::Epsilon,
+            PredictionName::VPrediction => PredictionType::VPrediction,
+            PredictionName::Sample => PredictionType::Sample,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduleName {
+    Constant,
+    Cosine,
+}
+
+/// Options that define a run. With `--resume` they come from the run being resumed.
+const RUN_OPTIONS: &[&str] = &[
+    "data",
+    "preset",
+    "config",
+    "schedule",
+    "timesteps",
+    "prediction",
+    "batch_size",
+    "lr",
+    "lr_warmup",
+    "lr_schedule",
+    "weight_decay",
+    "max_grad_norm",
+    "ema_max_decay",
+    "ema_power",
+    "seed",
+    "hflip",
+    "out",
+];
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Output folder (default: runs/<UTC timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Training images: a folder of PNG/JPEG files (searched recursively), or mnist:PATH for
+    /// MNIST IDX files (gzipped or not). Default: the embedded MNIST digits (9,000).
+    #[arg(long)]
+    data: Option<String>,
+    /// Model size: tiny, mnist or cifar10.
+    #[arg(long, default_value = "mnist", conflicts_with = "config")]
+    preset: String,
+    /// A diffusers UNet2DModel config.json instead of a preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Noise schedule.
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: ScheduleName,
+    /// Training timesteps T.
+    #[arg(long, default_value_t = 1000)]
+    timesteps: usize,
+    /// What the network predicts.
+    #[arg(long, value_enum, default_value = "epsilon")]
+    prediction: PredictionName,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Optimizer steps in all (default 6000; with --resume, the resumed run's total).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f32,
+    /// Steps of linear learning-rate warmup.
+    #[arg(long, default_value_t = 500)]
+    lr_warmup: u64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    lr_schedule: LrScheduleName,
+    #[arg(long, default_value_t = 1e-6)]
+    weight_decay: f32,
+    /// Clip the gradient to this global L2 norm; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// The EMA decay's ceiling (it warms up as diffusers' EMAModel: 1 - (1 + step)^-power).
+    #[arg(long, default_value_t = 0.9999)]
+    ema_max_decay: f32,
+    #[arg(long, default_value_t = 0.75)]
+    ema_power: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Random horizontal flips of the training images (off: digits are not symmetric).
+    #[arg(long)]
+    hflip: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    /// Write a sample grid (EMA weights, DDIM) every N steps; 0: only at the end.
+    #[arg(long, default_value_t = 500)]
+    sample_every: u64,
+    /// Images in each sample grid.
+    #[arg(long, default_value_t = 16)]
+    num_samples: usize,
+    /// DDIM steps of the sample grids.
+    #[arg(long, default_value_t = 50)]
+    sample_steps: usize,
+    /// Write a checkpoint every N steps (and always at the end and on Ctrl-C); 0: only then.
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_every: u64,
+    /// Stop at this step with a checkpoint, as Ctrl-C would (continue later with --resume).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// Continue the run in this folder exactly where its checkpoint stopped.
+    #[arg(long, conflicts_with_all = RUN_OPTIONS)]
+    resume: Option<PathBuf>,
+}
+
+/// Everything that defines a run: written to `train_config.json` and into the training state,
+/// so that `--resume` continues with exactly the same settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunRecord {
+    data: Option<String>,
+    unet: UNet2DConfig,
+    schedule: ScheduleName,
+    timesteps: usize,
+    prediction: PredictionName,
+    batch_size: usize,
+    steps: u64,
+    lr: f32,
+    lr_warmup: u64,
+    lr_schedule: LrScheduleName,
+    weight_decay: f32,
+    max_grad_norm: f32,
+    ema_max_decay: f32,
+    ema_power: f32,
+    seed: u64,
+    hflip: bool,
+}
+
+impl RunRecord {
+    fn from_args(a: &TrainArgs) -> Result<Self> {
+        let unet = match &a.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the model config {}", path.display()))?;
+                UNet2DConfig::from_json(&text)
+                    .with_context(|| format!("in the model config {}", path.display()))?
+            }
+            None => UNet2DConfig::preset(&a.preset)?,
+        };
+        Ok(RunRecord {
+            data: a.data.clone(),
+            unet,
+            schedule: a.schedule,
+            timesteps: a.timesteps,
+            prediction: a.prediction,
+            batch_size: a.batch_size,
+            steps: a.steps.unwrap_or(6000),
+            lr: a.lr,
+            lr_warmup: a.lr_warmup,
+            lr_schedule: a.lr_schedule,
+            weight_decay: a.weight_decay,
+            max_grad_norm: a.max_grad_norm,
+            ema_max_decay: a.ema_max_decay,
+            ema_power: a.ema_power,
+            seed: a.seed,
+            hflip: a.hflip,
+        })
+    }
+
+    fn hyper(&self) -> TrainHyper {
+        TrainHyper {
+            batch_size: self.batch_size,
+            steps: self.steps,
+            learning_rate: self.lr,
+            lr_warmup_steps: self.lr_warmup,
+            lr_schedule: match self.lr_schedule {
+                LrScheduleName::Constant => LrSchedule::Constant,
+                LrScheduleName::Cosine => LrSchedule::Cosine,
+            },
+            weight_decay: self.weight_decay,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            ema_max_decay: self.ema_max_decay,
+            ema_power: self.ema_power,
+            prediction_type: self.prediction.prediction_type(),
+            seed: self.seed,
+            ..TrainHyper::default()
+        }
+    }
+
+    /// The DDPMScheduler config that sampling with this model should use.
+    fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            num_train_timesteps: self.timesteps,
+            beta_schedule: self.schedule.diffusers_name().into(),
+            prediction_type: self.prediction.prediction_type().name().into(),
+            ..SchedulerConfig::default()
+        }
+    }
+}
+
+/// The metadata key of the run record in the training state.
+const RUN_KEY: &str = "run";
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let (out, record, resumed) = match &args.resume {
+        Some(dir) => {
+            let state = TrainingState::load(&dir.join(TRAINING_STATE_FILE)).with_context(|| {
+                format!(
+                    "cannot resume from {}: no usable training state",
+                    dir.display()
+                )
+            })?;
+            let text = state.meta.get(RUN_KEY).with_context(|| {
+                format!(
+                    "{} has no run settings; it was not written by diffwgpu train",
+                    dir.join(TRAINING_STATE_FILE).display()
+                )
+            })?;
+            let mut record: RunRecord = serde_json::from_str(text)
+                .with_context(|| format!("corrupt run settings in {}", dir.display()))?;
+            if let Some(steps) = args.steps {
+                record.steps = steps;
+            }
+            (dir.clone(), record, Some(state))
+        }
+        None => {
+            let out = args.out.clone().unwrap_or_else(default_out);
+            (out, RunRecord::from_args(&args)?, None)
+        }
+    };
+    let resumed_step = resumed.as_ref().map_or(0, |s| s.step);
+    if resumed_step >= record.steps {
+        bail!(
+            "the run in {} already has {} of {} steps; pass --steps with a larger total to train on",
+            out.display(),
+            resumed_step,
+            record.steps
+        );
+    }
+
+    let (be, why) = device::open(args.device)?;
+    let be: &dyn Backend = be.as_ref();
+    eprintln!("device: {why}");
+
+    let cfg = &record.unet;
+    let model = UNet2D::new(cfg)?;
+    let dataset = Dataset::open(record.data.as_deref(), cfg.size(), cfg.in_channels)?;
+    eprintln!(
+        "data: {} ({} images of {}x{}x{})",
+        dataset.source,
+        dataset.len,
+        cfg.in_channels,
+        cfg.size(),
+        cfg.size()
+    );
+    let batcher = Batcher::new(dataset.len, record.batch_size, record.seed, record.hflip)?;
+    let scheduler = record.scheduler();
+    let schedule = scheduler.schedule()?;
+
+    let state = match &resumed {
+        Some(saved) => restore(be, &model, saved)?,
+        None => TrainState::new(be, &model, &model.params.initial_values(record.seed))?,
+    };
+    let mut trainer = Trainer::new(be, model, schedule, record.hyper(), state)?;
+
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+    let record_json = serde_json::to_string_pretty(&record)?;
+    diffwgpu::checkpoint::write_json_atomic(&out.join("train_config.json"), &record_json)?;
+    let mut log = TrainLog::open(&out.join("train_log.csv"), resumed_step)?;
+    eprintln!(
+        "model: {} parameters; {} steps of batch {} into {}",
+        trainer.model.params.count(),
+        record.steps,
+        record.batch_size,
+        out.display()
+    );
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+            .context("cannot install the Ctrl-C handler")?;
+    }
+
+    let bar = ProgressBar::new(record.steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(resumed_step);
+    let checkpoint = |trainer: &Trainer| -> Result<()> {
+        save_checkpoint(&out, trainer, &record, &scheduler, &record_json)
+    };
+
+    let mut smoothed = Smoothed::default();
+    let mut last = Instant::now();
+    while trainer.state.step < record.steps {
+        let k = trainer.state.step;
+        let x0 = batcher.batch(&dataset, k)?;
+        let stats = trainer
+            .step(&x0)
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| {
+                format!("training step {k} failed (out of memory? try a smaller --batch-size)")
+            })?;
+        let now = Instant::now();
+        let images_per_s = record.batch_size as f64 / (now - last).as_secs_f64();
+        last = now;
+        log.write(k + 1, stats.loss, stats.lr, stats.grad_norm, images_per_s)?;
+        let loss = smoothed.push(stats.loss);
+        bar.set_message(format!("loss {loss:.4} | {images_per_s:.1} img/s"));
+        bar.inc(1);
+        let step = trainer.state.step;
+        let done = step == record.steps;
+        if done || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)) {
+            let path = out.join("samples").join(format!("step-{step:06}.png"));
+            bar.suspend(|| sample_grid(&trainer, &scheduler, &args, &path))?;
+        }
+        if done || (args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every)) {
+            checkpoint(&trainer)?;
+        }
+        if interrupted.load(Ordering::SeqCst) && !done {
+            checkpoint(&trainer)?;
+            bar.abandon();
+            eprintln!(
+                "interrupted at step {step}: checkpoint written; continue with \
+                 `diffwgpu train --resume {}`",
+                out.display()
+            );
+            std::process::exit(130);
+        }
+        if args.stop_at == Some(step) && !done {
+            checkpoint(&trainer)?;
+            bar.abandon();
+            eprintln!(
+                "stopped at step {step} (--stop-at): checkpoint written; continue with \
+                 `diffwgpu train --resume {}`",
+                out.display()
+            );
+            return Ok(());
+        }
+    }
+    bar.finish();
+    eprintln!(
+        "done: {} steps; the pipeline is in {} (sample it with `diffwgpu sample --model {}`)",
+        record.steps,
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `runs/<UTC date and time>`.
+fn default_out() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("runs").join(format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    ))
+}
+
+/// Uploads a saved training state, checking it fits the model.
+fn restore(be: &dyn Backend, model: &UNet2D, saved: &TrainingState) -> Result<TrainState> {
+    let specs = &model.params.specs;
+    let group = |what: &str, ts: &[NamedTensor]| -> Result<Vec<Tensor>> {
+        if ts.len() != specs.len() {
+            bail!(
+                "the training state holds {} {what} tensors, the model has {} parameters; \
+                 it belongs to another model",
+                ts.len(),
+                specs.len()
+            );
+        }
+        let by_name: BTreeMap<&str, &NamedTensor> =
+            ts.iter().map(|t| (t.name.as_str(), t)).collect();
+        specs
+            .iter()
+            .map(|s| {
+                let t = by_name.get(s.name.as_str()).with_context(|| {
+                    format!("the training state has no {what} tensor {}", s.name)
+                })?;
+                if t.shape != s.shape {
+                    bail!(
+                        "{what} {} has shape {:?} in the training state, the model needs {:?}",
+                        s.name,
+                        t.shape,
+                        s.shape
+                    );
+                }
+                Ok(be.upload(&t.shape, &t.data)?)
+            })
+            .collect()
+    };
+    Ok(TrainState {
+        params: group("param", &saved.params)?,
+        adam_m: group("adam_m", &saved.adam_m)?,
+        adam_v: group("adam_v", &saved.adam_v)?,
+        ema: group("ema", &saved.ema)?,
+        step: saved.step,
+    })
+}
+
+/// Reads tensors back under the model's parameter names.
+fn named(be: &dyn Backend, model: &UNet2D, ts: &[Tensor]) -> Result<Vec<NamedTensor>> {
+    model
+        .params
+        .specs
+        .iter()
+        .zip(ts)
+        .map(|(s, t)| {
+            Ok(NamedTensor {
+                name: s.name.clone(),
+                shape: s.shape.clone(),
+                data: be.to_vec(t)?,
+            })
+        })
+        .collect()
+}
+
+/// The pipeline folder (EMA weights) and the training state, each file written atomically.
+fn save_checkpoint(
+    out: &Path,
+    trainer: &Trainer,
+    record: &RunRecord,
+    scheduler: &SchedulerConfig,
+    record_json: &str,
+) -> Result<()> {
+    let be = trainer.backend();
+    let (model, s) = (&trainer.model, &trainer.state);
+    let ema = named(be, model, &s.ema)?;
+    save_pipeline(out, &record.unet, &ema, scheduler)?;
+    let state = TrainingState {
+        step: s.step,
+        params: named(be, model, &s.params)?,
+        adam_m: named(be, model, &s.adam_m)?,
+        adam_v: named(be, model, &s.adam_v)?,
+        ema,
+        meta: BTreeMap::from([(RUN_KEY.to_string(), record_json.to_string())]),
+    };
+    state.save(&out.join(TRAINING_STATE_FILE))?;
+    Ok(())
+}
+
+/// A grid of samples from the EMA weights with a fast deterministic DDIM pass; the same seed
+/// every time, so grids of successive steps show the same images developing.
+fn sample_grid(
+    trainer: &Trainer,
+    scheduler: &SchedulerConfig,
+    args: &TrainArgs,
+    path: &Path,
+) -> Result<()> {
+    let be = trainer.backend();
+    let cfg = &trainer.model.config;
+    let n = args.num_samples.max(1);
+    let t_max = trainer.schedule.num_train_timesteps();
+    let steps = args.sample_steps.clamp(1, t_max);
+    let timesteps = inference_timesteps(t_max, steps, TimestepSpacing::Leading, 0)?;
+    let shape = [n, cfg.in_channels, cfg.size(), cfg.size()];
+    const GRID_SEED: u64 = 0x5EED;
+    let x_t = be.randn(&shape, GRID_SEED, 0)?;
+    let sampler = Sampler::Ddim {
+        eta: 0.0,
+        clip_sample: scheduler.clip(),
+    };
+    let x0 = sample(
+        be,
+        &trainer.model,
+        &trainer.state.ema,
+        &trainer.schedule,
+        trainer.hyper.prediction_type,
+        &sampler,
+        &timesteps,
+        x_t,
+        GRID_SEED,
+        &mut |_| Ok(()),
+    )?;
+    let data = be.to_vec(&x0)?;
+    let grid = images::grid(
+        &data,
+        n,
+        cfg.in_channels,
+        cfg.size(),
+        images::grid_columns(n),
+    )?;
+    images::save_png(&image::DynamicImage::ImageRgb8(grid), path)?;
+    Ok(())
+}
+
+/// `train_log.csv`: one row per step. A resumed run keeps the rows up to its checkpoint and
+/// drops any written after it.
+struct TrainLog {
+    file: std::fs::File,
+}
+
+impl TrainLog {
+    const HEADER: &'static str = "step,loss,lr,grad_norm,images_per_s";
+
+    fn open(path: &Path, keep_through: u64) -> Result<Self> {
+        let mut text = format!("{}\n", Self::HEADER);
+        if keep_through > 0 {
+            if let Ok(old) = std::fs::read_to_string(path) {
+                for line in old.lines().skip(1) {
+                    let step = line.split(',').next().and_then(|s| s.parse::<u64>().ok());
+                    if step.is_some_and(|s| s <= keep_through) {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                }
+            }
+        }
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the training log {}", path.display()))?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(TrainLog { file })
+    }
+
+    fn write(&mut self, step: u64, loss: f32, lr: f32, grad_norm: f32, ips: f64) -> Result<()> {
+        writeln!(self.file, "{step},{loss},{lr},{grad_norm},{ips:.2}")?;
+        Ok(())
+    }
+}
+
+/// The bias-corrected exponential moving average of the loss shown in the progress bar.
+#[derive(Default)]
+struct Smoothed {
+    value: f64,
+    weight: f64,
+}
+
+impl Smoothed {
+    fn push(&mut self, x: f32) -> f64 {
+        const BETA: f64 = 0.98;
+        self.value = BETA * self.value + (1.0 - BETA) * x as f64;
+        self.weight = BETA * self.weight + (1.0 - BETA);
+        self.value / self.weight
+    }
+}

@@ -190,6 +190,7 @@ struct Params {
 
 pub(crate) mod cpu {
     use gemm::Parallelism;
+    use rayon::iter::Either;
     use rayon::prelude::*;
 
     use super::*;
@@ -402,7 +403,41 @@ pub(crate) mod cpu {
         dw: Vec<f32>,
     }
 
-    /// Backward pass: (2) summed per thread then across threads, (3) per image, (4).
+    /// The weights of the convolution whose forward pass is this one's input gradient at
+    /// stride 1: `w'[ci, co, ky, kx] = w[co, ci, KH-1-ky, KW-1-kx]`, with padding
+    /// `KH-1-pad` on each side (a "full" correlation with the flipped kernel). `None` where
+    /// that does not apply (stride 2, padding wider than the kernel).
+    fn transposed_conv(
+        g: &Geometry,
+        p: &Conv2dParams,
+        w: &[f32],
+    ) -> Option<(Tensor, Conv2dParams)> {
+        let [pt, pb, pl, pr] = p.padding;
+        if g.stride != 1 || pt.max(pb) >= g.kh || pl.max(pr) >= g.kw {
+            return None;
+        }
+        let (kh, kw) = (g.kh, g.kw);
+        let mut flipped = vec![0.0f32; w.len()];
+        for co in 0..g.cout {
+            for ci in 0..g.cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        flipped[((ci * g.cout + co) * kh + ky) * kw + kx] =
+                            w[((co * g.cin + ci) * kh + (kh - 1 - ky)) * kw + (kw - 1 - kx)];
+                    }
+                }
+            }
+        }
+        let padding = [kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr];
+        Some((
+            Tensor::from_cpu(&[g.cin, g.cout, kh, kw], flipped),
+            Conv2dParams::with_padding(1, padding),
+        ))
+    }
+
+    /// Backward pass: (2) summed per thread then across threads, (3) per image, (4). At
+    /// stride 1, (3) is the forward pass of the transposed convolution (one GEMM of the
+    /// forward's shape per image instead of a thin GEMM and a col2im scatter).
     pub fn backward(
         x: &Tensor,
         w: &Tensor,
@@ -413,22 +448,46 @@ pub(crate) mod cpu {
         const OP: &str = "conv2d_backward";
         let g = Geometry::new(OP, x, w, p)?;
         g.check_dy(OP, dy)?;
+        let pointwise = g.is_pointwise(p);
+        let transposed = if pointwise {
+            None
+        } else {
+            transposed_conv(&g, p, &w.cpu_read(OP)?)
+        };
+        let dx_by_forward = match &transposed {
+            Some((wt, pt)) => Some(forward(dy, wt, None, pt)?),
+            None => None,
+        };
         let xs = x.cpu_read(OP)?;
         let ws = w.cpu_read(OP)?;
         let dys = dy.cpu_read(OP)?;
-        let (k, ohw, chw, pointwise) = (g.k(), g.out_hw(), g.cin * g.hw(), g.is_pointwise(p));
+        let (k, ohw, chw) = (g.k(), g.out_hw(), g.cin * g.hw());
         let par = inner_parallelism(g.batch);
         let scratch_len = if pointwise { 0 } else { k * ohw };
-        let mut dx = vec![0.0f32; g.batch * chw];
+        let dcol_len = if dx_by_forward.is_some() {
+            0
+        } else {
+            scratch_len
+        };
+        let need_dx = dx_by_forward.is_none();
+        let mut dx = vec![0.0f32; if need_dx { g.batch * chw } else { 0 }];
         let dw = if chw == 0 || ohw == 0 || g.cout == 0 {
             vec![0.0f32; g.cout * k]
         } else {
-            dx.par_chunks_mut(chw)
-                .enumerate()
+            let images = if need_dx {
+                Either::Left(
+                    dx.par_chunks_mut(chw)
+                        .enumerate()
+                        .map(|(bi, d)| (bi, Some(d))),
+                )
+            } else {
+                Either::Right((0..g.batch).into_par_iter().map(|bi| (bi, None)))
+            };
+            images
                 .fold(
                     || Scratch {
                         col: vec![0.0; scratch_len],
-                        dcol: vec![0.0; scratch_len],
+                        dcol: vec![0.0; dcol_len],
                         dw: vec![0.0; g.cout * k],
                     },
                     |mut t, (bi, dxb)| {
@@ -440,14 +499,24 @@ pub(crate) mod cpu {
                             im2col(&g, xb, &mut t.col);
                             &t.col
                         };
-                        let xt = Mat::rows(cols, ohw).transposed();
-                        matmul(&mut t.dw, dyb, xt, (g.cout, k, ohw), true, par);
-                        let wt = Mat::rows(&ws, k).transposed();
-                        if pointwise {
-                            matmul(dxb, wt, dyb, (k, ohw, g.cout), false, par);
-                        } else {
-                            matmul(&mut t.dcol, wt, dyb, (k, ohw, g.cout), false, par);
-                            col2im(&g, &t.dcol, dxb);
+                        // dW^T [k, Cout] += cols [k, HoWo] dy^T: the long operand row-major.
+                        let dyt = dyb.transposed();
+                        matmul(
+                            &mut t.dw,
+                            Mat::rows(cols, ohw),
+                            dyt,
+                            (k, g.cout, ohw),
+                            true,
+                            par,
+                        );
+                        if let Some(dxb) = dxb {
+                            let wt = Mat::rows(&ws, k).transposed();
+                            if pointwise {
+                                matmul(dxb, wt, dyb, (k, ohw, g.cout), false, par);
+                            } else {
+                                matmul(&mut t.dcol, wt, dyb, (k, ohw, g.cout), false, par);
+                                col2im(&g, &t.dcol, dxb);
+                            }
                         }
                         t
                     },
@@ -472,9 +541,19 @@ pub(crate) mod cpu {
                 .collect();
             Tensor::from_cpu(&[g.cout], sums)
         });
+        let dx = match dx_by_forward {
+            Some(dx) => dx,
+            None => Tensor::from_cpu(x.shape(), dx),
+        };
+        let mut dw_rows = vec![0.0f32; dw.len()];
+        for (kk, row) in dw.chunks(g.cout.max(1)).enumerate() {
+            for (co, &v) in row.iter().enumerate() {
+                dw_rows[co * k + kk] = v;
+            }
+        }
         Ok(Conv2dGrads {
-            dx: Tensor::from_cpu(x.shape(), dx),
-            dw: Tensor::from_cpu(w.shape(), dw),
+            dx,
+            dw: Tensor::from_cpu(w.shape(), dw_rows),
             db,
         })
     }

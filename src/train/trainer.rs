@@ -32,6 +32,9 @@ pub struct StepStats {
     /// The global L2 norm of the gradient before clipping.
     pub grad_norm: f32,
     pub lr: f32,
+    /// Host time spent issuing the step's ops, not waiting for the loss: on the GPU the time
+    /// to record the step's dispatches, on the CPU the computation itself.
+    pub host_time: std::time::Duration,
 }
 
 /// The weights, the AdamW moments and the EMA weights of a model on one backend.
@@ -148,6 +151,7 @@ impl<'b> Trainer<'b> {
             ));
         }
         let k = self.state.step;
+        let started = std::time::Instant::now();
         let x0 = be.upload(&shape, x0)?;
         let t = be.upload(&[shape[0]], &self.timesteps(k))?;
         let noise_seed = stream_seed(self.hyper.seed, NOISE_STREAM);
@@ -185,6 +189,7 @@ impl<'b> Trainer<'b> {
         for g in &grads[1..] {
             norm2 = be.add(&norm2, &be.sum_squares(g)?)?;
         }
+        let mut host_time = started.elapsed();
         let loss = be.to_vec(&loss)?[0];
         let grad_norm = be.to_vec(&norm2)?[0].sqrt();
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -211,16 +216,19 @@ impl<'b> Trainer<'b> {
             grad_scale,
         };
         let decay = self.hyper.ema_decay_at(k + 1);
+        let optimizer_started = std::time::Instant::now();
         let s = &mut self.state;
         for (i, g) in grads.iter().enumerate() {
             be.adamw_step(&mut s.params[i], g, &mut s.adam_m[i], &mut s.adam_v[i], &h)?;
             be.ema_update(&mut s.ema[i], &s.params[i], decay)?;
         }
         s.step += 1;
+        host_time += optimizer_started.elapsed();
         Ok(StepStats {
             loss,
             grad_norm,
             lr,
+            host_time,
         })
     }
 }

@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Train a U-Net noise predictor and write a diffusers pipeline folder.
     Train(Box<cli::train::TrainArgs>),
+    /// Generate images from a trained model (a pipeline folder) with DDPM or DDIM.
+    Sample(Box<cli::sample::SampleArgs>),
     /// List the GPU adapters wgpu finds and the device `--device auto` would pick.
     Info,
 }
@@ -27,6 +29,7 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => cli::train::run(*args),
+        Command::Sample(args) => cli::sample::run(*args),
         Command::Info => cli::info::run(),
     }
 }

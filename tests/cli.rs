@@ -190,3 +190,152 @@ fn bad_input_gives_clear_errors() {
     assert!(err.contains("training_state.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Writes a safetensors file with one f32 tensor.
+fn write_tensor(path: &Path, name: &str, shape: &[usize], data: &[f32]) {
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .unwrap();
+    safetensors::serialize_to_file([(name, view)], None, path).unwrap();
+}
+
+#[test]
+fn sample_writes_deterministic_images() {
+    let dir = scratch("sample");
+    let model = dir.join("model");
+    let o = train(&model, &["--steps", "2", "--sample-every", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = model.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["sample", "--model", m, "--device", "cpu", "--num", "4"];
+        args.extend_from_slice(extra);
+        let o = diffwgpu(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+    };
+    let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+    let each = dir.join("each");
+    let tensor = dir.join("samples.safetensors");
+    run(&[
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--output",
+        a.to_str().unwrap(),
+        "--out-dir",
+        each.to_str().unwrap(),
+        "--save-tensor",
+        tensor.to_str().unwrap(),
+    ]);
+    run(&[
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--batch",
+        "3",
+        "--output",
+        b.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "same seed, other images"
+    );
+    let grid = image::open(&a).unwrap();
+    assert_eq!((grid.width(), grid.height()), (38, 38));
+    for i in 0..4 {
+        let img = image::open(each.join(format!("{i:04}.png"))).unwrap();
+        assert_eq!((img.width(), img.height()), (16, 16));
+    }
+    let bytes = std::fs::read(&tensor).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("samples").unwrap().shape(), &[4, 1, 16, 16]);
+
+    // A given x_T with DDIM at eta 0: deterministic, whatever the seed.
+    let noise = dir.join("noise.safetensors");
+    let values: Vec<f32> = (0..3 * 256)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    write_tensor(&noise, "noise", &[3, 1, 16, 16], &values);
+    let (c, d) = (dir.join("c.png"), dir.join("d.png"));
+    run(&[
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--noise",
+        noise.to_str().unwrap(),
+        "--seed",
+        "1",
+        "--output",
+        c.to_str().unwrap(),
+    ]);
+    run(&[
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--noise",
+        noise.to_str().unwrap(),
+        "--seed",
+        "2",
+        "--output",
+        d.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&c).unwrap() == std::fs::read(&d).unwrap());
+    let ddpm = dir.join("ddpm.png");
+    run(&[
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "4",
+        "--output",
+        ddpm.to_str().unwrap(),
+    ]);
+    assert!(ddpm.is_file());
+
+    // Bad input.
+    let wrong = dir.join("wrong.safetensors");
+    write_tensor(&wrong, "noise", &[2, 3, 16, 16], &vec![0.0; 2 * 3 * 256]);
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(model.join("unet").join(f), bare.join(f)).unwrap();
+    }
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", empty.to_str().unwrap()], "config.json"),
+        (
+            vec!["--model", bare.to_str().unwrap()],
+            "no scheduler config",
+        ),
+        (
+            vec!["--model", m, "--steps", "1001"],
+            "between 1 and the model's 1000",
+        ),
+        (
+            vec!["--model", m, "--noise", wrong.to_str().unwrap()],
+            "[N, 1, 16, 16]",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["sample", "--device", "cpu", "--output"];
+        let out = dir.join("never.png");
+        args.push(out.to_str().unwrap());
+        args.extend(extra.iter().copied());
+        let o = diffwgpu(&args);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && !err.contains("panicked"),
+            "{extra:?}: {err}"
+        );
+        assert!(
+            err.contains(want),
+            "{extra:?}: {err:?} does not mention {want:?}"
+        );
+        assert!(!out.exists(), "{extra:?} wrote an image");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -5,8 +5,8 @@ mod common;
 
 use common::{assert_close, gpu};
 use diffwgpu::diffusion::{
-    inference_timesteps, sample, NoiseSchedule, PredictionType, Sampler, TimestepSpacing,
-    VarianceType,
+    inference_timesteps, sample, NoiseSchedule, NoiseStream, PredictionType, Sampler,
+    TimestepSpacing, VarianceType,
 };
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
 use diffwgpu::{Backend, Cpu, Tensor};
@@ -41,7 +41,8 @@ fn run(be: &dyn Backend, sampler: &Sampler, steps: usize) -> Vec<f32> {
         .collect();
     let schedule = NoiseSchedule::linear(1000, 1e-4, 0.02).unwrap();
     let ts = inference_timesteps(1000, steps, TimestepSpacing::Leading, 0).unwrap();
-    let x_t = be.randn(&[2, 1, 16, 16], 77, 0).unwrap();
+    let noise = NoiseStream::single(77, 2);
+    let x_t = noise.initial(be, &[2, 1, 16, 16]).unwrap();
     let mut seen = 0;
     let x0 = sample(
         be,
@@ -52,7 +53,7 @@ fn run(be: &dyn Backend, sampler: &Sampler, steps: usize) -> Vec<f32> {
         sampler,
         &ts,
         x_t,
-        77,
+        noise,
         &mut |_| {
             seen += 1;
             Ok(())

@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod safetensors_io;
 pub mod scheduler_config;
 pub mod training_state;
+pub mod unet_weights;
 
 pub use atomic::write_atomic;
 pub use pipeline::{
@@ -29,6 +30,7 @@ pub use pipeline::{
 pub use safetensors_io::{read_safetensors, write_safetensors, NamedTensor};
 pub use scheduler_config::SchedulerConfig;
 pub use training_state::{TrainingState, TRAINING_STATE_FILE};
+pub use unet_weights::unet_weights;
 
 use std::path::Path;
 

@@ -2,4 +2,5 @@
 
 pub mod device;
 pub mod info;
+pub mod sample;
 pub mod train;

@@ -13,7 +13,9 @@ use clap::{Args, ValueEnum};
 use diffwgpu::checkpoint::TRAINING_STATE_FILE;
 use diffwgpu::checkpoint::{save_pipeline, NamedTensor, SchedulerConfig, TrainingState};
 use diffwgpu::data::{Batcher, Dataset};
-use diffwgpu::diffusion::{inference_timesteps, sample, PredictionType, Sampler, TimestepSpacing};
+use diffwgpu::diffusion::{
+    inference_timesteps, sample, NoiseStream, PredictionType, Sampler, TimestepSpacing,
+};
 use diffwgpu::images;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
 use diffwgpu::train::{LrSchedule, TrainHyper, TrainState, Trainer};
@@ -522,8 +524,8 @@ fn sample_grid(
     let steps = args.sample_steps.clamp(1, t_max);
     let timesteps = inference_timesteps(t_max, steps, TimestepSpacing::Leading, 0)?;
     let shape = [n, cfg.in_channels, cfg.size(), cfg.size()];
-    const GRID_SEED: u64 = 0x5EED;
-    let x_t = be.randn(&shape, GRID_SEED, 0)?;
+    let noise = NoiseStream::single(0x5EED, n);
+    let x_t = noise.initial(be, &shape)?;
     let sampler = Sampler::Ddim {
         eta: 0.0,
         clip_sample: scheduler.clip(),
@@ -537,7 +539,7 @@ fn sample_grid(
         &sampler,
         &timesteps,
         x_t,
-        GRID_SEED,
+        noise,
         &mut |_| Ok(()),
     )?;
     let data = be.to_vec(&x0)?;

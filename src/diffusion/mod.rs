@@ -4,5 +4,5 @@
 pub mod sampler;
 pub mod schedule;
 
-pub use sampler::{inference_timesteps, sample, Sampler, StepView, TimestepSpacing};
+pub use sampler::{inference_timesteps, sample, NoiseStream, Sampler, StepView, TimestepSpacing};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, VarianceType};

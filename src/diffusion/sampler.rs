@@ -7,8 +7,9 @@
 //!   deterministic at `eta = 0`.
 //!
 //! Timestep sequences follow diffusers' `timestep_spacing` so that the same model, steps and
-//! spacing visit the same timesteps as diffusers' schedulers. The noise of step `i` is drawn at
-//! offset `(i + 1) * numel` of the seed's stream (`x_T` at offset 0): a seed fixes the images.
+//! spacing visit the same timesteps as diffusers' schedulers. Image `j` of `N` draws the noise
+//! of step `i` at element offset `((i + 1) N + j) * numel(image)` of the seed's stream (its
+//! `x_T` at `j * numel(image)`): a seed fixes every image, whatever the batches.
 
 use crate::autodiff::Tape;
 use crate::backend::Backend;
@@ -116,7 +117,39 @@ pub struct StepView<'a> {
     pub model_output: &'a Tensor,
 }
 
-/// Runs the reverse process for `n` images with the given weights; returns `x_0`.
+/// Where a batch's random numbers come from: images `first .. first + B` of `total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoiseStream {
+    pub seed: u64,
+    pub first: usize,
+    pub total: usize,
+}
+
+impl NoiseStream {
+    /// One batch that is the whole set.
+    pub fn single(seed: u64, n: usize) -> Self {
+        NoiseStream {
+            seed,
+            first: 0,
+            total: n,
+        }
+    }
+
+    /// The batch's `x_T ~ N(0, I)` of `shape [B, C, H, W]`.
+    pub fn initial(&self, be: &dyn Backend, shape: &[usize]) -> Result<Tensor> {
+        let per_image: usize = shape[1..].iter().product();
+        be.randn(shape, self.seed, (self.first * per_image) as u64)
+    }
+
+    /// The batch's `z` of step `i`.
+    fn step(&self, be: &dyn Backend, shape: &[usize], i: usize) -> Result<Tensor> {
+        let per_image: usize = shape[1..].iter().product();
+        let image = (i + 1) * self.total + self.first;
+        be.randn(shape, self.seed, (image * per_image) as u64)
+    }
+}
+
+/// Runs the reverse process from `x_T` with the given weights; returns `x_0`.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     be: &dyn Backend,
@@ -127,7 +160,7 @@ pub fn sample(
     sampler: &Sampler,
     timesteps: &[usize],
     x_t: Tensor,
-    seed: u64,
+    noise: NoiseStream,
     on_step: &mut dyn FnMut(&StepView) -> Result<()>,
 ) -> Result<Tensor> {
     let c = &model.config;
@@ -145,7 +178,6 @@ pub fn sample(
             x_t.shape(),
         ));
     }
-    let numel = x_t.numel() as u64;
     let mut x = x_t;
     for (i, &t) in timesteps.iter().enumerate() {
         let t_prev = timesteps.get(i + 1).copied();
@@ -177,7 +209,7 @@ pub fn sample(
                     *clip_sample,
                 )?;
                 let z = if k.sigma > 0.0 {
-                    be.randn(&z_shape, seed, (i as u64 + 1) * numel)?
+                    noise.step(be, &z_shape, i)?
                 } else {
                     be.zeros(&z_shape)?
                 };
@@ -190,7 +222,7 @@ pub fn sample(
                 let k =
                     schedule.ddim_coefficients(t, t_prev, *eta, prediction_type, *clip_sample)?;
                 let z = if k.sigma > 0.0 {
-                    be.randn(&z_shape, seed, (i as u64 + 1) * numel)?
+                    noise.step(be, &z_shape, i)?
                 } else {
                     be.zeros(&z_shape)?
                 };

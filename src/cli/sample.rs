@@ -1,0 +1,270 @@
+//! `diffwgpu sample`: generates images from a pipeline folder (one `train` wrote, or diffusers')
+//! with DDPM ancestral sampling or DDIM, and writes a PNG grid, one PNG per image, and the raw
+//! samples on request.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use diffwgpu::checkpoint::{
+    load_pipeline, read_safetensors, unet_weights, write_safetensors, NamedTensor,
+};
+use diffwgpu::diffusion::{
+    inference_timesteps, sample, NoiseStream, Sampler, TimestepSpacing, VarianceType,
+};
+use diffwgpu::images;
+use diffwgpu::nn::UNet2D;
+use diffwgpu::{Backend, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::device::{self, DeviceChoice};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SamplerName {
+    /// Ancestral sampling (Ho et al. 2020, Algorithm 2).
+    Ddpm,
+    /// DDIM (Song et al. 2021); deterministic with --eta 0.
+    Ddim,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SpacingName {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VarianceName {
+    FixedSmall,
+    FixedLarge,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// A pipeline folder (what `diffwgpu train` writes, or a diffusers DDPM pipeline), or a
+    /// `unet` folder beside a `scheduler` folder.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "ddpm")]
+    sampler: SamplerName,
+    /// Denoising steps (default: every training timestep for ddpm, 50 for ddim).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// DDIM's noise scale: 0 is the deterministic ODE sampler, 1 is DDPM-like.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f32,
+    /// Timestep spacing (default: the scheduler config's `timestep_spacing`).
+    #[arg(long, value_enum)]
+    spacing: Option<SpacingName>,
+    /// DDPM's step variance (default: the scheduler config's `variance_type`).
+    #[arg(long, value_enum)]
+    variance: Option<VarianceName>,
+    /// Clip the predicted x_0 to [-1, 1] (default: the scheduler config's `clip_sample`).
+    #[arg(long)]
+    clip_sample: Option<bool>,
+    /// Images to generate.
+    #[arg(long, default_value_t = 16)]
+    num: usize,
+    /// Images per model evaluation (default: all of them at once).
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    /// The PNG grid of all images.
+    #[arg(long, default_value = "samples.png")]
+    output: PathBuf,
+    /// Also write each image as its own PNG into this folder.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Start from this x_T: a safetensors file with a tensor `noise` of shape [N, C, H, W].
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Write the final samples, float32 in [-1, 1], as tensor `samples` of this safetensors file.
+    #[arg(long)]
+    save_tensor: Option<PathBuf>,
+}
+
+pub fn run(args: SampleArgs) -> Result<()> {
+    let folder = load_pipeline(&args.model)?;
+    let scheduler = folder.scheduler.clone().with_context(|| {
+        format!(
+            "{} has no scheduler config (scheduler/scheduler_config.json); sampling needs the \
+             noise schedule the model was trained with",
+            args.model.display()
+        )
+    })?;
+    let model = UNet2D::new(&folder.config)?;
+    let weights_path = folder.root.join("unet");
+    let values = unet_weights(&model, &folder.weights, &weights_path)?;
+    let schedule = scheduler.schedule()?;
+    let prediction_type = scheduler.prediction_type()?;
+    let t_max = schedule.num_train_timesteps();
+
+    let spacing = match args.spacing {
+        Some(SpacingName::Leading) => TimestepSpacing::Leading,
+        Some(SpacingName::Trailing) => TimestepSpacing::Trailing,
+        Some(SpacingName::Linspace) => TimestepSpacing::Linspace,
+        None => TimestepSpacing::from_name(&scheduler.timestep_spacing)?,
+    };
+    let clip_sample = match args.clip_sample {
+        Some(true) => Some(scheduler.clip_sample_range as f32),
+        Some(false) => None,
+        None => scheduler.clip(),
+    };
+    let (sampler, steps) = match args.sampler {
+        SamplerName::Ddpm => {
+            let variance_type = match args.variance {
+                Some(VarianceName::FixedSmall) => VarianceType::FixedSmall,
+                Some(VarianceName::FixedLarge) => VarianceType::FixedLarge,
+                None => scheduler.variance_type()?,
+            };
+            let sampler = Sampler::Ddpm {
+                variance_type,
+                clip_sample,
+            };
+            (sampler, args.steps.unwrap_or(t_max))
+        }
+        SamplerName::Ddim => {
+            if !(0.0..=1.0).contains(&args.eta) {
+                bail!("--eta {} is outside [0, 1]", args.eta);
+            }
+            let sampler = Sampler::Ddim {
+                eta: args.eta,
+                clip_sample,
+            };
+            (sampler, args.steps.unwrap_or(50))
+        }
+    };
+    if steps == 0 || steps > t_max {
+        bail!("--steps {steps} must be between 1 and the model's {t_max} training timesteps");
+    }
+    let timesteps = inference_timesteps(t_max, steps, spacing, scheduler.steps_offset)?;
+
+    let cfg = &model.config;
+    let (c, s) = (cfg.in_channels, cfg.size());
+    let noise = match &args.noise {
+        Some(path) => Some(read_noise(path, [c, s, s])?),
+        None => None,
+    };
+    let n = match &noise {
+        Some((n, _)) => *n,
+        None => args.num,
+    };
+    if n == 0 {
+        bail!("--num 0: nothing to sample");
+    }
+    let batch = args.batch.unwrap_or(n).clamp(1, n);
+
+    let (be, why) = device::open(args.device)?;
+    let be: &dyn Backend = be.as_ref();
+    eprintln!("device: {why}");
+    let params: Vec<Tensor> = model
+        .params
+        .specs
+        .iter()
+        .zip(&values)
+        .map(|(spec, v)| be.upload(&spec.shape, v))
+        .collect::<diffwgpu::Result<_>>()?;
+
+    let bar = ProgressBar::new((steps * n.div_ceil(batch)) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
+        )
+        .expect("valid template"),
+    );
+    let per_image = c * s * s;
+    let started = Instant::now();
+    let mut out = Vec::with_capacity(n * per_image);
+    for first in (0..n).step_by(batch) {
+        let b = batch.min(n - first);
+        let stream = NoiseStream {
+            seed: args.seed,
+            first,
+            total: n,
+        };
+        let shape = [b, c, s, s];
+        let x_t = match &noise {
+            Some((_, data)) => be.upload(&shape, &data[first * per_image..][..b * per_image])?,
+            None => stream.initial(be, &shape)?,
+        };
+        let x0 = sample(
+            be,
+            &model,
+            &params,
+            &schedule,
+            prediction_type,
+            &sampler,
+            &timesteps,
+            x_t,
+            stream,
+            &mut |_| {
+                bar.inc(1);
+                let done = out.len() / per_image;
+                let elapsed = started.elapsed().as_secs_f64();
+                let progress = bar.position() as f64 / bar.length().unwrap_or(1) as f64;
+                let ips = if progress > 0.0 {
+                    n as f64 * progress / elapsed
+                } else {
+                    0.0
+                };
+                bar.set_message(format!("{done}/{n} images | {ips:.2} img/s"));
+                Ok(())
+            },
+        )?;
+        out.extend(be.to_vec(&x0)?);
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+
+    let grid = images::grid(&out, n, c, s, images::grid_columns(n))?;
+    images::save_png(&image::DynamicImage::ImageRgb8(grid), &args.output)?;
+    if let Some(dir) = &args.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for i in 0..n {
+            let img = images::picture(&out[i * per_image..][..per_image], c, s)?;
+            images::save_png(&img, &dir.join(format!("{i:04}.png")))?;
+        }
+    }
+    if let Some(path) = &args.save_tensor {
+        let samples = NamedTensor {
+            name: "samples".into(),
+            shape: vec![n, c, s, s],
+            data: out,
+        };
+        write_safetensors(path, &[samples], &BTreeMap::new())?;
+    }
+    eprintln!(
+        "{n} images in {secs:.1} s ({:.2} images/s) with {} steps of {:?}: {}",
+        n as f64 / secs,
+        steps,
+        args.sampler,
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// Reads the tensor `noise [N, C, H, W]` of a safetensors file; returns N and the values.
+fn read_noise(path: &Path, image: [usize; 3]) -> Result<(usize, Vec<f32>)> {
+    let (tensors, _) = read_safetensors(path)?;
+    let t = tensors
+        .into_iter()
+        .find(|t| t.name == "noise")
+        .with_context(|| format!("{} has no tensor named `noise`", path.display()))?;
+    if t.shape.len() != 4 || t.shape[1..] != image || t.shape[0] == 0 {
+        bail!(
+            "the noise in {} has shape {:?}; the model needs [N, {}, {}, {}]",
+            path.display(),
+            t.shape,
+            image[0],
+            image[1],
+            image[2]
+        );
+    }
+    Ok((t.shape[0], t.data))
+}

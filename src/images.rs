@@ -92,3 +92,33 @@ pub fn save_png(img: &DynamicImage, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+/// Writes an animated GIF (looping, `delay_ms` per frame) atomically, like [`save_png`].
+pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir)?;
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("anim.gif");
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let fail = |e: image::ImageError| {
+        Error::invalid("save_gif", format!("cannot write {}: {e}", path.display()))
+    };
+    {
+        let file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut gif = GifEncoder::new_with_speed(file, 10);
+        gif.set_repeat(Repeat::Infinite).map_err(fail)?;
+        let delay = image::Delay::from_numer_denom_ms(delay_ms, 1);
+        for f in frames {
+            let rgba = DynamicImage::ImageRgb8(f.clone()).to_rgba8();
+            gif.encode_frame(image::Frame::from_parts(rgba, 0, 0, delay))
+                .map_err(fail)?;
+        }
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

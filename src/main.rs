@@ -22,6 +22,8 @@ enum Command {
     Train(Box<cli::train::TrainArgs>),
     /// Generate images from a trained model (a pipeline folder) with DDPM or DDIM.
     Sample(Box<cli::sample::SampleArgs>),
+    /// Picture the forward process: an image and its noisy versions under one or two schedules.
+    Noise(cli::noise::NoiseArgs),
     /// List the GPU adapters wgpu finds and the device `--device auto` would pick.
     Info,
 }
@@ -30,6 +32,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => cli::train::run(*args),
         Command::Sample(args) => cli::sample::run(*args),
+        Command::Noise(args) => cli::noise::run(args),
         Command::Info => cli::info::run(),
     }
 }

@@ -339,3 +339,25 @@ fn sample_writes_deterministic_images() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn noise_pictures_the_forward_process() {
+    let dir = scratch("noise");
+    let out = dir.join("noise.png");
+    let o = diffwgpu(&[
+        "noise",
+        "--digit",
+        "3",
+        "--steps",
+        "4",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Two rows (linear, cosine) of x_0 and 4 noisy 32-pixel images.
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (5 * 34 + 2, 2 * 34 + 2));
+    let o = diffwgpu(&["noise", "--steps", "0", "--output", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--steps 0"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

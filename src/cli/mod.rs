@@ -2,5 +2,6 @@
 
 pub mod device;
 pub mod info;
+pub mod noise;
 pub mod sample;
 pub mod train;

@@ -12,7 +12,7 @@ use diffwgpu::checkpoint::{
     load_pipeline, read_safetensors, unet_weights, write_safetensors, NamedTensor,
 };
 use diffwgpu::diffusion::{
-    inference_timesteps, sample, NoiseStream, Sampler, TimestepSpacing, VarianceType,
+    inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, TimestepSpacing, VarianceType,
 };
 use diffwgpu::images;
 use diffwgpu::nn::UNet2D;
@@ -87,6 +87,37 @@ pub struct SampleArgs {
     /// Write the final samples, float32 in [-1, 1], as tensor `samples` of this safetensors file.
     #[arg(long)]
     save_tensor: Option<PathBuf>,
+    /// Pictures of the reverse process for the first images: a strip PNG of x_t above the
+    /// model's predicted x_0 at this many evenly spaced steps (`<output>-trajectory.png`), and
+    /// an animated GIF of x_t over the steps (`<output>-trajectory.gif`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "8")]
+    trajectory: Option<usize>,
+}
+
+/// Images of the trajectory strip, at most.
+const STRIP_IMAGES: usize = 4;
+/// Frames of the trajectory GIF, at most.
+const GIF_FRAMES: usize = 60;
+
+/// What the trajectory pictures collect from the first batch as sampling goes.
+struct Trajectory {
+    /// Step indices that go into the strip and into the GIF.
+    strip_at: Vec<usize>,
+    gif_at: Vec<usize>,
+    /// Per strip step: x_t and x0_hat of the first images.
+    strip: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Per GIF frame: x_t of the whole first batch.
+    frames: Vec<Vec<f32>>,
+}
+
+/// `k` step indices spread evenly over `0 .. n`, the first and the last included.
+fn evenly(n: usize, k: usize) -> Vec<usize> {
+    let k = k.clamp(1, n);
+    let mut v: Vec<usize> = (0..k)
+        .map(|i| if k == 1 { 0 } else { i * (n - 1) / (k - 1) })
+        .collect();
+    v.dedup();
+    v
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
@@ -179,6 +210,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .expect("valid template"),
     );
     let per_image = c * s * s;
+    let mut trajectory = match args.trajectory {
+        Some(0) => bail!("--trajectory 0: give the number of steps to show (at least 1)"),
+        Some(k) => Some(Trajectory {
+            strip_at: evenly(steps, k),
+            gif_at: evenly(steps, GIF_FRAMES),
+            strip: Vec::new(),
+            frames: Vec::new(),
+        }),
+        None => None,
+    };
     let started = Instant::now();
     let mut out = Vec::with_capacity(n * per_image);
     for first in (0..n).step_by(batch) {
@@ -203,7 +244,31 @@ pub fn run(args: SampleArgs) -> Result<()> {
             &timesteps,
             x_t,
             stream,
-            &mut |_| {
+            &mut |view| {
+                if let (Some(tr), 0) = (trajectory.as_mut(), first) {
+                    let (strip, gif) = (
+                        tr.strip_at.contains(&view.index),
+                        tr.gif_at.contains(&view.index),
+                    );
+                    if strip || gif {
+                        let x_t = be.to_vec(view.x_t)?;
+                        if gif {
+                            tr.frames.push(x_t.clone());
+                        }
+                        if strip {
+                            let shown = b.min(STRIP_IMAGES) * per_image;
+                            let out = be.to_vec(view.model_output)?;
+                            let x0 = predicted_x0(
+                                &schedule,
+                                prediction_type,
+                                view.t,
+                                &x_t[..shown],
+                                &out[..shown],
+                            )?;
+                            tr.strip.push((x_t[..shown].to_vec(), x0));
+                        }
+                    }
+                }
                 bar.inc(1);
                 let done = out.len() / per_image;
                 let elapsed = started.elapsed().as_secs_f64();
@@ -217,7 +282,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
                 Ok(())
             },
         )?;
-        out.extend(be.to_vec(&x0)?);
+        let x0 = be.to_vec(&x0)?;
+        if let (Some(tr), 0) = (trajectory.as_mut(), first) {
+            tr.frames.push(x0.clone());
+        }
+        out.extend(x0);
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
@@ -230,6 +299,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
             let img = images::picture(&out[i * per_image..][..per_image], c, s)?;
             images::save_png(&img, &dir.join(format!("{i:04}.png")))?;
         }
+    }
+    if let Some(tr) = &trajectory {
+        write_trajectory(tr, &args.output, batch, [c, s, s])?;
     }
     if let Some(path) = &args.save_tensor {
         let samples = NamedTensor {
@@ -245,6 +317,46 @@ pub fn run(args: SampleArgs) -> Result<()> {
         steps,
         args.sampler,
         args.output.display()
+    );
+    Ok(())
+}
+
+/// The strip (for each of the first images, a row of x_t above a row of x0_hat, one column
+/// per strip step) and the GIF (the first batch's x_t over the steps, then x_0).
+fn write_trajectory(
+    tr: &Trajectory,
+    output: &Path,
+    batch: usize,
+    [c, s, _]: [usize; 3],
+) -> Result<()> {
+    let per_image = c * s * s;
+    let shown = tr.strip.first().map_or(0, |(x, _)| x.len() / per_image);
+    let cols = tr.strip.len();
+    let mut tiles = Vec::with_capacity(2 * shown * cols * per_image);
+    for i in 0..shown {
+        for row in [0, 1] {
+            for (x_t, x0) in &tr.strip {
+                let src = if row == 0 { x_t } else { x0 };
+                tiles.extend_from_slice(&src[i * per_image..][..per_image]);
+            }
+        }
+    }
+    let strip = images::grid(&tiles, 2 * shown * cols, c, s, cols)?;
+    let stem = output.with_extension("");
+    let strip_path = PathBuf::from(format!("{}-trajectory.png", stem.display()));
+    images::save_png(&image::DynamicImage::ImageRgb8(strip), &strip_path)?;
+    let cols = images::grid_columns(batch);
+    let frames = tr
+        .frames
+        .iter()
+        .map(|f| images::grid(f, f.len() / per_image, c, s, cols))
+        .collect::<diffwgpu::Result<Vec<_>>>()?;
+    let gif_path = PathBuf::from(format!("{}-trajectory.gif", stem.display()));
+    images::save_gif(&frames, 80, &gif_path)?;
+    eprintln!(
+        "trajectory: {} and {}",
+        strip_path.display(),
+        gif_path.display()
     );
     Ok(())
 }

@@ -4,5 +4,7 @@
 pub mod sampler;
 pub mod schedule;
 
-pub use sampler::{inference_timesteps, sample, NoiseStream, Sampler, StepView, TimestepSpacing};
+pub use sampler::{
+    inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, StepView, TimestepSpacing,
+};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, VarianceType};

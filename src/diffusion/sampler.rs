@@ -232,3 +232,32 @@ pub fn sample(
     }
     Ok(x)
 }
+
+/// The model's estimate of the clean image at timestep `t` (host side, for pictures of the
+/// reverse process): `x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)` for an epsilon
+/// model, `sqrt(abar_t) x_t - sqrt(1 - abar_t) v_hat` for a v model, the output itself for a
+/// sample model.
+pub fn predicted_x0(
+    schedule: &NoiseSchedule,
+    prediction_type: PredictionType,
+    t: usize,
+    x_t: &[f32],
+    model_output: &[f32],
+) -> Result<Vec<f32>> {
+    let abar = *schedule.alphas_cumprod.get(t).ok_or_else(|| {
+        Error::invalid("predicted_x0", format!("timestep {t} is past the schedule"))
+    })? as f64;
+    let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+    Ok(x_t
+        .iter()
+        .zip(model_output)
+        .map(|(&x, &o)| {
+            let (x, o) = (x as f64, o as f64);
+            (match prediction_type {
+                PredictionType::Epsilon => (x - s * o) / a,
+                PredictionType::VPrediction => a * x - s * o,
+                PredictionType::Sample => o,
+            }) as f32
+        })
+        .collect())
+}

@@ -179,6 +179,16 @@ pub fn sample(
         ));
     }
     let mut x = x_t;
+    // The noise of a step without noise (sigma = 0), made once.
+    let mut no_noise: Option<Tensor> = None;
+    let mut zeros = |be: &dyn Backend, shape: &[usize]| -> Result<Tensor> {
+        if let Some(z) = &no_noise {
+            return Ok(z.clone());
+        }
+        let z = be.zeros(shape)?;
+        no_noise = Some(z.clone());
+        Ok(z)
+    };
     for (i, &t) in timesteps.iter().enumerate() {
         let t_prev = timesteps.get(i + 1).copied();
         let tt = be.upload(&[n], &vec![t as f32; n])?;
@@ -211,7 +221,7 @@ pub fn sample(
                 let z = if k.sigma > 0.0 {
                     noise.step(be, &z_shape, i)?
                 } else {
-                    be.zeros(&z_shape)?
+                    zeros(be, &z_shape)?
                 };
                 be.ddpm_step(&x, &out, &z, &k)?
             }
@@ -224,7 +234,7 @@ pub fn sample(
                 let z = if k.sigma > 0.0 {
                     noise.step(be, &z_shape, i)?
                 } else {
-                    be.zeros(&z_shape)?
+                    zeros(be, &z_shape)?
                 };
                 be.ddim_step(&x, &out, &z, &k)?
             }

@@ -1,6 +1,8 @@
 //! The `diffwgpu` binary end to end: a short training run writes a complete pipeline folder,
 //! a resumed run continues exactly, and bad input gives a clear error.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -359,5 +361,57 @@ fn noise_pictures_the_forward_process() {
     assert_eq!((img.width(), img.height()), (5 * 34 + 2, 2 * 34 + 2));
     let o = diffwgpu(&["noise", "--steps", "0", "--output", out.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("--steps 0"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The same commands on the GPU backend (a software adapter in CI).
+#[test]
+fn train_and_sample_on_the_gpu() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = scratch("gpu");
+    let model = dir.join("model");
+    let mut args = vec![
+        "train",
+        "--preset",
+        "tiny",
+        "--device",
+        "gpu",
+        "--batch-size",
+        "2",
+    ];
+    args.extend([
+        "--steps",
+        "2",
+        "--num-samples",
+        "2",
+        "--sample-steps",
+        "2",
+        "--out",
+    ]);
+    args.push(model.to_str().unwrap());
+    let o = diffwgpu(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("GPU:"), "{}", stderr(&o));
+    assert!(model.join("samples/step-000002.png").is_file());
+    let out = dir.join("gpu.png");
+    let o = diffwgpu(&[
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "gpu",
+        "--num",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }

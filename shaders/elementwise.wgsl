@@ -4,6 +4,7 @@
 //   scale:         y = s * a
 //   silu:          y = a * sigmoid(a)
 //   silu_backward: y = b * sigmoid(a) * (1 + a * (1 - sigmoid(a)))   (a = x, b = dy)
+//   dropout:       y = a / (1 - p) where b >= p, else 0   (b = uniforms in [0, 1), p = scale)
 
 struct Params {
     n: u32,
@@ -64,5 +65,14 @@ fn silu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         let x = a[i];
         let s = sigmoid(x);
         y2[i] = b[i] * s * (1.0 + x * (1.0 - s));
+    }
+}
+
+@compute @workgroup_size(256)
+fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        y2[i] = select(0.0, a[i] / (1.0 - p.scale), b[i] >= p.scale);
     }
 }

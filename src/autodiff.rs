@@ -71,6 +71,11 @@ enum Op {
         heads: usize,
         lse: Tensor,
     },
+    Dropout {
+        x: Var,
+        u: Tensor,
+        p: f32,
+    },
 }
 
 struct Node {
@@ -86,6 +91,8 @@ pub struct Tape<'b> {
     needs_grad: Vec<bool>,
     nodes: Vec<Node>,
     record: bool,
+    /// Seed and next element offset of the dropout masks (training only).
+    dropout: Option<(u64, u64)>,
 }
 
 /// The gradients `backward` found, indexed by variable.
@@ -114,7 +121,14 @@ impl<'b> Tape<'b> {
             needs_grad: Vec::new(),
             nodes: Vec::new(),
             record: true,
+            dropout: None,
         }
+    }
+
+    /// Turns dropout on (training), its masks drawn from the stream of `seed`.
+    pub fn with_dropout(mut self, seed: u64) -> Self {
+        self.dropout = Some((seed, 0));
+        self
     }
 
     /// A tape that only computes (sampling): nothing is kept for a backward pass.
@@ -252,6 +266,20 @@ impl<'b> Tape<'b> {
             heads,
             lse,
         }))
+    }
+
+    /// Inverted dropout with probability `p`: the identity without `with_dropout` (sampling)
+    /// or at `p = 0`; the mask's uniforms come from the tape's stream, in call order.
+    pub fn dropout(&mut self, x: Var, p: f32) -> Result<Var> {
+        let Some((seed, offset)) = self.dropout.filter(|_| p > 0.0) else {
+            return Ok(x);
+        };
+        let shape = self.shape(x).to_vec();
+        let n: usize = shape.iter().product();
+        self.dropout = Some((seed, offset + n as u64));
+        let u = self.be.rand_uniform(&shape, seed, offset)?;
+        let y = self.be.dropout(self.value(x), &u, p)?;
+        Ok(self.output(y, &[x], || Op::Dropout { x, u, p }))
     }
 
     /// Backpropagates `seed` (the gradient of the final scalar w.r.t. `out`) through every
@@ -392,6 +420,10 @@ impl<'b> Tape<'b> {
                 self.accumulate(g, *q, gr.dq)?;
                 self.accumulate(g, *k, gr.dk)?;
                 self.accumulate(g, *v, gr.dv)?;
+            }
+            Op::Dropout { x, u, p } => {
+                let dx = be.dropout(dy, u, *p)?;
+                self.accumulate(g, *x, dx)?;
             }
         }
         Ok(())

@@ -1,4 +1,4 @@
-//! add, scale, silu and silu_backward: GPU vs CPU, finite differences, bad input.
+//! add, scale, silu and silu_backward, dropout: GPU vs CPU, finite differences, bad input.
 
 mod common;
 
@@ -23,6 +23,7 @@ fn forward_and_backward_match_cpu() {
             |be: &dyn Backend| {
                 let ta = up(be, shape, &a);
                 let tb = up(be, shape, &b);
+                let u = be.rand_uniform(shape, 5, 11).unwrap();
                 vec![
                     ("add", down(be, &be.add(&ta, &tb).unwrap())),
                     ("scale", down(be, &be.scale(&ta, -0.37).unwrap())),
@@ -31,6 +32,7 @@ fn forward_and_backward_match_cpu() {
                         "silu_backward",
                         down(be, &be.silu_backward(&ta, &tb).unwrap()),
                     ),
+                    ("dropout", down(be, &be.dropout(&ta, &u, 0.3).unwrap())),
                 ]
             },
         );
@@ -48,6 +50,33 @@ fn silu_gradient_matches_finite_differences() {
     gradcheck("silu", &x, &down(&Cpu, &dx), 1e-2, 1e-3, 1e-2, |xp| {
         dot(&down(&Cpu, &Cpu.silu(&up(&Cpu, &shape, xp)).unwrap()), &r)
     });
+}
+
+/// Dropout keeps the elements whose uniform is at least p, scaled by 1 / (1 - p); it is
+/// linear in x with the same uniforms, so its own gradient; about p of the elements drop.
+#[test]
+fn dropout_keeps_scales_and_is_its_own_gradient() {
+    let n = 100_000;
+    let x = up(&Cpu, &[n], &vec![1.0; n]);
+    let u = Cpu.rand_uniform(&[n], 3, 0).unwrap();
+    let y = down(&Cpu, &Cpu.dropout(&x, &u, 0.25).unwrap());
+    let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+    assert!((kept - 0.75).abs() < 0.01, "kept {kept}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    let shape = [2, 3, 4];
+    let xs: Vec<f32> = seeded(24, 9);
+    let r = seeded(24, 10);
+    let u = Cpu.rand_uniform(&shape, 1, 0).unwrap();
+    let dx = Cpu.dropout(&up(&Cpu, &shape, &r), &u, 0.5).unwrap();
+    gradcheck("dropout", &xs, &down(&Cpu, &dx), 1e-2, 1e-3, 1e-2, |xp| {
+        dot(
+            &down(&Cpu, &Cpu.dropout(&up(&Cpu, &shape, xp), &u, 0.5).unwrap()),
+            &r,
+        )
+    });
+    assert!(Cpu
+        .dropout(&x, &Cpu.rand_uniform(&[n], 3, 0).unwrap(), 1.0)
+        .is_err());
 }
 
 #[test]

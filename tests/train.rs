@@ -84,7 +84,10 @@ fn hyper() -> TrainHyper {
 }
 
 fn trainer<'b>(be: &'b dyn Backend, values: &[Vec<f32>]) -> Trainer<'b> {
-    let model = tiny();
+    trainer_with(be, values, tiny())
+}
+
+fn trainer_with<'b>(be: &'b dyn Backend, values: &[Vec<f32>], model: UNet2D) -> Trainer<'b> {
     let state = TrainState::new(be, &model, values).unwrap();
     let schedule = NoiseSchedule::linear(1000, 1e-4, 0.02).unwrap();
     Trainer::new(be, model, schedule, hyper(), state).unwrap()
@@ -163,6 +166,31 @@ fn resumed_training_continues_exactly() {
         read_all(&Cpu, &second.state.ema),
         read_all(&Cpu, &straight.state.ema)
     );
+}
+
+/// With dropout the masks come from the counter-based generator, so a GPU step still equals
+/// the CPU step; and dropout does change the step.
+#[test]
+fn dropout_steps_match_across_backends() {
+    let config = UNet2DConfig {
+        dropout: 0.2,
+        ..UNet2DConfig::preset("tiny").unwrap()
+    };
+    let values = tiny().params.initial_values(6);
+    let x0 = seeded(3 * 256, 40);
+    let with = |be| trainer_with(be, &values, UNet2D::new(&config).unwrap());
+    let a = with(&Cpu).step(&x0).unwrap();
+    let plain = trainer(&Cpu, &values).step(&x0).unwrap();
+    assert!(
+        (a.loss - plain.loss).abs() > 1e-4,
+        "dropout changed nothing"
+    );
+    if let Some(g) = gpu() {
+        let mut gt = with(g);
+        let b = gt.step(&x0).unwrap();
+        assert_close("loss", &[b.loss], &[a.loss], 1e-5, 1e-4);
+        assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-3);
+    }
 }
 
 #[test]

@@ -66,6 +66,10 @@ impl Backend for Cpu {
         elementwise::cpu::silu_backward(x, dy)
     }
 
+    fn dropout(&self, x: &Tensor, u: &Tensor, p: f32) -> Result<Tensor> {
+        elementwise::cpu::dropout(x, u, p)
+    }
+
     fn add_per_channel(&self, x: &Tensor, v: &Tensor) -> Result<Tensor> {
         broadcast::cpu::add_per_channel(x, v)
     }

@@ -57,6 +57,10 @@ impl Backend for Gpu {
         elementwise::gpu::silu_backward(self, x, dy)
     }
 
+    fn dropout(&self, x: &Tensor, u: &Tensor, p: f32) -> Result<Tensor> {
+        elementwise::gpu::dropout(self, x, u, p)
+    }
+
     fn add_per_channel(&self, x: &Tensor, v: &Tensor) -> Result<Tensor> {
         broadcast::gpu::add_per_channel(self, x, v)
     }

@@ -39,6 +39,9 @@ pub trait Backend: Send + Sync {
     fn silu(&self, x: &Tensor) -> Result<Tensor>;
     /// `dx = dy * silu'(x)`.
     fn silu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+    /// Inverted dropout with the uniforms `u` (same shape as `x`): `x / (1 - p)` where
+    /// `u >= p`, else 0. With the same `u` it is its own backward (pass `dy` as `x`).
+    fn dropout(&self, x: &Tensor, u: &Tensor, p: f32) -> Result<Tensor>;
 
     // ---- broadcast and layout (ops/broadcast.rs, ops/layout.rs) ---------------------------
     /// `y[b, c, h, w] = x[b, c, h, w] + v[b, c]` (time-embedding injection).

@@ -1,6 +1,6 @@
 //! diffusers' `ResnetBlock2D` (pre-activation, time embedding added after the first conv):
 //!   h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb))[:, :, None, None]
-//!   h = conv2(SiLU(norm2(h)))                      (dropout sits before conv2; rate 0 here)
+//!   h = conv2(dropout(SiLU(norm2(h))))
 //!   out = shortcut(x) + h,   shortcut = 1x1 conv_shortcut when the channel count changes.
 
 use super::layers::{Conv2d, GroupNorm, Linear};
@@ -9,6 +9,16 @@ use crate::autodiff::{Tape, Var};
 use crate::error::Result;
 use crate::ops::conv2d::Conv2dParams;
 
+/// What every resnet of a model shares: the time-embedding width, the group norms' group
+/// count and epsilon, and the dropout rate.
+#[derive(Debug, Clone, Copy)]
+pub struct Shared {
+    pub temb: usize,
+    pub groups: usize,
+    pub eps: f32,
+    pub dropout: f32,
+}
+
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -16,19 +26,13 @@ pub struct ResnetBlock2D {
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
+    dropout: f32,
 }
 
 impl ResnetBlock2D {
     /// `name.{norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut}`.
-    pub fn new(
-        list: &mut ParamList,
-        name: &str,
-        cin: usize,
-        cout: usize,
-        temb: usize,
-        groups: usize,
-        eps: f32,
-    ) -> Self {
+    pub fn new(list: &mut ParamList, name: &str, (cin, cout): (usize, usize), c: &Shared) -> Self {
+        let (temb, groups, eps) = (c.temb, c.groups, c.eps);
         let same = Conv2dParams::new(1, 1);
         ResnetBlock2D {
             norm1: GroupNorm::new(list, &format!("{name}.norm1"), cin, groups, eps),
@@ -40,6 +44,7 @@ impl ResnetBlock2D {
                 let one = Conv2dParams::new(1, 0);
                 Conv2d::new(list, &format!("{name}.conv_shortcut"), cin, cout, 1, one)
             }),
+            dropout: c.dropout,
         }
     }
 
@@ -52,6 +57,7 @@ impl ResnetBlock2D {
         let h = tape.add_per_channel(h, t)?;
         let h = self.norm2.forward(tape, p, h)?;
         let h = tape.silu(h)?;
+        let h = tape.dropout(h, self.dropout)?;
         let h = self.conv2.forward(tape, p, h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(tape, p, x)?,

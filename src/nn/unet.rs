@@ -13,7 +13,7 @@ use super::attention::AttentionBlock;
 use super::config::UNet2DConfig;
 use super::layers::{Conv2d, GroupNorm, Linear};
 use super::params::ParamList;
-use super::resnet::ResnetBlock2D;
+use super::resnet::{ResnetBlock2D, Shared};
 use crate::autodiff::{Tape, Var};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2dParams;
@@ -62,7 +62,13 @@ impl UNet2D {
         let list = &mut ParamList::default();
         let channels = &cfg.block_out_channels;
         let levels = channels.len();
-        let (groups, eps, temb) = (cfg.groups(), cfg.norm_eps, cfg.time_embed_dim());
+        let (eps, temb) = (cfg.norm_eps, cfg.time_embed_dim());
+        let shared = Shared {
+            temb,
+            groups: cfg.groups(),
+            eps,
+            dropout: cfg.dropout,
+        };
         let attn_groups = cfg.attn_groups();
         let same = Conv2dParams::new(1, 1);
 
@@ -80,7 +86,7 @@ impl UNet2D {
                 .map(|j| {
                     let c = if j == 0 { cin } else { cout };
                     let n = format!("{name}.resnets.{j}");
-                    ResnetBlock2D::new(list, &n, c, cout, temb, groups, eps)
+                    ResnetBlock2D::new(list, &n, (c, cout), &shared)
                 })
                 .collect();
             let attentions = attention_layers(list, cfg, kind, &name, cfg.layers_per_block, cout);
@@ -108,7 +114,7 @@ impl UNet2D {
 
         let c = channels[levels - 1];
         let mid = (
-            ResnetBlock2D::new(list, "mid_block.resnets.0", c, c, temb, groups, eps),
+            ResnetBlock2D::new(list, "mid_block.resnets.0", (c, c), &shared),
             AttentionBlock::new(
                 list,
                 "mid_block.attentions.0",
@@ -117,7 +123,7 @@ impl UNet2D {
                 attn_groups,
                 eps,
             ),
-            ResnetBlock2D::new(list, "mid_block.resnets.1", c, c, temb, groups, eps),
+            ResnetBlock2D::new(list, "mid_block.resnets.1", (c, c), &shared),
         );
 
         let reversed: Vec<usize> = channels.iter().rev().copied().collect();
@@ -134,7 +140,7 @@ impl UNet2D {
                     let skip = if j + 1 == n_layers { cskip_last } else { cout };
                     let current = if j == 0 { prev } else { cout };
                     let n = format!("{name}.resnets.{j}");
-                    ResnetBlock2D::new(list, &n, current + skip, cout, temb, groups, eps)
+                    ResnetBlock2D::new(list, &n, (current + skip, cout), &shared)
                 })
                 .collect();
             let attentions = attention_layers(list, cfg, kind, &name, n_layers, cout);

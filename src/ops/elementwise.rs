@@ -1,11 +1,13 @@
-//! Elementwise ops: `add`, `scale`, `silu` and its backward.
+//! Elementwise ops: `add`, `scale`, `silu` and its backward, and `dropout`.
 //!
 //! silu(x) = x * sigmoid(x);  silu'(x) = sigmoid(x) * (1 + x * (1 - sigmoid(x))).
+//! dropout(x; u, p) = x / (1 - p) where u >= p, else 0, for uniforms u in [0, 1) drawn once
+//! per element; with the same u it is its own backward (dx = dropout(dy; u, p)).
 
 use bytemuck::{Pod, Zeroable};
 
 use super::check_same_shape;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 #[repr(C)]
@@ -18,6 +20,17 @@ struct Params {
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
+}
+
+/// Checks the drop probability; returns the scale `1 / (1 - p)` of the kept elements.
+fn dropout_scale(p: f32) -> Result<f32> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            "dropout",
+            format!("the drop probability must be in [0, 1), got {p}"),
+        ));
+    }
+    Ok(1.0 / (1.0 - p))
 }
 
 pub(crate) mod cpu {
@@ -72,6 +85,19 @@ pub(crate) mod cpu {
             },
         );
         Ok(Tensor::from_cpu(x.shape(), dx))
+    }
+
+    pub fn dropout(x: &Tensor, u: &Tensor, p: f32) -> Result<Tensor> {
+        check_same_shape("dropout", x, u)?;
+        let keep = dropout_scale(p)?;
+        let y = map2(&x.cpu_read("dropout")?, &u.cpu_read("dropout")?, |v, u| {
+            if u >= p {
+                v * keep
+            } else {
+                0.0
+            }
+        });
+        Ok(Tensor::from_cpu(x.shape(), y))
     }
 }
 
@@ -133,5 +159,12 @@ pub(crate) mod gpu {
     pub fn silu_backward(g: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         check_same_shape("silu_backward", x, dy)?;
         run(g, "silu_backward", &[x, dy], 0.0)
+    }
+
+    /// The drop probability travels in the `scale` slot.
+    pub fn dropout(g: &Gpu, x: &Tensor, u: &Tensor, p: f32) -> Result<Tensor> {
+        check_same_shape("dropout", x, u)?;
+        dropout_scale(p)?;
+        run(g, "dropout", &[x, u], p)
     }
 }

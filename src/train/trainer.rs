@@ -19,6 +19,7 @@ use crate::tensor::Tensor;
 /// Independent random streams of one run.
 const TIMESTEP_STREAM: u64 = 1;
 const NOISE_STREAM: u64 = 2;
+const DROPOUT_STREAM: u64 = 3;
 
 /// The seed of one random stream of a run.
 pub fn stream_seed(seed: u64, stream: u64) -> u64 {
@@ -97,12 +98,6 @@ impl<'b> Trainer<'b> {
         if hyper.batch_size == 0 {
             return Err(Error::invalid("train", "batch size must be at least 1"));
         }
-        if model.config.dropout != 0.0 {
-            return Err(Error::Config(format!(
-                "dropout = {} is not implemented for training; set dropout to 0.0",
-                model.config.dropout
-            )));
-        }
         let alphas_cumprod =
             be.upload(&[schedule.num_train_timesteps()], &schedule.alphas_cumprod)?;
         Ok(Trainer {
@@ -168,7 +163,8 @@ impl<'b> Trainer<'b> {
             }
         };
 
-        let mut tape = Tape::new(be);
+        let dropout_seed = stream_seed(stream_seed(self.hyper.seed, DROPOUT_STREAM), k);
+        let mut tape = Tape::new(be).with_dropout(dropout_seed);
         let p = tape.leaves(&self.state.params, true);
         let x = tape.leaf(x_t, false);
         let out = self.model.forward(&mut tape, &p, x, &t)?;

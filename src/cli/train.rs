@@ -345,6 +345,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         save_checkpoint(&out, trainer, &record, &scheduler, &record_json)
     };
 
+    // Without a terminal the bar is hidden: a line every LOG_EVERY steps instead.
+    const LOG_EVERY: u64 = 100;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut smoothed = Smoothed::default();
     let mut last = Instant::now();
     while trainer.state.step < record.steps {
@@ -363,6 +366,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let loss = smoothed.push(stats.loss);
         bar.set_message(format!("loss {loss:.4} | {images_per_s:.1} img/s"));
         bar.inc(1);
+        if !interactive && (k + 1).is_multiple_of(LOG_EVERY) {
+            eprintln!(
+                "step {}/{} | loss {loss:.4} | {images_per_s:.1} img/s",
+                k + 1,
+                record.steps
+            );
+        }
         let step = trainer.state.step;
         let done = step == record.steps;
         if done || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)) {

@@ -29,21 +29,56 @@ Writes, under tests/fixtures/ of the repository:
       The script also runs diffusers unmodified in float32 and prints how far that is from the
       float64 reference: a guide to the tolerance a float32 implementation can be held to.
 
+  unets/<name>/config.json, unets/<name>/diffusion_pytorch_model.safetensors
+      Small UNet2DModel folders as `model.save_pretrained` writes them, one per config of UNETS
+      (chosen to cover the options diffwgpu's blocks must handle), with weights initialised and
+      perturbed as above (seed: the config's position in UNETS, from 1).
+  unets/<name>_old_names/
+      The folder of OLD_NAMES_SOURCE with the attention keys older diffusers versions wrote
+      (query, key, value, proj_attn instead of to_q, to_k, to_v, to_out.0). diffusers still
+      loads it (checked below: same output), and so must diffwgpu.
+  unets/<name>_reference.safetensors   (float32; metadata as above plus the config name)
+      x, t, target, out, loss and grad.<param> for every parameter of unets/<name>, as in
+      tiny_reference.safetensors (evaluated in float64); the old-names folder shares the
+      reference of its source.
+
+  scheduler_steps.json, scheduler_steps.safetensors
+      Single steps of DDPMScheduler and DDIMScheduler (SCHEDULER_CASES). The JSON lists each
+      case: its scheduler config (as `save_config` writes it), num_inference_steps, eta (DDIM),
+      the `timesteps` that set_timesteps gave, and the timesteps stepped from. For every such
+      step `t` the safetensors hold `<case>.<t>.x_t`, `.model_output`, `.noise` and
+      `.prev_sample` ([2, 3, 4, 4] each), plus `<case>.alphas_cumprod`. x_t is q_sample of a
+      random x_0 in [-1.2, 1.2]; model_output is the exact prediction of the case's
+      prediction_type plus 0.3 * randn, so clipping of x0_hat happens but not everywhere.
+      prev_sample is diffusers' step evaluated in float64, as the models above: the inputs
+      and the scheduler's float32 alphas_cumprod (and its 1 and final_alpha_cumprod) widened
+      to float64, then the result rounded to float32. diffusers' own float32 step loses up to
+      about 1e-4 relative near t = 0, where 1 - abar_t and 1 - abar_t / abar_prev cancel; the
+      script prints that distance. DDIMScheduler.step takes the noise as `variance_noise`;
+      DDPMScheduler.step draws it itself, so for it `randn_tensor` in diffusers' DDPM scheduler
+      module is replaced by a function that returns `.noise` (asserted to be called exactly
+      when t > 0).
+
 Regenerate (from the repository root):
     python3 -m venv .venv && .venv/bin/pip install torch diffusers safetensors numpy
     .venv/bin/python tools/diffusers_reference.py
 The versions used are printed and stored in the safetensors metadata.
 """
 import ast
+import json
 import math
 import os
+import re
+import shutil
 import sys
+from unittest import mock
 
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
-from safetensors.torch import save_file
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.schedulers import scheduling_ddpm
+from safetensors.torch import load_file, save_file
 
 # Must stay equal to PRESETS in tools/torch_baseline.py (checked at run time below) and to the
 # presets of src/nn/config.rs.
@@ -56,6 +91,61 @@ PRESETS = {
                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
                     norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0),
 }
+
+# Small models, each covering options the presets leave out; the fixtures folder stays small.
+UNETS = {
+    # Three levels, two resnets per level, one attention head (attention_head_dim null), two
+    # input and three output channels, attention in the middle level only. (Not one channel
+    # per group: a GroupNorm would then cancel the per-channel time embedding before it.)
+    "three_levels": dict(sample_size=16, in_channels=2, out_channels=3, block_out_channels=(4, 8, 8), layers_per_block=2,
+                         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_num_groups=2),
+    # The cifar10 preset's flags (sine-first embedding, frequency shift, asymmetric
+    # downsampling padding, norm_eps 1e-6), act_fn spelled "swish", two heads, channel
+    # counts that go up and down again.
+    "cifar_flags": dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16, 8), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, norm_eps=1e-6,
+                        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, act_fn="swish"),
+    # Attention at full resolution with 4-wide heads (2 heads there, 3 in the mid block),
+    # attn_norm_num_groups (the mid block's attention only), sample_size as [height, width].
+    "first_level_attention": dict(sample_size=(8, 8), in_channels=1, out_channels=1, block_out_channels=(8, 12), layers_per_block=1,
+                                  down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=4, norm_num_groups=2,
+                                  attn_norm_num_groups=4),
+}
+OLD_NAMES_SOURCE = "first_level_attention"
+OLD_ATTENTION_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+# (name, scheduler class, config, num_inference_steps, eta (DDIM only)); each case records
+# the steps from the timesteps at step_indices(num_inference_steps).
+COSINE = dict(beta_schedule="squaredcos_cap_v2", variance_type="fixed_large", clip_sample=False)
+SCHEDULER_CASES = [
+    ("ddpm_linear_epsilon_1000", DDPMScheduler, {}, 1000, None),
+    ("ddpm_linear_v_leading_50", DDPMScheduler, dict(prediction_type="v_prediction"), 50, None),
+    ("ddpm_linear_sample_linspace_50", DDPMScheduler,
+     dict(prediction_type="sample", timestep_spacing="linspace", clip_sample_range=0.5), 50, None),
+    ("ddpm_cosine_large_epsilon_leading_50", DDPMScheduler, COSINE, 50, None),
+    ("ddpm_cosine_large_v_trailing_50", DDPMScheduler, dict(COSINE, prediction_type="v_prediction", timestep_spacing="trailing"), 50, None),
+    ("ddpm_cosine_large_sample_1000", DDPMScheduler, dict(COSINE, prediction_type="sample"), 1000, None),
+    ("ddim_linear_epsilon_leading_eta0", DDIMScheduler, {}, 50, 0.0),
+    ("ddim_linear_epsilon_leading_eta1_alpha0_offset1", DDIMScheduler, dict(set_alpha_to_one=False, steps_offset=1), 50, 1.0),
+    ("ddim_cosine_v_trailing_eta0_alpha0", DDIMScheduler,
+     dict(beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type="v_prediction", timestep_spacing="trailing",
+          set_alpha_to_one=False), 50, 0.0),
+    ("ddim_cosine_sample_trailing_eta1", DDIMScheduler,
+     dict(beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type="sample", timestep_spacing="trailing"), 50, 1.0),
+    ("ddim_scaled_linear_epsilon_leading_eta05_alpha0_offset1", DDIMScheduler,
+     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+          steps_offset=1), 50, 0.5),
+]
+SCHEDULER_SAMPLE_SHAPE = (2, 3, 4, 4)
+
+
+def step_indices(n):
+    """The steps recorded of n: the first two, one in the middle and the last two."""
+    return [0, 1, n // 2, n - 2, n - 1]
+
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(os.path.dirname(TOOLS), "tests", "fixtures")
@@ -126,10 +216,11 @@ def max_rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def write_tiny_reference():
-    cfg = PRESETS["tiny"]
-    torch.manual_seed(0)
-    model = UNet2DModel(**cfg)  # float32, diffusers' default initialisation
+def perturbed_model(cfg):
+    """UNet2DModel(**cfg) in float32 with diffusers' initialisation (from the torch seed the
+    caller set), then every GroupNorm weight set to 1 + 0.1*randn and every bias shifted by
+    0.1*randn, so that a swapped or ignored scale/shift shows up in a comparison."""
+    model = UNet2DModel(**cfg)
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.GroupNorm):
@@ -137,9 +228,12 @@ def write_tiny_reference():
         for n, p in model.named_parameters():
             if n.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    x = torch.randn(2, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
-    t = torch.tensor([37.0, 901.0])
-    target = torch.randn(2, cfg["out_channels"], cfg["sample_size"], cfg["sample_size"])
+    return model
+
+
+def float64_reference(model, x, t, target, label):
+    """out, loss, t_emb and the gradients of the float32 `model` evaluated in float64 (the model
+    is converted in place). Prints how far diffusers' own float32 evaluation is from it."""
     params32 = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(p.dtype == torch.float32 for p in params32.values())
 
@@ -147,15 +241,16 @@ def write_tiny_reference():
     out32, loss32, temb32, grads32 = forward_backward(model, x, t, target)
 
     # The reference: the same float32 parameter values, evaluated in float64.
-    model = model.double()
+    model.double()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach().float(), params32[n])
     proj = model.time_proj
     model.time_proj = Float64Timesteps(proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift)
     assert proj.scale == 1
     out, loss, temb, grads = forward_backward(model, x.double(), t.double(), target.double())
+    model.time_proj = proj
 
-    print("float32 diffusers vs float64 reference (max |diff| / max |ref|):")
+    print(f"{label}: float32 diffusers vs float64 reference (max |diff| / max |ref|):")
     print(f"  t_emb {max_rel(temb32, temb):.2e}  out {max_rel(out32, out):.2e}  loss {max_rel(loss32, loss):.2e}")
     # The key bias adds the same q.b_k to every logit of a query row, which the softmax cancels:
     # its gradient is zero up to rounding, so it is left out of the relative comparison.
@@ -166,31 +261,187 @@ def write_tiny_reference():
         print(f"  {n} (zero in exact arithmetic): max |grad| float64 {grads[n].abs().max().item():.1e}, "
               f"float32 {grads32[n].abs().max().item():.1e}")
     assert max_rel(out32, out) < 1e-4 and max_rel(temb32, temb) < 1e-4
+    return out, loss, temb, grads
 
-    tensors = {f"param.{n}": p for n, p in params32.items()}
-    tensors.update({f"grad.{n}": g.float() for n, g in grads.items()})
-    tensors.update(x=x, t=t, t_emb=temb.float(), out=out.float(), target=target, loss=loss.float().reshape(1))
+
+def reference_tensors(out, loss, grads, x, t, target):
+    """The float32 tensors of a reference file."""
+    tensors = {f"grad.{n}": g.float() for n, g in grads.items()}
+    tensors.update(x=x, t=t, out=out.float(), target=target, loss=loss.float().reshape(1))
+    return tensors
+
+
+def save_reference(path, tensors, metadata):
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     assert all(v.dtype == torch.float32 for v in tensors.values())
-    metadata = {
-        "diffusers_version": diffusers.__version__,
-        "torch_version": torch.__version__,
+    metadata = dict(diffusers_version=diffusers.__version__, torch_version=torch.__version__, **metadata)
+    save_file(tensors, path, metadata=metadata)
+    print(f"{os.path.relpath(path, FIXTURES)}: {len(tensors)} tensors, {os.path.getsize(path)} bytes")
+
+
+def write_tiny_reference():
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = perturbed_model(cfg)
+    x = torch.randn(2, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
+    t = torch.tensor([37.0, 901.0])
+    target = torch.randn(2, cfg["out_channels"], cfg["sample_size"], cfg["sample_size"])
+    params = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out, loss, temb, grads = float64_reference(model, x, t, target, "tiny")
+    tensors = dict(params, t_emb=temb.float(), **reference_tensors(out, loss, grads, x, t, target))
+    save_reference(os.path.join(FIXTURES, "tiny_reference.safetensors"), tensors, {
         "preset": "tiny",
         "description": "UNet2DModel tiny preset: params, x, t, t_emb, out, target, mse loss and its "
                        "gradients; evaluated in float64 from the stored float32 params, stored as float32",
-    }
-    path = os.path.join(FIXTURES, "tiny_reference.safetensors")
-    save_file(tensors, path, metadata=metadata)
-    print(f"tiny_reference.safetensors: {len(tensors)} tensors, {os.path.getsize(path)} bytes, loss {loss.item():.6f}")
+    })
+
+
+def write_unet_fixture(seed, name, cfg):
+    """unets/<name>/ (the diffusers folder) and unets/<name>_reference.safetensors."""
+    torch.manual_seed(seed)
+    model = perturbed_model(cfg)
+    folder = os.path.join(FIXTURES, "unets", name)
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder)
+    size = model.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(2, cfg["in_channels"], h, w)
+    # Between them the configs see both ends of the timestep range and two values inside.
+    t = torch.tensor([3.0, 640.0]) if seed % 2 else torch.tensor([999.0, 0.0])
+    target = torch.randn(2, cfg["out_channels"], h, w)
+    out, loss, _, grads = float64_reference(model, x, t, target, name)
+    count = sum(p.numel() for p in model.parameters())
+    save_reference(os.path.join(FIXTURES, "unets", f"{name}_reference.safetensors"),
+                   reference_tensors(out, loss, grads, x, t, target), {
+        "config": name,
+        "description": f"UNet2DModel of unets/{name} ({count} parameters): x, t, out, target, mse loss and its "
+                       "gradients; evaluated in float64 from the folder's float32 weights, stored as float32",
+    })
+    return x, t, out
+
+
+def write_old_names_fixture(name, x, t, out):
+    """unets/<name>_old_names/: the folder of `name` with the attention keys of older diffusers."""
+    source = os.path.join(FIXTURES, "unets", name)
+    folder = f"{source}_old_names"
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    shutil.copy(os.path.join(source, "config.json"), folder)
+    weights = "diffusion_pytorch_model.safetensors"
+    renamed = {}
+    for key, value in load_file(os.path.join(source, weights)).items():
+        for new, old in OLD_ATTENTION_NAMES.items():
+            key = key.replace(new, old)
+        renamed[key] = value
+    assert any(".query." in k for k in renamed) and not any(".to_q." in k for k in renamed)
+    save_file(renamed, os.path.join(folder, weights), metadata={"format": "pt"})
+    # diffusers converts the old names on loading and computes the same output.
+    model = UNet2DModel.from_pretrained(folder).double()
+    model.time_proj = Float64Timesteps(model.time_proj.num_channels, model.time_proj.flip_sin_to_cos,
+                                       model.time_proj.downscale_freq_shift)
+    with torch.no_grad():
+        again = model(x.double(), t.double()).sample
+    assert max_rel(again, out) < 1e-12, max_rel(again, out)
+    print(f"unets/{name}_old_names: {len(renamed)} tensors, loads in diffusers with the same output")
+
+
+def prediction(prediction_type, x0, eps, alpha_prod):
+    """What a perfect model of `prediction_type` outputs at x_t = q_sample(x0, eps)."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    return alpha_prod.sqrt() * eps - (1 - alpha_prod).sqrt() * x0
+
+
+def scheduler_step(scheduler, eta, model_output, t, x_t, noise):
+    """prev_sample of one step of `scheduler` in the dtype of the inputs, with `noise` as the
+    step's noise."""
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler.step(model_output, t, x_t, eta=eta, variance_noise=noise).prev_sample
+    draws = []
+
+    def fixed_noise(shape, generator=None, device=None, dtype=None):
+        assert tuple(shape) == tuple(noise.shape) and dtype == noise.dtype
+        draws.append(shape)
+        return noise.clone()
+
+    with mock.patch.object(scheduling_ddpm, "randn_tensor", fixed_noise):
+        prev = scheduler.step(model_output, t, x_t).prev_sample
+    assert len(draws) == (1 if t > 0 else 0), (t, draws)
+    return prev
+
+
+def float64_scheduler(scheduler):
+    """A copy of `scheduler` whose float32 tables are widened to float64."""
+    wide = type(scheduler).from_config(scheduler.config)
+    wide.set_timesteps(scheduler.num_inference_steps)
+    wide.alphas_cumprod = scheduler.alphas_cumprod.double()
+    for name in ("one", "final_alpha_cumprod"):
+        if hasattr(scheduler, name):
+            setattr(wide, name, getattr(scheduler, name).double())
+    return wide
+
+
+def write_scheduler_steps():
+    torch.manual_seed(1234)
+    tensors, cases = {}, []
+    for name, cls, overrides, steps, eta in SCHEDULER_CASES:
+        scheduler = cls(**overrides)
+        scheduler.set_timesteps(steps)
+        wide = float64_scheduler(scheduler)
+        timesteps = scheduler.timesteps.tolist()
+        stepped = [timesteps[i] for i in step_indices(steps)]
+        tensors[f"{name}.alphas_cumprod"] = scheduler.alphas_cumprod.clone()
+        worst32 = 0.0
+        for t in stepped:
+            alpha_prod = scheduler.alphas_cumprod[t]
+            x0 = 1.2 * (2 * torch.rand(SCHEDULER_SAMPLE_SHAPE) - 1)
+            eps = torch.randn(SCHEDULER_SAMPLE_SHAPE)
+            x_t = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * eps
+            model_output = prediction(scheduler.config.prediction_type, x0, eps, alpha_prod)
+            model_output = model_output + 0.3 * torch.randn(SCHEDULER_SAMPLE_SHAPE)
+            noise = torch.randn(SCHEDULER_SAMPLE_SHAPE)
+            prev32 = scheduler_step(scheduler, eta, model_output, t, x_t, noise)
+            prev = scheduler_step(wide, eta, model_output.double(), t, x_t.double(), noise.double())
+            assert prev.dtype == torch.float64
+            worst32 = max(worst32, max_rel(prev32, prev))
+            for key, value in dict(x_t=x_t, model_output=model_output, noise=noise, prev_sample=prev).items():
+                tensors[f"{name}.{t}.{key}"] = value.float().contiguous()
+        print(f"{name}: float32 diffusers vs float64 reference, worst step {worst32:.1e}")
+        cases.append({
+            "name": name,
+            "config": json.loads(scheduler.to_json_string()),
+            "num_inference_steps": steps,
+            "eta": eta,
+            "timesteps": timesteps,
+            "steps": stepped,
+        })
+    save_reference(os.path.join(FIXTURES, "scheduler_steps.safetensors"), tensors, {
+        "description": "DDPMScheduler and DDIMScheduler steps of the cases of scheduler_steps.json: "
+                       "<case>.<t>.{x_t, model_output, noise, prev_sample} and <case>.alphas_cumprod; "
+                       "prev_sample evaluated in float64 from the stored float32 inputs and alphas_cumprod",
+    })
+    text = json.dumps({"diffusers_version": diffusers.__version__, "cases": cases}, indent=1)
+    # Lists of timesteps on one line each.
+    text = re.sub(r"\[([\d,\s]+)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    with open(os.path.join(FIXTURES, "scheduler_steps.json"), "w") as f:
+        f.write(text + "\n")
+    print(f"scheduler_steps.json: {len(cases)} cases")
 
 
 def main():
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}")
     check_presets_match_baseline()
-    os.makedirs(FIXTURES, exist_ok=True)
+    os.makedirs(os.path.join(FIXTURES, "unets"), exist_ok=True)
     for name, cfg in PRESETS.items():
         write_param_listing(name, cfg)
     write_tiny_reference()
+    for seed, (name, cfg) in enumerate(UNETS.items(), start=1):
+        x, t, out = write_unet_fixture(seed, name, cfg)
+        if name == OLD_NAMES_SOURCE:
+            write_old_names_fixture(name, x, t, out)
+    write_scheduler_steps()
 
 
 if __name__ == "__main__":

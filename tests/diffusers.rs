@@ -311,6 +311,12 @@ fn unsupported_model_configs_are_refused_by_key_and_value() {
         ("center_input_sample", json!(true), "true"),
         ("mid_block_scale_factor", json!(1.414), "1.414"),
         ("add_attention", json!(false), "false"),
+        ("mid_block_type", json!(null), "None"),
+        (
+            "mid_block_type",
+            json!("UNetMidBlock2DCrossAttn"),
+            "UNetMidBlock2DCrossAttn",
+        ),
         (
             "_class_name",
             json!("UNet2DConditionModel"),
@@ -326,6 +332,22 @@ fn unsupported_model_configs_are_refused_by_key_and_value() {
             "{key}: the message does not name the key and {shown}: {err}"
         );
     }
+}
+
+/// diffusers' `time_embedding_dim` sets the time embedding's width when it is not null.
+#[test]
+fn time_embedding_dim_sets_the_embedding_width() {
+    let path = fixtures().join("unets/three_levels/config.json");
+    let base: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let config = UNet2DConfig::from_json(&with(&base, "time_embedding_dim", json!(24))).unwrap();
+    let model = diffwgpu::nn::UNet2D::new(&config).unwrap();
+    let linear_2 = model
+        .params
+        .specs
+        .iter()
+        .find(|s| s.name == "time_embedding.linear_2.weight")
+        .unwrap();
+    assert_eq!(linear_2.shape, vec![24, 24]);
 }
 
 /// Scheduler options diffwgpu does not implement are refused by key and value too.

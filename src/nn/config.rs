@@ -47,6 +47,10 @@ pub struct UNet2DConfig {
     pub add_attention: bool,
     pub class_embed_type: Option<String>,
     pub num_class_embeds: Option<usize>,
+    /// The time embedding's width; `null` means `4 * block_out_channels[0]`.
+    pub time_embedding_dim: Option<usize>,
+    /// The middle block; `null` would mean none.
+    pub mid_block_type: Option<String>,
 }
 
 impl Default for UNet2DConfig {
@@ -90,6 +94,8 @@ impl Default for UNet2DConfig {
             add_attention: true,
             class_embed_type: None,
             num_class_embeds: None,
+            time_embedding_dim: None,
+            mid_block_type: Some("UNetMidBlock2D".into()),
         }
     }
 }
@@ -186,9 +192,11 @@ impl UNet2DConfig {
         self.attn_norm_num_groups.unwrap_or_else(|| self.groups())
     }
 
-    /// The width of the time embedding (`block_out_channels[0] * 4`).
+    /// The width of the time embedding (`time_embedding_dim`, by default
+    /// `block_out_channels[0] * 4`).
     pub fn time_embed_dim(&self) -> usize {
-        self.block_out_channels[0] * 4
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4)
     }
 
     /// The number of heads of an attention layer over `channels` channels.
@@ -247,6 +255,20 @@ impl UNet2DConfig {
         }
         if let Some(n) = self.num_class_embeds {
             return unsupported("num_class_embeds", n.to_string(), "null");
+        }
+        if self.mid_block_type.as_deref() != Some("UNetMidBlock2D") {
+            return unsupported(
+                "mid_block_type",
+                format!("{:?}", self.mid_block_type),
+                "\"UNetMidBlock2D\"",
+            );
+        }
+        if self.time_embedding_dim == Some(0) {
+            return bad(
+                "time_embedding_dim = 0; use null (4 x block_out_channels[0]) or a \
+                        positive width"
+                    .into(),
+            );
         }
         if self.center_input_sample {
             return unsupported("center_input_sample", "true".into(), "false");

@@ -6,18 +6,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use common::{assert_close, gpu};
-use diffwgpu::autodiff::Tape;
+use common::{assert_close, gpu, loss_and_grads, read_tensors};
 use diffwgpu::checkpoint::{load_pipeline, unet_weights, SchedulerConfig};
 use diffwgpu::diffusion::{inference_timesteps, NoiseSchedule, TimestepSpacing};
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
-use diffwgpu::{Backend, Cpu, Tensor};
+use diffwgpu::{Backend, Cpu};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -32,23 +30,6 @@ fn backends() -> Vec<&'static dyn Backend> {
     backends
 }
 
-/// Every f32 tensor of a safetensors file, by name: (shape, values).
-fn read_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, (view.shape().to_vec(), data))
-        })
-        .collect()
-}
-
 /// The largest magnitude of `v`.
 fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
@@ -57,41 +38,6 @@ fn max_abs(v: &[f32]) -> f32 {
 /// Asserts `|got - want| <= rel * max|want| + floor` elementwise.
 fn assert_rel(name: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
     assert_close(name, got, want, rel * max_abs(want) + floor, 0.0);
-}
-
-/// Output, loss `mse(model(x, t), target)` and the gradient of every parameter, on `be`.
-fn loss_and_grads(
-    be: &dyn Backend,
-    model: &UNet2D,
-    values: &[Vec<f32>],
-    x: &[f32],
-    t: &[f32],
-    target: &[f32],
-) -> (Vec<f32>, f32, Vec<Vec<f32>>) {
-    let c = &model.config;
-    let (n, s) = (t.len(), c.size());
-    let params: Vec<Tensor> = model
-        .params
-        .specs
-        .iter()
-        .zip(values)
-        .map(|(spec, v)| be.upload(&spec.shape, v).unwrap())
-        .collect();
-    let mut tape = Tape::new(be);
-    let p = tape.leaves(&params, true);
-    let x = tape.leaf(be.upload(&[n, c.in_channels, s, s], x).unwrap(), false);
-    let t = be.upload(&[n], t).unwrap();
-    let out = model.forward(&mut tape, &p, x, &t).unwrap();
-    let target = be.upload(&[n, c.out_channels, s, s], target).unwrap();
-    let loss = be.mse_loss(tape.value(out), &target).unwrap();
-    let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
-    let out_values = be.to_vec(tape.value(out)).unwrap();
-    let mut grads = tape.backward(out, d_out).unwrap();
-    let grads = p
-        .iter()
-        .map(|&v| be.to_vec(&grads.take(v).expect("a gradient")).unwrap())
-        .collect();
-    (out_values, be.to_vec(&loss).unwrap()[0], grads)
 }
 
 /// Loads `tests/fixtures/unets/<folder>` as diffwgpu loads any diffusers folder and compares

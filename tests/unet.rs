@@ -3,48 +3,10 @@
 
 mod common;
 
-use common::{assert_close, gpu, seeded};
+use common::{assert_close, gpu, loss_and_grads, read_tensors, seeded};
 use diffwgpu::autodiff::Tape;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
 use diffwgpu::{Backend, Cpu, Tensor};
-
-/// Loss `mse(model(x, t), target)` and the gradient of every parameter, on backend `be`.
-fn loss_and_grads(
-    be: &dyn Backend,
-    model: &UNet2D,
-    values: &[Vec<f32>],
-    x: &[f32],
-    t: &[f32],
-    target: &[f32],
-) -> (f32, Vec<f32>, Vec<Vec<f32>>) {
-    let s = model.config.size();
-    let shape = [t.len(), model.config.in_channels, s, s];
-    let params: Vec<Tensor> = model
-        .params
-        .specs
-        .iter()
-        .zip(values)
-        .map(|(spec, v)| be.upload(&spec.shape, v).unwrap())
-        .collect();
-    let mut tape = Tape::new(be);
-    let p = tape.leaves(&params, true);
-    let x = tape.leaf(be.upload(&shape, x).unwrap(), false);
-    let t = be.upload(&[t.len()], t).unwrap();
-    let out = model.forward(&mut tape, &p, x, &t).unwrap();
-    let target = be.upload(&shape, target).unwrap();
-    let loss = be.mse_loss(tape.value(out), &target).unwrap();
-    let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
-    let mut grads = tape.backward(out, d_out).unwrap();
-    let grads = p
-        .iter()
-        .map(|&v| {
-            be.to_vec(&grads.take(v).expect("every parameter gets a gradient"))
-                .unwrap()
-        })
-        .collect();
-    let out = be.to_vec(tape.value(out)).unwrap();
-    (be.to_vec(&loss).unwrap()[0], out, grads)
-}
 
 /// A model, its parameter values, a batch and a target.
 struct Case {
@@ -116,8 +78,8 @@ fn gpu_forward_and_gradients_match_cpu() {
         t,
         target,
     } = tiny_case();
-    let (loss_c, out_c, grads_c) = loss_and_grads(&Cpu, &model, &values, &x, &t, &target);
-    let (loss_g, out_g, grads_g) = loss_and_grads(g, &model, &values, &x, &t, &target);
+    let (out_c, loss_c, grads_c) = loss_and_grads(&Cpu, &model, &values, &x, &t, &target);
+    let (out_g, loss_g, grads_g) = loss_and_grads(g, &model, &values, &x, &t, &target);
     // Tolerance: f32 with different summation orders through ~40 layers; outputs are O(1).
     assert_close("output", &out_g, &out_c, 1e-4, 1e-3);
     assert_close("loss", &[loss_g], &[loss_c], 1e-5, 1e-4);
@@ -202,23 +164,6 @@ fn parameter_gradients_match_finite_differences() {
     }
 }
 
-/// Reads every f32 tensor of a safetensors file by name.
-fn read_fixture(path: &str) -> std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, (view.shape().to_vec(), data))
-        })
-        .collect()
-}
-
 /// The tiny model with perturbed weights, evaluated by diffusers in float64
 /// (`tests/fixtures/tiny_reference.safetensors`): our output, loss and every parameter
 /// gradient agree on both backends.
@@ -228,7 +173,7 @@ fn tiny_model_matches_diffusers() {
         "{}/tests/fixtures/tiny_reference.safetensors",
         env!("CARGO_MANIFEST_DIR")
     );
-    let fx = read_fixture(&path);
+    let fx = read_tensors(std::path::Path::new(&path));
     let model = UNet2D::new(&UNet2DConfig::preset("tiny").unwrap()).unwrap();
     let values: Vec<Vec<f32>> = model
         .params
@@ -246,7 +191,7 @@ fn tiny_model_matches_diffusers() {
         backends.push(g);
     }
     for be in backends {
-        let (loss, out, grads) = loss_and_grads(be, &model, &values, x, t, target);
+        let (out, loss, grads) = loss_and_grads(be, &model, &values, x, t, target);
         let rel = |name: &str, got: &[f32], want: &[f32], tol: f32| {
             let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             assert_close(

@@ -3,6 +3,11 @@
 
 use std::sync::OnceLock;
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use diffwgpu::autodiff::Tape;
+use diffwgpu::nn::UNet2D;
 use diffwgpu::{Backend, Cpu, Gpu, Tensor};
 
 /// Deterministic pseudo-random values in [-1, 1) (splitmix64), independent of the library's
@@ -128,4 +133,56 @@ pub fn gradcheck(
 /// `sum(y * r)`: a scalar loss whose gradient w.r.t. `y` is `r`, used by gradient checks.
 pub fn dot(y: &[f32], r: &[f32]) -> f64 {
     y.iter().zip(r).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+/// Every f32 tensor of a safetensors file, by name: (shape, values).
+pub fn read_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// Output, loss `mse(model(x, t), target)` and the gradient of every parameter, on `be`.
+pub fn loss_and_grads(
+    be: &dyn Backend,
+    model: &UNet2D,
+    values: &[Vec<f32>],
+    x: &[f32],
+    t: &[f32],
+    target: &[f32],
+) -> (Vec<f32>, f32, Vec<Vec<f32>>) {
+    let c = &model.config;
+    let (n, s) = (t.len(), c.size());
+    let params: Vec<Tensor> = model
+        .params
+        .specs
+        .iter()
+        .zip(values)
+        .map(|(spec, v)| be.upload(&spec.shape, v).unwrap())
+        .collect();
+    let mut tape = Tape::new(be);
+    let p = tape.leaves(&params, true);
+    let x = tape.leaf(be.upload(&[n, c.in_channels, s, s], x).unwrap(), false);
+    let t = be.upload(&[n], t).unwrap();
+    let out = model.forward(&mut tape, &p, x, &t).unwrap();
+    let target = be.upload(&[n, c.out_channels, s, s], target).unwrap();
+    let loss = be.mse_loss(tape.value(out), &target).unwrap();
+    let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
+    let out_values = be.to_vec(tape.value(out)).unwrap();
+    let mut grads = tape.backward(out, d_out).unwrap();
+    let grads = p
+        .iter()
+        .map(|&v| be.to_vec(&grads.take(v).expect("a gradient")).unwrap())
+        .collect();
+    (out_values, be.to_vec(&loss).unwrap()[0], grads)
 }

@@ -11,7 +11,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diffwgpu::checkpoint::TRAINING_STATE_FILE;
-use diffwgpu::checkpoint::{save_pipeline, NamedTensor, SchedulerConfig, TrainingState};
+use diffwgpu::checkpoint::{
+    save_pipeline, unet_weights, NamedTensor, SchedulerConfig, TrainingState,
+};
 use diffwgpu::data::{Batcher, Dataset};
 use diffwgpu::diffusion::{
     inference_timesteps, sample, NoiseStream, PredictionType, Sampler, TimestepSpacing,
@@ -308,7 +310,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let schedule = scheduler.schedule()?;
 
     let state = match &resumed {
-        Some(saved) => restore(be, &model, saved)?,
+        Some(saved) => restore(be, &model, saved, &out.join(TRAINING_STATE_FILE))?,
         None => TrainState::new(be, &model, &model.params.initial_values(record.seed))?,
     };
     let mut trainer = Trainer::new(be, model, schedule, record.hyper(), state)?;
@@ -438,36 +440,21 @@ fn default_out() -> PathBuf {
 }
 
 /// Uploads a saved training state, checking it fits the model.
-fn restore(be: &dyn Backend, model: &UNet2D, saved: &TrainingState) -> Result<TrainState> {
-    let specs = &model.params.specs;
+fn restore(
+    be: &dyn Backend,
+    model: &UNet2D,
+    saved: &TrainingState,
+    path: &Path,
+) -> Result<TrainState> {
     let group = |what: &str, ts: &[NamedTensor]| -> Result<Vec<Tensor>> {
-        if ts.len() != specs.len() {
-            bail!(
-                "the training state holds {} {what} tensors, the model has {} parameters; \
-                 it belongs to another model",
-                ts.len(),
-                specs.len()
-            );
-        }
-        let by_name: BTreeMap<&str, &NamedTensor> =
-            ts.iter().map(|t| (t.name.as_str(), t)).collect();
-        specs
+        let values = unet_weights(model, ts, path)
+            .with_context(|| format!("the training state's {what} tensors do not fit the model"))?;
+        let specs = &model.params.specs;
+        Ok(specs
             .iter()
-            .map(|s| {
-                let t = by_name.get(s.name.as_str()).with_context(|| {
-                    format!("the training state has no {what} tensor {}", s.name)
-                })?;
-                if t.shape != s.shape {
-                    bail!(
-                        "{what} {} has shape {:?} in the training state, the model needs {:?}",
-                        s.name,
-                        t.shape,
-                        s.shape
-                    );
-                }
-                Ok(be.upload(&t.shape, &t.data)?)
-            })
-            .collect()
+            .zip(&values)
+            .map(|(s, v)| be.upload(&s.shape, v))
+            .collect::<diffwgpu::Result<_>>()?)
     };
     Ok(TrainState {
         params: group("param", &saved.params)?,

@@ -2,15 +2,14 @@
 //! image, then `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps` at evenly spaced `t`, the same
 //! `eps` throughout, so the rows differ only by how fast each schedule destroys the image.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use diffwgpu::data::{Dataset, Split};
+use diffwgpu::data::{folder, Dataset, Split};
 use diffwgpu::diffusion::NoiseSchedule;
 use diffwgpu::images;
 use diffwgpu::{Backend, Cpu};
-use image::imageops::FilterType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Schedules {
@@ -127,33 +126,15 @@ pub fn run(args: NoiseArgs) -> Result<()> {
     Ok(())
 }
 
-/// An image file as `[C, S, S]` in [-1, 1]: the largest centred square, resized; gray when
+/// An image file as `[C, S, S]` in [-1, 1] (the largest centred square, resampled): gray when
 /// the picture is gray, else RGB.
-fn load_image(path: &PathBuf, size: usize) -> Result<(Vec<f32>, usize)> {
-    let img = image::open(path)
-        .with_context(|| {
-            format!(
-                "cannot read the image {} (PNG or JPEG expected)",
-                path.display()
-            )
-        })?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    if w == 0 || h == 0 {
-        bail!("the image {} is empty", path.display());
-    }
-    let side = w.min(h);
-    let square =
-        image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
-    let img = image::imageops::resize(&square, size as u32, size as u32, FilterType::Triangle);
-    let gray = img.pixels().all(|p| p[0] == p[1] && p[1] == p[2]);
-    let c = if gray { 1 } else { 3 };
+fn load_image(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
+    let rgb = folder::load_image(path, size, 3)?;
     let px = size * size;
-    let mut out = vec![0.0; c * px];
-    for (i, p) in img.pixels().enumerate() {
-        for ch in 0..c {
-            out[ch * px + i] = p[ch] as f32 / 127.5 - 1.0;
-        }
+    let (r, rest) = rgb.split_at(px);
+    if rest[..px] == *r && rest[px..] == *r {
+        Ok((r.to_vec(), 1))
+    } else {
+        Ok((rgb, 3))
     }
-    Ok((out, c))
 }

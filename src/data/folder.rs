@@ -52,7 +52,7 @@ impl Dataset {
         }
         let images = files
             .par_iter()
-            .map(|file| load(file, size, channels))
+            .map(|file| load_image(file, size, channels))
             .collect::<Result<Vec<_>>>()?
             .concat();
         Ok(Dataset {
@@ -91,8 +91,9 @@ fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Decodes one image and returns its `channels` planes of `size` x `size` pixels.
-fn load(file: &Path, size: usize, channels: usize) -> Result<Vec<f32>> {
+/// Decodes one image and returns its `channels` planes of `size` x `size` pixels in [-1, 1]:
+/// the largest centred square, resampled.
+pub fn load_image(file: &Path, size: usize, channels: usize) -> Result<Vec<f32>> {
     let err = |msg: String| Error::Data {
         path: file.display().to_string(),
         msg,

@@ -1,9 +1,11 @@
 //! Turning samples into pictures: pixels from [-1, 1], image grids, atomic PNG files.
 
+use std::io::Write;
 use std::path::Path;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
+use crate::checkpoint::write_atomic;
 use crate::error::{Error, Result};
 
 /// `[-1, 1] -> [0, 255]`, rounded and clamped (diffusers' `(x / 2 + 0.5).clamp(0, 1) * 255`).
@@ -75,42 +77,36 @@ pub fn grid_columns(n: usize) -> usize {
     (n as f64).sqrt().ceil().max(1.0) as usize
 }
 
-/// Writes a PNG to a temporary file beside `path`, then renames it into place: a reader never
-/// sees half a file.
+/// Writes a PNG atomically (as checkpoints are written): a reader never sees half a file.
 pub fn save_png(img: &DynamicImage, path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = dir {
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| {
+            Error::invalid("save_png", format!("cannot encode {}: {e}", path.display()))
+        })?;
+    write_file(path, &png.into_inner())
+}
+
+/// Writes `bytes` to `path` atomically, creating its folder.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("image.png");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| Error::invalid("save_png", format!("cannot write {}: {e}", path.display())))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    write_atomic(path, |out| out.write_all(bytes)).map_err(|e| match e {
+        Error::Checkpoint { path, msg } => Error::invalid("write image", format!("{path}: {msg}")),
+        other => other,
+    })
 }
 
 /// Writes an animated GIF (looping, `delay_ms` per frame) atomically, like [`save_png`].
 pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
     use image::codecs::gif::{GifEncoder, Repeat};
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir)?;
-    }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("anim.gif");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let fail = |e: image::ImageError| {
-        Error::invalid("save_gif", format!("cannot write {}: {e}", path.display()))
+        Error::invalid("save_gif", format!("cannot encode {}: {e}", path.display()))
     };
+    let mut bytes = Vec::new();
     {
-        let file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        let mut gif = GifEncoder::new_with_speed(file, 10);
+        let mut gif = GifEncoder::new_with_speed(&mut bytes, 10);
         gif.set_repeat(Repeat::Infinite).map_err(fail)?;
         let delay = image::Delay::from_numer_denom_ms(delay_ms, 1);
         for f in frames {
@@ -119,6 +115,5 @@ pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
                 .map_err(fail)?;
         }
     }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    write_file(path, &bytes)
 }

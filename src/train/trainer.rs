@@ -185,9 +185,12 @@ impl<'b> Trainer<'b> {
         for g in &grads[1..] {
             norm2 = be.add(&norm2, &be.sum_squares(g)?)?;
         }
+        // One readback (one wait on the GPU) for both scalars: [loss, |g|^2].
+        let scalar = |t: &Tensor| t.reshape(&[1, 1, 1, 1]);
+        let both = be.concat_channels(&scalar(&loss)?, &scalar(&norm2)?)?;
         let mut host_time = started.elapsed();
-        let loss = be.to_vec(&loss)?[0];
-        let grad_norm = be.to_vec(&norm2)?[0].sqrt();
+        let both = be.to_vec(&both)?;
+        let (loss, grad_norm) = (both[0], both[1].sqrt());
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(Error::invalid(
                 "train step",

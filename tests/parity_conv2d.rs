@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use diffwgpu::ops::conv2d::Conv2dParams;
-use diffwgpu::{Backend, Cpu, Error, Tensor};
+use diffwgpu::{Backend, Cpu, Error, Gpu, Tensor};
 
 /// One convolution: input shape, output channels, square kernel size, parameters, bias.
 struct Case {
@@ -81,8 +81,7 @@ fn inputs(c: &Case, seed: u64) -> Inputs {
     }
 }
 
-#[test]
-fn forward_and_backward_match_cpu() {
+fn forward_and_backward_match_cpu(g: &Gpu) {
     for (i, c) in CASES.iter().enumerate() {
         let Inputs {
             x,
@@ -96,7 +95,7 @@ fn forward_and_backward_match_cpu() {
         // different order on each backend (tile slabs and splits vs the GEMM's blocking), so a
         // few f32 ulps of partial sums of size up to ~30.
         let name = format!("conv2d x {:?} -> {} k{} {:?}", c.x, c.cout, c.k, c.p);
-        parity(&name, 1e-4, 1e-4, |be: &dyn Backend| {
+        parity(g, &name, 1e-4, 1e-4, |be: &dyn Backend| {
             let tx = up(be, &c.x, &x);
             let tw = up(be, &wshape, &w);
             let tb = up(be, &[c.cout], &b);
@@ -129,7 +128,6 @@ fn loss(c: &Case, x: &[f32], w: &[f32], b: &[f32], r: &[f32]) -> f64 {
     )
 }
 
-#[test]
 fn gradients_match_finite_differences() {
     let cases = [
         case([2, 3, 5, 4], 2, 3, 2, DOWN, true),
@@ -184,7 +182,6 @@ fn gradients_match_finite_differences() {
     }
 }
 
-#[test]
 fn params_constructors() {
     assert_eq!(
         Conv2dParams::new(2, 1),
@@ -274,20 +271,15 @@ fn bad_inputs_are_errors(be: &dyn Backend) {
     );
 }
 
-#[test]
 fn bad_input_is_an_error_on_cpu() {
     bad_inputs_are_errors(&Cpu);
 }
 
-#[test]
-fn bad_input_is_an_error_on_gpu() {
-    let Some(g) = gpu() else { return };
+fn bad_input_is_an_error_on_gpu(g: &Gpu) {
     bad_inputs_are_errors(g);
 }
 
-#[test]
-fn tensor_from_the_other_backend_is_an_error() {
-    let Some(g) = gpu() else { return };
+fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
     let p = Conv2dParams::new(1, 1);
     let (cx, cw) = (
         up(&Cpu, &[1, 2, 3, 3], &[1.0; 18]),
@@ -321,4 +313,13 @@ fn tensor_from_the_other_backend_is_an_error() {
             ..
         })
     ));
+}
+
+tests! {
+    cpu: [gradients_match_finite_differences, params_constructors, bad_input_is_an_error_on_cpu],
+    gpu: [
+        forward_and_backward_match_cpu,
+        bad_input_is_an_error_on_gpu,
+        tensor_from_the_other_backend_is_an_error,
+    ],
 }

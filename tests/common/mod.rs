@@ -1,7 +1,7 @@
 //! Shared test helpers: seeded inputs, closeness checks, the GPU adapter, finite differences.
 #![allow(dead_code)]
 
-use std::sync::OnceLock;
+pub mod harness;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -56,26 +56,6 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     );
 }
 
-/// The GPU backend shared by every test in a binary. Without an adapter the test is skipped
-/// (returns None) — except in CI (`CI=true`), where a missing adapter is a failure.
-pub fn gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| match Gpu::new() {
-        Ok(g) => {
-            eprintln!("GPU tests run on {}", g.name());
-            Some(g)
-        }
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true and no GPU adapter: {e}");
-            }
-            eprintln!("skipping GPU test: {e}");
-            None
-        }
-    })
-    .as_ref()
-}
-
 /// Uploads `data` with `shape` to backend `b`.
 pub fn up(b: &dyn Backend, shape: &[usize], data: &[f32]) -> Tensor {
     b.upload(shape, data).expect("upload")
@@ -89,12 +69,12 @@ pub fn down(b: &dyn Backend, t: &Tensor) -> Vec<f32> {
 /// Runs `f` on the CPU and on the GPU and compares every named output.
 /// `f` returns (name, values) pairs; the tolerance is `atol + rtol * |cpu|`.
 pub fn parity(
+    g: &Gpu,
     case: &str,
     atol: f32,
     rtol: f32,
     f: impl Fn(&dyn Backend) -> Vec<(&'static str, Vec<f32>)>,
 ) {
-    let Some(g) = gpu() else { return };
     let want = f(&Cpu);
     let got = f(g);
     assert_eq!(want.len(), got.len());

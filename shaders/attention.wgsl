@@ -11,11 +11,14 @@
 //   attention_bwd_dq:    dS = P * (dO V^T - D), dQ = dS K * scale, per block of query rows.
 //   attention_bwd_dkv:   dV = P^T dO, dK = dS^T Q * scale, per block of key rows.
 //
-// A workgroup of 256 invocations owns BR = 16 rows: invocation (r, t) = (lid / 16, lid % 16)
-// holds row r's output columns t + 16 u (u < 16, so d <= 256) in registers, and the scores of
+// A workgroup of ROW_WG = BR x TPR invocations owns BR rows: invocation (r, t) = (lid / TPR,
+// lid % TPR) holds row r's output columns t + TPR u (u < MAXCOL, so d <= 256) in registers, and the scores of
 // row r against columns t + 16 i (i < 4) of the current BC = 64-wide block. Scores are computed
 // as a small matrix product over the feature dimension in DK = 16 deep slices staged in
 // workgroup memory; the row-wide softmax steps go through a [BR][BC] tile in workgroup memory.
+
+// Workgroup size of the one-invocation-per-row pass.
+override WG: u32 = 256u;
 
 struct Params {
     len: u32,
@@ -27,8 +30,9 @@ struct Params {
     rows: u32,
 }
 
-const BR: u32 = 16u;
+override BR: u32 = 16u;
 const TPR: u32 = 16u;
+override ROW_WG: u32 = BR * TPR;
 const BC: u32 = 64u;
 const SPT: u32 = 4u;
 const DK: u32 = 16u;
@@ -123,8 +127,7 @@ fn scores_a(lid: u32, row0: u32, col0: u32) {
             xv = xa[ix];
         }
         x_tile[tile_depth(lid) * BR + tile_row(lid)] = xv;
-        for (var i = 0u; i < SPT; i++) {
-            let e = lid + BR * TPR * i;
+        for (var e = lid; e < BC * DK; e += ROW_WG) {
             let iy = at(col0 + tile_row(e), d0 + tile_depth(e));
             var yv = 0.0;
             if (iy != NONE) {
@@ -152,8 +155,7 @@ fn scores_b(lid: u32, row0: u32, col0: u32) {
             xv = xb[ix];
         }
         x_tile[tile_depth(lid) * BR + tile_row(lid)] = xv;
-        for (var i = 0u; i < SPT; i++) {
-            let e = lid + BR * TPR * i;
+        for (var e = lid; e < BC * DK; e += ROW_WG) {
             let iy = at(col0 + tile_row(e), d0 + tile_depth(e));
             var yv = 0.0;
             if (iy != NONE) {
@@ -167,7 +169,7 @@ fn scores_b(lid: u32, row0: u32, col0: u32) {
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(ROW_WG)
 fn attention_fwd(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     setup(wid.y);
@@ -232,12 +234,12 @@ fn attention_fwd(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-// One invocation per (b, head, row), 256 per workgroup on an x-by-y grid.
-@compute @workgroup_size(256)
+// One invocation per (b, head, row), WG per workgroup on an x-by-y grid.
+@compute @workgroup_size(WG)
 fn attention_bwd_delta(@builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
-    let idx = (wid.x + wid.y * nwg.x) * 256u + lid;
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid;
     if (idx < p.rows) {
         let bh = idx / p.len;
         let i = idx % p.len;
@@ -251,7 +253,7 @@ fn attention_bwd_delta(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(ROW_WG)
 fn attention_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     setup(wid.y);
@@ -306,7 +308,7 @@ fn attention_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // Rows of this workgroup are keys; the streamed blocks are queries.
-@compute @workgroup_size(256)
+@compute @workgroup_size(ROW_WG)
 fn attention_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
     setup(wid.y);

@@ -4,7 +4,7 @@
 //                             (strided loads, then a tree in workgroup memory)
 // Workgroups are laid out as an x-by-y grid (linear index = wid.x + wid.y * nwg.x).
 
-const WG: u32 = 256u;
+override WG: u32 = 256u;
 
 struct Params {
     n: u32,
@@ -25,7 +25,7 @@ struct Params {
 
 var<workgroup> scratch: array<f32, WG>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn add_per_channel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let i = (wid.x + wid.y * nwg.x) * WG + lid;
@@ -34,7 +34,7 @@ fn add_per_channel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn add_per_channel_backward(@builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_index) lid: u32) {

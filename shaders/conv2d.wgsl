@@ -35,7 +35,7 @@ struct Params {
 override WG_M: u32 = 16u;
 override WG_N: u32 = 16u;
 override TK: u32 = 16u;
-override WG: u32 = WG_M * WG_N;
+override TILE_WG: u32 = WG_M * WG_N;
 override TM: u32 = 4u * WG_M;
 override TN: u32 = 4u * WG_N;
 override A_LEN: u32 = TK * TM;
@@ -93,7 +93,7 @@ fn x_at(base: u32, y0: i32, x0: i32, k: u32) -> f32 {
 }
 
 // Y = W X + bias: tile rows are output channels, columns are output pixels (b, oy, ox).
-@compute @workgroup_size(WG)
+@compute @workgroup_size(TILE_WG)
 fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let m_len = p.cout;
@@ -117,14 +117,14 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let y0 = i32(oy * p.stride) - i32(p.pad_top);
     let x0 = i32((pix - oy * p.wo) * p.stride) - i32(p.pad_left);
     let base = b * p.cin * p.h * p.w;
-    // ... and reduction index ak of rows am, am + WG / TK, ... of every A slab.
+    // ... and reduction index ak of rows am, am + TILE_WG / TK, ... of every A slab.
     let ak = lid % TK;
 
     let tm = lid / WG_N;
     let tn = lid % WG_N;
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < k_len; k0 += TK) {
-        for (var mm = lid / TK; mm < TM; mm += WG / TK) {
+        for (var mm = lid / TK; mm < TM; mm += TILE_WG / TK) {
             let m = m0 + mm;
             let k = k0 + ak;
             var v = 0.0;
@@ -133,7 +133,7 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             }
             As[ak * TM + mm] = v;
         }
-        for (var kk = lid / TN; kk < TK; kk += WG / TN) {
+        for (var kk = lid / TN; kk < TK; kk += TILE_WG / TN) {
             let k = k0 + kk;
             var v = 0.0;
             if (n < n_len && k < k_len) {
@@ -168,7 +168,7 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 // dx = W^T dY in gather form: tile rows are input channels ci, columns input pixels
 // (b, iy, ix), reduction over k = (co, ky, kx). dY[k, n] = dy[b, co, oy, ox] where
 // oy s = iy + pt - ky and ox s = ix + pl - kx divide exactly and fall inside the output.
-@compute @workgroup_size(WG)
+@compute @workgroup_size(TILE_WG)
 fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     let m_len = p.cin;
@@ -200,7 +200,7 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < k_len; k0 += TK) {
         // A[ci, (co, ky, kx)] = w[co, ci, ky, kx]
-        for (var mm = lid / TK; mm < TM; mm += WG / TK) {
+        for (var mm = lid / TK; mm < TM; mm += TILE_WG / TK) {
             let m = m0 + mm;
             let k = k0 + ak;
             var v = 0.0;
@@ -210,7 +210,7 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
             }
             As[ak * TM + mm] = v;
         }
-        for (var kk = lid / TN; kk < TK; kk += WG / TN) {
+        for (var kk = lid / TN; kk < TK; kk += TILE_WG / TN) {
             let k = k0 + kk;
             var v = 0.0;
             if (n < n_len && k < k_len) {
@@ -251,7 +251,7 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 // One split of dW = sum_r dY[co, r] X[k, r]: tile rows are output channels, columns are
 // k = (ci, ky, kx), the reduction runs over the split's output pixels r = (b, oy, ox).
 // Writes the split's partial tile to dw_partial[s][co][k]; sum_splits adds the splits.
-@compute @workgroup_size(WG)
+@compute @workgroup_size(TILE_WG)
 fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_index) lid: u32) {
@@ -285,7 +285,7 @@ fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
         let y0 = i32(oy * p.stride) - i32(p.pad_top);
         let x0 = i32((pix - oy * p.wo) * p.stride) - i32(p.pad_left);
         let base = b * p.cin * p.h * p.w;
-        for (var mm = lid / TK; mm < TM; mm += WG / TK) {
+        for (var mm = lid / TK; mm < TM; mm += TILE_WG / TK) {
             let m = m0 + mm;
             var v = 0.0;
             if (live && m < m_len) {
@@ -293,7 +293,7 @@ fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
             }
             As[rr * TM + mm] = v;
         }
-        for (var nn = lid / TK; nn < TN; nn += WG / TK) {
+        for (var nn = lid / TK; nn < TN; nn += TILE_WG / TK) {
             let k = n0 + nn;
             var v = 0.0;
             if (live && k < n_len) {
@@ -321,12 +321,15 @@ fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-var<workgroup> red: array<f32, 256>;
+// The reduction kernels run WG invocations per workgroup (a power of two).
+override WG: u32 = 256u;
+
+var<workgroup> red: array<f32, WG>;
 
 // One split of db[co] = sum_r dy[b, co, oy, ox]: workgroup (co, s) sums its split's pixels,
 // each invocation a strided share, then a tree in workgroup memory. Writes src's sum to
 // dst[s Cout + co].
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn conv2d_bwd_bias_partial(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_index) lid: u32) {
@@ -340,13 +343,13 @@ fn conv2d_bwd_bias_partial(@builtin(workgroup_id) wid: vec3<u32>,
     let r_begin = split * p.split_len;
     let r_end = min(r_begin + p.split_len, p.batch * ohw);
     var sum = 0.0;
-    for (var r = r_begin + lid; r < r_end; r += 256u) {
+    for (var r = r_begin + lid; r < r_end; r += WG) {
         let b = r / ohw;
         sum += src[(b * p.cout + co) * ohw + r - b * ohw];
     }
     red[lid] = sum;
     workgroupBarrier();
-    for (var half = 128u; half > 0u; half >>= 1u) {
+    for (var half = WG / 2u; half > 0u; half >>= 1u) {
         if (lid < half) {
             red[lid] += red[lid + half];
         }
@@ -358,10 +361,10 @@ fn conv2d_bwd_bias_partial(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // out[i] = sum_s partial[s n + i], one invocation per element.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn sum_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
     if (i >= p.n) {
         return;
     }

@@ -1,8 +1,10 @@
 // The fused diffusion kernels (see src/ops/diffusion.rs for the equations), one invocation per
-// element, 256 per workgroup, workgroups as an x-by-y grid (linear = wid.x + wid.y * nwg.x).
+// element, WG per workgroup, workgroups as an x-by-y grid (linear = wid.x + wid.y * nwg.x).
 //   q_sample:  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t per sample
 //   ddpm_step: x_{t-1} = c0 clip(x0_hat) + ct x_t + sigma z
 //   ddim_step: x_{t'} = sqrt(abar_{t'}) clip(x0_hat) + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma z
+
+override WG: u32 = 256u;
 
 struct QSampleParams {
     n: u32,
@@ -42,10 +44,10 @@ struct StepParams {
 @group(0) @binding(4) var<storage, read_write> x_prev: array<f32>;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 256u + lid;
+    return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn q_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -75,7 +77,7 @@ fn clip_x0(x0: f32) -> f32 {
     return x0;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ddpm_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -87,7 +89,7 @@ fn ddpm_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     x_prev[i] = s.coef_x0 * x0 + s.coef_second * x + s.sigma * noise[i];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ddim_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);

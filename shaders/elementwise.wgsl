@@ -1,4 +1,4 @@
-// Elementwise ops, one invocation per element, 256 per workgroup, workgroups laid out as an
+// Elementwise ops, one invocation per element, WG per workgroup, workgroups laid out as an
 // x-by-y grid (linear index = wid.x + wid.y * nwg.x).
 //   add:           y = a + b
 //   scale:         y = s * a
@@ -11,6 +11,8 @@ struct Params {
     scale: f32,
 }
 
+override WG: u32 = 256u;
+
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 
@@ -22,14 +24,14 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y1: array<f32>;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 256u + lid;
+    return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
        @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -38,7 +40,7 @@ fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -47,7 +49,7 @@ fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn silu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -57,7 +59,7 @@ fn silu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn silu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -68,7 +70,7 @@ fn silu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);

@@ -1,8 +1,10 @@
 // Sinusoidal timestep embedding (diffusers' get_timestep_embedding), one invocation per output
-// element of [B, dim], 256 per workgroup, workgroups as an x-by-y grid.
+// element of [B, dim], WG per workgroup, workgroups as an x-by-y grid.
 //   y[b, j]        = sin(arg_{b,j}),        j < half   (cos when flip)
 //   y[b, half + j] = cos(arg_{b,j}),        j < half   (sin when flip)
 //   y[b, dim - 1]  = 0 when dim is odd;  arg_{b,k} = scale (t_b freq_k)
+
+override WG: u32 = 256u;
 
 struct Params {
     n: u32,
@@ -30,11 +32,11 @@ fn reduce(x: f32) -> f32 {
     return ((x - k * C1) - k * C2) - k * C3;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn timestep_embedding(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
     if (i >= p.n) {
         return;
     }

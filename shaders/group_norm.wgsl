@@ -14,7 +14,7 @@
 //   group_norm_backward_affine: one invocation per channel c, sums the partials over b:
 //       dgamma_c = sum_b partials[b C + c], dbeta_c = sum_b partials[B C + b C + c]
 
-const WG: u32 = 256u;
+override WG: u32 = 256u;
 
 struct Params {
     batch: u32,
@@ -69,7 +69,7 @@ fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     return total;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
@@ -107,7 +107,7 @@ fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn group_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_index) lid: u32) {
@@ -138,7 +138,7 @@ fn group_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn group_norm_backward_affine_partials(@builtin(workgroup_id) wid: vec3<u32>,
                                        @builtin(num_workgroups) nwg: vec3<u32>,
                                        @builtin(local_invocation_index) lid: u32) {
@@ -166,7 +166,7 @@ fn group_norm_backward_affine_partials(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn group_norm_backward_affine(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_index) lid: u32) {

@@ -1,4 +1,4 @@
-// Data movement on NCHW tensors. Elementwise entries use one invocation per element, 256 per
+// Data movement on NCHW tensors. Elementwise entries use one invocation per element, WG per
 // workgroup, workgroups as an x-by-y grid (linear index = wid.x + wid.y * nwg.x).
 //   concat_channels:  per sample s, y[s] = a[s] (d0 = Ca H W values) ++ b[s] (d1 = Cb H W)
 //   split_channels:   the inverse: y[s, r] goes to a[s, r] for r < d0, else b[s, r - d0]
@@ -10,9 +10,11 @@
 //                     rows of x and writes rows of y, so both are coalesced; the tile row is
 //                     padded to TILE + 1 so the column reads hit different banks.
 
-const WG: u32 = 256u;
-const TILE: u32 = 32u;
-const ROWS: u32 = 8u;
+override WG: u32 = 256u;
+override TILE: u32 = 32u;
+override ROWS: u32 = 8u;
+// The tile's rows are padded to TILE + 1.
+override TILE_LEN: u32 = TILE * (TILE + 1u);
 
 struct Params {
     n: u32,
@@ -36,13 +38,13 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
-var<workgroup> tile: array<f32, 1056>; // TILE * (TILE + 1)
+var<workgroup> tile: array<f32, TILE_LEN>;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn concat_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -59,7 +61,7 @@ fn concat_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn split_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -76,7 +78,7 @@ fn split_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn upsample_nearest2x(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
@@ -90,7 +92,7 @@ fn upsample_nearest2x(@builtin(workgroup_id) wid: vec3<u32>,
     dst[i] = src[(row / 2u) * p.d0 + j / 2u];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn upsample_nearest2x_backward(@builtin(workgroup_id) wid: vec3<u32>,
                                @builtin(num_workgroups) nwg: vec3<u32>,
                                @builtin(local_invocation_index) lid: u32) {
@@ -104,7 +106,7 @@ fn upsample_nearest2x_backward(@builtin(workgroup_id) wid: vec3<u32>,
     dst[i] = (src[top] + src[top + 1u]) + (src[bottom] + src[bottom + 1u]);
 }
 
-@compute @workgroup_size(32, 8)
+@compute @workgroup_size(TILE, ROWS)
 fn transpose(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let m_dim = p.d0;
     let n_dim = p.d1;

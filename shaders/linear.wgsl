@@ -29,6 +29,8 @@ struct Params {
 override WG_X: u32 = 16u;
 override WG_Y: u32 = 16u;
 override BK: u32 = 16u;
+// Invocations per workgroup of the reductions.
+override WG: u32 = 256u;
 const TM: u32 = 4u;
 const TN: u32 = 4u;
 
@@ -154,11 +156,11 @@ fn matmul_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-// One invocation per output element (p.m = len), 256 per workgroup on an x-by-y grid.
-@compute @workgroup_size(256)
+// One invocation per output element (p.m = len), WG per workgroup on an x-by-y grid.
+@compute @workgroup_size(WG)
 fn sum_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    let i = (wid.x + wid.y * nwg.x) * WG + lid;
     if (i < p.m) {
         var s = 0.0;
         for (var z = 0u; z < p.splits; z++) {
@@ -168,12 +170,12 @@ fn sum_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
-// Column j = wid.x * 256 + lid of dy [p.m, p.n], summed over rows [s * k_chunk, (s + 1) * k_chunk)
+// Column j = wid.x * WG + lid of dy [p.m, p.n], summed over rows [s * k_chunk, (s + 1) * k_chunk)
 // for block s = wid.y; consecutive invocations read consecutive words of a row.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn column_sums_partial(@builtin(workgroup_id) wid: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
-    let j = wid.x * 256u + lid;
+    let j = wid.x * WG + lid;
     let s = wid.y;
     if (j < p.n) {
         let end = min((s + 1u) * p.k_chunk, p.m);

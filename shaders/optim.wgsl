@@ -1,8 +1,10 @@
-// In-place optimizer updates, one invocation per element, 256 per workgroup, workgroups as an
+// In-place optimizer updates, one invocation per element, WG per workgroup, workgroups as an
 // x-by-y grid (linear = wid.x + wid.y * nwg.x).
 //   adamw_step: g <- c g (c: global-norm clipping); p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
 //               p <- p - (lr / (1 - b1^k)) m / (sqrt(v) / sqrt(1 - b2^k) + eps)
 //   ema_update: ema <- d ema + (1 - d) p
+
+override WG: u32 = 256u;
 
 struct AdamW {
     n: u32,
@@ -40,10 +42,10 @@ struct Ema {
 @group(0) @binding(2) var<storage, read> source: array<f32>;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 256u + lid;
+    return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
@@ -59,7 +61,7 @@ fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     param[i] = p - h.step_size * m1 / (sqrt(v1) / h.sqrt_bias_correction2 + h.eps);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ema_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);

@@ -10,9 +10,9 @@
 //   mse_loss_backward:      one invocation per element, out_i = scale * (a_i - b_i)
 //                           (scale = 2 d_loss / N)
 
-const WG: u32 = 256u;
-const ITEMS: u32 = 16u;
-const CHUNK: u32 = 4096u; // WG * ITEMS
+override WG: u32 = 256u;
+override ITEMS: u32 = 16u;
+override CHUNK: u32 = WG * ITEMS;
 
 struct Params {
     n: u32,
@@ -56,7 +56,7 @@ fn is_chunk(w: u32) -> bool {
     return w < max((p.n + CHUNK - 1u) / CHUNK, 1u);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn sum_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let w = chunk_index(wid, nwg);
@@ -73,7 +73,7 @@ fn sum_partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn sum_squares_partials(@builtin(workgroup_id) wid: vec3<u32>,
                         @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
@@ -92,7 +92,7 @@ fn sum_squares_partials(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn squared_error_partials(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_index) lid: u32) {
@@ -111,7 +111,7 @@ fn squared_error_partials(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn mse_loss_backward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {

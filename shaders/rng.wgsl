@@ -1,9 +1,11 @@
 // Counter-based random fills, the WGSL mirror of src/rng.rs (read it for the stream layout).
 // Philox4x32-10 (Salmon et al. 2011) with the 32x32 -> 64-bit products built from 16-bit
 // halves, since WGSL has no 64-bit integers. One invocation per Philox block of four
-// elements, 256 per workgroup, workgroups as an x-by-y grid (linear = wid.x + wid.y * nwg.x).
+// elements, WG per workgroup, workgroups as an x-by-y grid (linear = wid.x + wid.y * nwg.x).
 //   rand_uniform: y = (bits >> 8) 2^-24
 //   randn:        Box-Muller on word pairs (0, 1) and (2, 3) of each block
+
+override WG: u32 = 256u;
 
 struct Params {
     // Values to write.
@@ -117,14 +119,14 @@ fn store(k: u32, v: vec4<f32>) {
 }
 
 fn block_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 256u + lid;
+    return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
 fn block_count() -> u32 {
     return (p.first + p.n + 3u) / 4u;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn rand_uniform(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let k = block_index(wid, nwg, lid);
@@ -135,7 +137,7 @@ fn rand_uniform(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn randn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
     let k = block_index(wid, nwg, lid);

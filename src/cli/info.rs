@@ -33,6 +33,12 @@ pub fn run() -> Result<()> {
             "--device gpu would use [0] {} (DIFFWGPU_ADAPTER=<name part> picks another)",
             a.name
         );
+        let kernels = diffwgpu::ops::gpu_kernels();
+        let built = diffwgpu::Gpu::new().and_then(|g| g.build_pipelines(&kernels));
+        match built {
+            Ok(()) => println!("    all {} kernels build on it", kernels.len()),
+            Err(e) => println!("    a kernel does not build on it: {e}"),
+        }
     }
     let (_, why) = super::device::open(super::device::DeviceChoice::Auto)?;
     println!("--device auto would use {why}");

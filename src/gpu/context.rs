@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::buffer::{BufferPool, GpuBuffer};
-use super::pipeline::PipelineCache;
+use super::pipeline::{Kernel, PipelineCache};
 use super::recorder::Recorder;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -107,8 +107,53 @@ fn sorted_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     all
 }
 
-/// The least we need from an adapter; anything less gets a clear error.
-const MIN_STORAGE_BUFFERS: u32 = 8;
+/// The limits every kernel is written for: WebGPU's defaults (256 invocations and 16 KiB of
+/// workgroup memory per workgroup, 8 storage buffers per stage, ...), so that what runs here runs
+/// on any WebGPU-class device. `tests/shaders.rs` checks every kernel against them.
+pub fn kernel_limits() -> wgpu::Limits {
+    wgpu::Limits::default()
+}
+
+/// The limits the device is requested with, stated in one place: [`kernel_limits`], except
+/// the buffer sizes, which are the adapter's so that large batches fit.
+fn required_limits(adapter: &wgpu::Limits) -> wgpu::Limits {
+    wgpu::Limits {
+        max_buffer_size: adapter.max_buffer_size,
+        max_storage_buffer_binding_size: adapter.max_storage_buffer_binding_size,
+        ..kernel_limits()
+    }
+}
+
+/// The first compute limit of [`kernel_limits`] that the adapter does not reach, if any.
+fn unmet_limit(adapter: &wgpu::Limits) -> Option<String> {
+    let need = kernel_limits();
+    let checks = [
+        (
+            "storage buffers per shader stage",
+            adapter.max_storage_buffers_per_shader_stage,
+            need.max_storage_buffers_per_shader_stage,
+        ),
+        (
+            "bytes of workgroup memory",
+            adapter.max_compute_workgroup_storage_size,
+            need.max_compute_workgroup_storage_size,
+        ),
+        (
+            "invocations per workgroup",
+            adapter.max_compute_invocations_per_workgroup,
+            need.max_compute_invocations_per_workgroup,
+        ),
+        (
+            "workgroups per dimension",
+            adapter.max_compute_workgroups_per_dimension,
+            need.max_compute_workgroups_per_dimension,
+        ),
+    ];
+    checks
+        .iter()
+        .find(|(_, has, needs)| has < needs)
+        .map(|(what, has, needs)| format!("it allows {has} {what}; diffwgpu needs {needs}"))
+}
 
 impl Gpu {
     /// The best adapter available: a hardware GPU before a software one. The environment
@@ -146,15 +191,13 @@ impl Gpu {
 
     fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
         let info = adapter.get_info();
-        let limits = adapter.limits();
-        if limits.max_storage_buffers_per_shader_stage < MIN_STORAGE_BUFFERS {
+        if let Some(why) = unmet_limit(&adapter.limits()) {
             return Err(Error::NoAdapter(format!(
-                "adapter {} allows {} storage buffers per shader stage; diffwgpu needs {}",
-                info.name, limits.max_storage_buffers_per_shader_stage, MIN_STORAGE_BUFFERS
+                "adapter {} is below WebGPU's default limits: {why}",
+                info.name
             )));
         }
-        // Ask for everything the adapter offers: the backward kernels need more storage
-        // buffers and workgroup memory than the portable defaults allow.
+        let limits = required_limits(&adapter.limits());
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("diffwgpu"),
             required_features: wgpu::Features::empty(),
@@ -206,6 +249,15 @@ impl Gpu {
             pipelines: self.ctx.pipelines.len(),
             pooled_free_bytes: self.ctx.pool.free_bytes(),
         }
+    }
+
+    /// Builds the pipelines of `kernels` now instead of at their first dispatch; the first
+    /// that the device refuses is an error naming it.
+    pub fn build_pipelines(&self, kernels: &[Kernel]) -> Result<()> {
+        for kernel in kernels {
+            self.ctx.pipelines.get(&self.ctx.device, kernel)?;
+        }
+        Ok(())
     }
 
     /// Frees the pooled buffers no tensor uses.

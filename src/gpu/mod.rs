@@ -10,6 +10,6 @@ mod pipeline;
 mod recorder;
 
 pub use buffer::GpuBuffer;
-pub use context::{adapters, AdapterSummary, Gpu, GpuStats};
-pub use pipeline::Kernel;
+pub use context::{adapters, kernel_limits, AdapterSummary, Gpu, GpuStats};
+pub use pipeline::{Access, Kernel};
 pub use recorder::{grid, Arg};

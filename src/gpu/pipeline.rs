@@ -1,10 +1,23 @@
-//! Compute pipelines, built once per (shader, entry point, override constants, binding layout)
-//! and cached for the life of the device.
+//! Compute pipelines, built once per (shader, entry point, override constants) and cached for
+//! the life of the device.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// One entry point of a WGSL shader file.
+use crate::error::{Error, Result};
+
+/// How a kernel binds one storage buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// One entry point of a WGSL shader file, with everything its pipeline depends on, declared
+/// once beside its launcher so that `tests/shaders.rs` can check it against the shader
+/// without a GPU.
 ///
 /// Binding convention: `@group(0) @binding(0)` is the op's uniform parameter struct, then
 /// bindings 1, 2, ... are the storage buffers in the order the launcher passes them.
@@ -16,6 +29,21 @@ pub struct Kernel {
     pub source: &'static str,
     /// Entry point name.
     pub entry: &'static str,
+    /// Size in bytes of the Rust struct uploaded as the uniform at binding 0.
+    pub params: usize,
+    /// The storage buffers at bindings 1, 2, ...
+    pub storage: &'static [Access],
+    /// Values of the shader's `override` constants (tile sizes shared with the launcher).
+    pub constants: &'static [(&'static str, f64)],
+}
+
+impl Kernel {
+    /// True when both name the same pipeline.
+    pub fn same(&self, other: &Kernel) -> bool {
+        self.shader == other.shader
+            && self.entry == other.entry
+            && self.constants == other.constants
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -23,35 +51,46 @@ pub(crate) struct PipelineKey {
     shader: &'static str,
     entry: &'static str,
     constants: Vec<(&'static str, u64)>,
-    /// Per storage binding: true when read-only.
-    layout: Vec<bool>,
 }
 
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
-    layouts: Mutex<HashMap<Vec<bool>, wgpu::BindGroupLayout>>,
+    layouts: Mutex<HashMap<&'static [Access], wgpu::BindGroupLayout>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<(wgpu::ComputePipeline, wgpu::BindGroupLayout)>>>,
 }
 
 impl PipelineCache {
-    /// The pipeline and its bind group layout, built on first use.
+    /// The pipeline and its bind group layout, built on first use. A shader or pipeline that
+    /// fails validation is an error that names the kernel.
     pub(crate) fn get(
         &self,
         device: &wgpu::Device,
         kernel: &Kernel,
-        constants: &[(&'static str, f64)],
-        layout: &[bool],
-    ) -> Arc<(wgpu::ComputePipeline, wgpu::BindGroupLayout)> {
+    ) -> Result<Arc<(wgpu::ComputePipeline, wgpu::BindGroupLayout)>> {
         let key = PipelineKey {
             shader: kernel.shader,
             entry: kernel.entry,
-            constants: constants.iter().map(|(k, v)| (*k, v.to_bits())).collect(),
-            layout: layout.to_vec(),
+            constants: kernel
+                .constants
+                .iter()
+                .map(|(k, v)| (*k, v.to_bits()))
+                .collect(),
         };
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
-            return p.clone();
+            return Ok(p.clone());
         }
+        if !crate::ops::gpu_kernels().iter().any(|k| k.same(kernel)) {
+            return Err(Error::Gpu {
+                op: kernel.entry,
+                msg: format!(
+                    "kernel {}::{} is not in the list of checked kernels (ops::gpu_kernels); \
+                     add it there",
+                    kernel.shader, kernel.entry
+                ),
+            });
+        }
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .modules
             .lock()
@@ -68,8 +107,8 @@ impl PipelineCache {
             .layouts
             .lock()
             .unwrap()
-            .entry(layout.to_vec())
-            .or_insert_with(|| bind_group_layout(device, layout))
+            .entry(kernel.storage)
+            .or_insert_with(|| bind_group_layout(device, kernel.storage))
             .clone();
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(kernel.entry),
@@ -82,14 +121,23 @@ impl PipelineCache {
             module: &module,
             entry_point: Some(kernel.entry),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants,
+                constants: kernel.constants,
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,
         });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu {
+                op: kernel.entry,
+                msg: format!(
+                    "building the pipeline of {}::{} failed: {e}",
+                    kernel.shader, kernel.entry
+                ),
+            });
+        }
         let entry = Arc::new((pipeline, bind_layout));
         self.pipelines.lock().unwrap().insert(key, entry.clone());
-        entry
+        Ok(entry)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -97,7 +145,7 @@ impl PipelineCache {
     }
 }
 
-fn bind_group_layout(device: &wgpu::Device, layout: &[bool]) -> wgpu::BindGroupLayout {
+fn bind_group_layout(device: &wgpu::Device, layout: &[Access]) -> wgpu::BindGroupLayout {
     let mut entries = vec![wgpu::BindGroupLayoutEntry {
         binding: 0,
         visibility: wgpu::ShaderStages::COMPUTE,
@@ -108,13 +156,13 @@ fn bind_group_layout(device: &wgpu::Device, layout: &[bool]) -> wgpu::BindGroupL
         },
         count: None,
     }];
-    for (i, read_only) in layout.iter().enumerate() {
+    for (i, access) in layout.iter().enumerate() {
         entries.push(wgpu::BindGroupLayoutEntry {
             binding: i as u32 + 1,
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: wgpu::BindingType::Buffer {
                 ty: wgpu::BufferBindingType::Storage {
-                    read_only: *read_only,
+                    read_only: *access == Access::Read,
                 },
                 has_dynamic_offset: false,
                 min_binding_size: None,

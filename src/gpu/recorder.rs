@@ -10,7 +10,7 @@ use bytemuck::Pod;
 
 use super::buffer::GpuBuffer;
 use super::context::{Context, Gpu};
-use super::pipeline::Kernel;
+use super::pipeline::{Access, Kernel};
 use crate::error::{Error, Result};
 
 /// Offset alignment of one dispatch's parameters inside the arena (the largest
@@ -22,7 +22,7 @@ const ARENA_SLOTS: usize = 4096;
 /// A storage buffer argument of a dispatch, bound at binding `index + 1`.
 pub struct Arg<'a> {
     buffer: &'a GpuBuffer,
-    read_only: bool,
+    access: Access,
 }
 
 impl<'a> Arg<'a> {
@@ -30,7 +30,7 @@ impl<'a> Arg<'a> {
     pub fn read(buffer: &'a GpuBuffer) -> Self {
         Arg {
             buffer,
-            read_only: true,
+            access: Access::Read,
         }
     }
 
@@ -38,7 +38,7 @@ impl<'a> Arg<'a> {
     pub fn write(buffer: &'a GpuBuffer) -> Self {
         Arg {
             buffer,
-            read_only: false,
+            access: Access::ReadWrite,
         }
     }
 }
@@ -144,32 +144,45 @@ impl Recorder {
 
 impl Gpu {
     /// Records one dispatch of `kernel` with its parameters at binding 0 and `args` at
-    /// bindings 1, 2, ...; `constants` sets WGSL `override` values (part of the pipeline key).
+    /// bindings 1, 2, ...; the arguments must be the ones the kernel declares.
     pub(crate) fn dispatch<P: Pod>(
         &self,
         kernel: &Kernel,
-        constants: &[(&'static str, f64)],
         params: &P,
         args: &[Arg<'_>],
         workgroups: [u32; 3],
     ) -> Result<()> {
         let ctx = &self.ctx;
+        let fail = |msg: String| Error::Gpu {
+            op: kernel.entry,
+            msg,
+        };
         let bytes = bytemuck::bytes_of(params);
-        if bytes.len() > UNIFORM_ALIGN {
-            return Err(Error::Gpu {
-                op: kernel.entry,
-                msg: format!("parameter block of {} bytes exceeds 256", bytes.len()),
-            });
+        if bytes.len() != kernel.params || bytes.len() > UNIFORM_ALIGN {
+            return Err(fail(format!(
+                "parameter block of {} bytes, but the kernel declares {} (at most {UNIFORM_ALIGN})",
+                bytes.len(),
+                kernel.params
+            )));
+        }
+        if !args
+            .iter()
+            .map(|a| a.access)
+            .eq(kernel.storage.iter().copied())
+        {
+            let passed: Vec<Access> = args.iter().map(|a| a.access).collect();
+            return Err(fail(format!(
+                "storage arguments {passed:?}, but the kernel declares {:?}",
+                kernel.storage
+            )));
         }
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max) {
-            return Err(Error::Gpu {
-                op: kernel.entry,
-                msg: format!("dispatch of {workgroups:?} workgroups exceeds the limit {max}"),
-            });
+            return Err(fail(format!(
+                "dispatch of {workgroups:?} workgroups exceeds the limit {max}"
+            )));
         }
-        let layout: Vec<bool> = args.iter().map(|a| a.read_only).collect();
-        let pipeline = ctx.pipelines.get(&ctx.device, kernel, constants, &layout);
+        let pipeline = ctx.pipelines.get(&ctx.device, kernel)?;
         let mut rec = ctx.recorder.lock().unwrap();
         let (offset, size) = rec.push_uniform(ctx, bytes);
         let mut entries = vec![wgpu::BindGroupEntry {
@@ -186,11 +199,15 @@ impl Gpu {
                 resource: arg.buffer.raw().as_entire_binding(),
             });
         }
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.entry),
             layout: &pipeline.1,
             entries: &entries,
         });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(fail(format!("binding the arguments failed: {e}")));
+        }
         let pass = rec.pass(ctx);
         pass.set_pipeline(&pipeline.0);
         pass.set_bind_group(0, &bind_group, &[]);

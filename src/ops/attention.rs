@@ -360,13 +360,13 @@ struct Params {
     scale: f32,
     /// `B * heads * L`.
     rows: u32,
-    _pad: [u32; 2],
 }
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{Access, Arg, Gpu, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
 
     const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
 
@@ -374,14 +374,24 @@ pub(crate) mod gpu {
     const BLOCK_ROWS: usize = 16;
     /// Widest head the kernels take: 16 invocations per row, 16 output columns each.
     pub const MAX_HEAD_DIM: usize = 256;
+    const CONSTANTS: &[(&str, f64)] = &[("BR", BLOCK_ROWS as f64), ("WG", ELEMENTWISE_WG as f64)];
 
-    fn kernel(entry: &'static str) -> Kernel {
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
         Kernel {
             shader: "attention",
             source: SOURCE,
             entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: CONSTANTS,
         }
     }
+
+    const FORWARD: Kernel = kernel("attention_fwd", &[R, R, R, W, W]);
+    const BACKWARD_DELTA: Kernel = kernel("attention_bwd_delta", &[R, R, W]);
+    const BACKWARD_DQ: Kernel = kernel("attention_bwd_dq", &[R, R, R, R, R, R, W]);
+    const BACKWARD_DKV: Kernel = kernel("attention_bwd_dkv", &[R, R, R, R, R, R, W, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_DELTA, BACKWARD_DQ, BACKWARD_DKV];
 
     /// GPU-only limits: the head width, the grid, and u32 indices.
     fn check_gpu(op: &'static str, g: &Gpu, dims: &Dims) -> Result<(Params, [u32; 3])> {
@@ -418,7 +428,6 @@ pub(crate) mod gpu {
             head_dim: dims.head_dim as u32,
             scale: dims.scale(),
             rows: (dims.batch * dims.heads * dims.len) as u32,
-            _pad: [0; 2],
         };
         Ok((params, [grid[0] as u32, grid[1].max(1) as u32, 1]))
     }
@@ -451,7 +460,7 @@ pub(crate) mod gpu {
             Arg::write(&out),
             Arg::write(&lse),
         ];
-        g.dispatch(&kernel("attention_fwd"), &[], &p, &args, grid)?;
+        g.dispatch(&FORWARD, &p, &args, grid)?;
         Ok(result)
     }
 
@@ -486,13 +495,7 @@ pub(crate) mod gpu {
         let rows = dims.batch * heads * dims.len;
         let delta = g.alloc(op, rows)?;
         let args = [Arg::read(ob), Arg::read(dob), Arg::write(&delta)];
-        g.dispatch(
-            &kernel("attention_bwd_delta"),
-            &[],
-            &p,
-            &args,
-            elementwise_grid(rows),
-        )?;
+        g.dispatch(&BACKWARD_DELTA, &p, &args, elementwise_grid(rows))?;
         let dq = g.alloc(op, q.numel())?;
         let args = [
             Arg::read(qb),
@@ -503,7 +506,7 @@ pub(crate) mod gpu {
             Arg::read(&delta),
             Arg::write(&dq),
         ];
-        g.dispatch(&kernel("attention_bwd_dq"), &[], &p, &args, grid)?;
+        g.dispatch(&BACKWARD_DQ, &p, &args, grid)?;
         let dk = g.alloc(op, q.numel())?;
         let dv = g.alloc(op, q.numel())?;
         let args = [
@@ -516,7 +519,7 @@ pub(crate) mod gpu {
             Arg::write(&dk),
             Arg::write(&dv),
         ];
-        g.dispatch(&kernel("attention_bwd_dkv"), &[], &p, &args, grid)?;
+        g.dispatch(&BACKWARD_DKV, &p, &args, grid)?;
         Ok(AttentionGrads {
             dq: Tensor::from_gpu(q.shape(), dq),
             dk: Tensor::from_gpu(q.shape(), dk),

@@ -22,7 +22,6 @@ struct Params {
     rows: u32,
     /// `H * W`, the length of a row.
     row_len: u32,
-    _pad: u32,
 }
 
 /// Checks `x [B, C, H, W]` and `v [B, C]`; returns (rows, row length).
@@ -90,25 +89,32 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{grid, Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{grid, Access, Arg, Gpu, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
 
     const SOURCE: &str = include_str!("../../shaders/broadcast.wgsl");
 
-    fn kernel(entry: &'static str) -> Kernel {
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
         Kernel {
             shader: "broadcast",
             source: SOURCE,
             entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: ELEMENTWISE_CONSTANTS,
         }
     }
+
+    const ADD_PER_CHANNEL: Kernel = kernel("add_per_channel", &[R, R, W]);
+    const ADD_PER_CHANNEL_BACKWARD: Kernel = kernel("add_per_channel_backward", &[R, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[ADD_PER_CHANNEL, ADD_PER_CHANNEL_BACKWARD];
 
     fn params(n: usize, rows: usize, row_len: usize) -> Params {
         Params {
             n: n as u32,
             rows: rows as u32,
             row_len: row_len as u32,
-            _pad: 0,
         }
     }
 
@@ -119,8 +125,7 @@ pub(crate) mod gpu {
         let n = x.numel();
         let y = g.alloc(OP, n)?;
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &ADD_PER_CHANNEL,
             &params(n, rows, row_len),
             &[
                 Arg::read(x.gpu_buffer(OP)?),
@@ -138,8 +143,7 @@ pub(crate) mod gpu {
         let (rows, row_len) = check_backward(OP, dy)?;
         let dv = g.alloc(OP, rows)?;
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &ADD_PER_CHANNEL_BACKWARD,
             &params(dy.numel(), rows, row_len),
             &[Arg::read(dy.gpu_buffer(OP)?), Arg::write(&dv)],
             grid(rows as u32),

@@ -561,8 +561,9 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{grid, Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{grid, Access, Arg, Gpu, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
 
     const SOURCE: &str = include_str!("../../shaders/conv2d.wgsl");
 
@@ -579,21 +580,37 @@ pub(crate) mod gpu {
     /// Most splits of a split-K pass (bounds the scratch buffer).
     const MAX_SPLITS: usize = 64;
 
-    fn kernel(entry: &'static str) -> Kernel {
+    /// The GEMM kernels' tile sizes and the reductions' workgroup size, passed to the shader.
+    const CONSTANTS: &[(&str, f64)] = &[
+        ("WG_M", WG_M as f64),
+        ("WG_N", WG_N as f64),
+        ("TK", TK as f64),
+        ("WG", ELEMENTWISE_WG as f64),
+    ];
+
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
         Kernel {
             shader: "conv2d",
             source: SOURCE,
             entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: CONSTANTS,
         }
     }
 
-    fn tiles() -> [(&'static str, f64); 3] {
-        [
-            ("WG_M", WG_M as f64),
-            ("WG_N", WG_N as f64),
-            ("TK", TK as f64),
-        ]
-    }
+    const FORWARD: Kernel = kernel("conv2d_fwd", &[R, R, R, W]);
+    const BACKWARD_INPUT: Kernel = kernel("conv2d_bwd_input", &[R, R, W]);
+    const BACKWARD_WEIGHT_PARTIAL: Kernel = kernel("conv2d_bwd_weight_partial", &[R, R, W]);
+    const BACKWARD_BIAS_PARTIAL: Kernel = kernel("conv2d_bwd_bias_partial", &[R, W]);
+    const SUM_SPLITS: Kernel = kernel("sum_splits", &[R, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[
+        FORWARD,
+        BACKWARD_INPUT,
+        BACKWARD_WEIGHT_PARTIAL,
+        BACKWARD_BIAS_PARTIAL,
+        SUM_SPLITS,
+    ];
 
     fn params(g: &Geometry) -> Params {
         let u = |v: usize| v as u32;
@@ -657,7 +674,7 @@ pub(crate) mod gpu {
                 Arg::write(&y),
             ];
             let workgroups = tile_grid(g.cout, g.batch * g.out_hw(), 1);
-            g_.dispatch(&kernel("conv2d_fwd"), &tiles(), &u, &args, workgroups)?;
+            g_.dispatch(&FORWARD, &u, &args, workgroups)?;
         }
         Ok(Tensor::from_gpu(&g.out_shape(), y))
     }
@@ -677,7 +694,7 @@ pub(crate) mod gpu {
             ..Zeroable::zeroed()
         };
         let args = [Arg::read(partial), Arg::write(&out)];
-        g_.dispatch(&kernel("sum_splits"), &[], &u, &args, elementwise_grid(n))?;
+        g_.dispatch(&SUM_SPLITS, &u, &args, elementwise_grid(n))?;
         Ok(out)
     }
 
@@ -704,13 +721,7 @@ pub(crate) mod gpu {
             let dx = g_.alloc(OP, x.numel())?;
             let args = [Arg::read(dyb), Arg::read(wb), Arg::write(&dx)];
             let workgroups = tile_grid(g.cin, g.batch * g.hw(), 1);
-            g_.dispatch(
-                &kernel("conv2d_bwd_input"),
-                &tiles(),
-                &params(&g),
-                &args,
-                workgroups,
-            )?;
+            g_.dispatch(&BACKWARD_INPUT, &params(&g), &args, workgroups)?;
             dx
         };
 
@@ -724,13 +735,7 @@ pub(crate) mod gpu {
             u.split_len = split_len as u32;
             let args = [Arg::read(xb), Arg::read(dyb), Arg::write(&partial)];
             let workgroups = tile_grid(g.cout, k, splits);
-            g_.dispatch(
-                &kernel("conv2d_bwd_weight_partial"),
-                &tiles(),
-                &u,
-                &args,
-                workgroups,
-            )?;
+            g_.dispatch(&BACKWARD_WEIGHT_PARTIAL, &u, &args, workgroups)?;
             sum_splits(g_, OP, &partial, splits, g.cout * k)?
         };
 
@@ -746,13 +751,7 @@ pub(crate) mod gpu {
             u.split_len = split_len as u32;
             let args = [Arg::read(dyb), Arg::write(&partial)];
             let workgroups = grid((g.cout * splits) as u32);
-            g_.dispatch(
-                &kernel("conv2d_bwd_bias_partial"),
-                &[],
-                &u,
-                &args,
-                workgroups,
-            )?;
+            g_.dispatch(&BACKWARD_BIAS_PARTIAL, &u, &args, workgroups)?;
             Some(sum_splits(g_, OP, &partial, splits, g.cout)?)
         };
 

@@ -74,7 +74,6 @@ struct StepParams {
     /// `ct` (DDPM, times `x_t`) or the direction (DDIM, times `eps_hat`).
     coef_second: f32,
     sigma: f32,
-    _pad: [u32; 2],
 }
 
 /// The uniform block of `shaders/diffusion.wgsl` for `q_sample`.
@@ -86,7 +85,6 @@ struct QSampleParams {
     per_sample: u32,
     /// Timesteps in the schedule.
     steps: u32,
-    _pad: u32,
 }
 
 impl StepParams {
@@ -141,7 +139,6 @@ impl StepParams {
             coef_x0,
             coef_second,
             sigma,
-            _pad: [0; 2],
         }
     }
 }
@@ -321,18 +318,35 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
 
     const SOURCE: &str = include_str!("../../shaders/diffusion.wgsl");
 
-    fn kernel(entry: &'static str) -> Kernel {
+    const Q_SAMPLE: Kernel = Kernel {
+        shader: "diffusion",
+        source: SOURCE,
+        entry: "q_sample",
+        params: size_of::<QSampleParams>(),
+        storage: &[R, R, R, R, W],
+        constants: ELEMENTWISE_CONSTANTS,
+    };
+
+    const fn step_kernel(entry: &'static str) -> Kernel {
         Kernel {
             shader: "diffusion",
             source: SOURCE,
             entry,
+            params: size_of::<StepParams>(),
+            storage: &[R, R, R, W],
+            constants: ELEMENTWISE_CONSTANTS,
         }
     }
+
+    const DDPM_STEP: Kernel = step_kernel("ddpm_step");
+    const DDIM_STEP: Kernel = step_kernel("ddim_step");
+    pub(crate) const KERNELS: &[Kernel] = &[Q_SAMPLE, DDPM_STEP, DDIM_STEP];
 
     /// One thread per element. Timesteps stay on the device, so they are not checked here:
     /// they must be integers in `[0, T)`; the kernel clamps the index so that a bad one can
@@ -346,7 +360,6 @@ pub(crate) mod gpu {
             n: n as u32,
             per_sample: per_sample as u32,
             steps: ac.numel() as u32,
-            _pad: 0,
         };
         let args = [
             Arg::read(x0.gpu_buffer(OP)?),
@@ -355,18 +368,19 @@ pub(crate) mod gpu {
             Arg::read(ac.gpu_buffer(OP)?),
             Arg::write(&out),
         ];
-        g.dispatch(&kernel(OP), &[], &params, &args, elementwise_grid(n))?;
+        g.dispatch(&Q_SAMPLE, &params, &args, elementwise_grid(n))?;
         Ok(Tensor::from_gpu(x0.shape(), out))
     }
 
     fn step(
         g: &Gpu,
-        op: &'static str,
+        kernel: &Kernel,
         x_t: &Tensor,
         mo: &Tensor,
         noise: &Tensor,
         params: &StepParams,
     ) -> Result<Tensor> {
+        let op = kernel.entry;
         check_step(op, x_t, mo, noise)?;
         let n = x_t.numel();
         let out = g.alloc(op, n)?;
@@ -376,7 +390,7 @@ pub(crate) mod gpu {
             Arg::read(noise.gpu_buffer(op)?),
             Arg::write(&out),
         ];
-        g.dispatch(&kernel(op), &[], params, &args, elementwise_grid(n))?;
+        g.dispatch(kernel, params, &args, elementwise_grid(n))?;
         Ok(Tensor::from_gpu(x_t.shape(), out))
     }
 
@@ -389,7 +403,7 @@ pub(crate) mod gpu {
     ) -> Result<Tensor> {
         step(
             g,
-            "ddpm_step",
+            &DDPM_STEP,
             x_t,
             mo,
             noise,
@@ -406,7 +420,7 @@ pub(crate) mod gpu {
     ) -> Result<Tensor> {
         step(
             g,
-            "ddim_step",
+            &DDIM_STEP,
             x_t,
             mo,
             noise,

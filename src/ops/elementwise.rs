@@ -15,7 +15,6 @@ use crate::tensor::Tensor;
 struct Params {
     n: u32,
     scale: f32,
-    _pad: [u32; 2],
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -103,68 +102,67 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{Access, Arg, Gpu, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
 
     const SOURCE: &str = include_str!("../../shaders/elementwise.wgsl");
 
-    fn kernel(entry: &'static str) -> Kernel {
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
         Kernel {
             shader: "elementwise",
             source: SOURCE,
             entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: ELEMENTWISE_CONSTANTS,
         }
     }
 
-    fn params(n: usize, scale: f32) -> Params {
-        Params {
-            n: n as u32,
-            scale,
-            _pad: [0; 2],
-        }
-    }
+    const ADD: Kernel = kernel("add", &[R, R, W]);
+    const SCALE: Kernel = kernel("scale", &[R, W]);
+    const SILU: Kernel = kernel("silu", &[R, W]);
+    const SILU_BACKWARD: Kernel = kernel("silu_backward", &[R, R, W]);
+    const DROPOUT: Kernel = kernel("dropout", &[R, R, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[ADD, SCALE, SILU, SILU_BACKWARD, DROPOUT];
 
     /// One output, one or two inputs, one thread per element.
-    fn run(g: &Gpu, entry: &'static str, inputs: &[&Tensor], s: f32) -> Result<Tensor> {
+    fn run(g: &Gpu, kernel: &Kernel, inputs: &[&Tensor], scale: f32) -> Result<Tensor> {
+        let op = kernel.entry;
         let n = inputs[0].numel();
-        let out = g.alloc(entry, n)?;
+        let out = g.alloc(op, n)?;
         let mut args: Vec<Arg> = Vec::with_capacity(3);
         for t in inputs {
-            args.push(Arg::read(t.gpu_buffer(entry)?));
+            args.push(Arg::read(t.gpu_buffer(op)?));
         }
         args.push(Arg::write(&out));
-        g.dispatch(
-            &kernel(entry),
-            &[],
-            &params(n, s),
-            &args,
-            elementwise_grid(n),
-        )?;
+        let params = Params { n: n as u32, scale };
+        g.dispatch(kernel, &params, &args, elementwise_grid(n))?;
         Ok(Tensor::from_gpu(inputs[0].shape(), out))
     }
 
     pub fn add(g: &Gpu, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         check_same_shape("add", a, b)?;
-        run(g, "add", &[a, b], 0.0)
+        run(g, &ADD, &[a, b], 0.0)
     }
 
     pub fn scale(g: &Gpu, x: &Tensor, s: f32) -> Result<Tensor> {
-        run(g, "scale", &[x], s)
+        run(g, &SCALE, &[x], s)
     }
 
     pub fn silu(g: &Gpu, x: &Tensor) -> Result<Tensor> {
-        run(g, "silu", &[x], 0.0)
+        run(g, &SILU, &[x], 0.0)
     }
 
     pub fn silu_backward(g: &Gpu, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         check_same_shape("silu_backward", x, dy)?;
-        run(g, "silu_backward", &[x, dy], 0.0)
+        run(g, &SILU_BACKWARD, &[x, dy], 0.0)
     }
 
     /// The drop probability travels in the `scale` slot.
     pub fn dropout(g: &Gpu, x: &Tensor, u: &Tensor, p: f32) -> Result<Tensor> {
         check_same_shape("dropout", x, u)?;
         dropout_scale(p)?;
-        run(g, "dropout", &[x, u], p)
+        run(g, &DROPOUT, &[x, u], p)
     }
 }

@@ -33,7 +33,6 @@ struct Params {
     half: u32,
     flip: u32,
     scale: f32,
-    _pad: [u32; 3],
 }
 
 /// Checks the arguments and returns the `half` frequencies `freq_k`, in f32 as torch computes
@@ -101,10 +100,19 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
 
-    const SOURCE: &str = include_str!("../../shaders/embedding.wgsl");
+    const TIMESTEP_EMBEDDING: Kernel = Kernel {
+        shader: "embedding",
+        source: include_str!("../../shaders/embedding.wgsl"),
+        entry: "timestep_embedding",
+        params: size_of::<Params>(),
+        storage: &[R, R, W],
+        constants: ELEMENTWISE_CONSTANTS,
+    };
+    pub(crate) const KERNELS: &[Kernel] = &[TIMESTEP_EMBEDDING];
 
     /// One thread per output element. The frequency table goes up as a small buffer (the
     /// GPU's `exp` is allowed an error of ulps that the argument would multiply by up to
@@ -124,19 +132,13 @@ pub(crate) mod gpu {
             half: half as u32,
             flip: p.flip_sin_to_cos as u32,
             scale: p.scale,
-            _pad: [0; 3],
         };
         let args = [
             Arg::read(t.gpu_buffer(OP)?),
             Arg::read(table.gpu_buffer(OP)?),
             Arg::write(&out),
         ];
-        let kernel = Kernel {
-            shader: "embedding",
-            source: SOURCE,
-            entry: OP,
-        };
-        g.dispatch(&kernel, &[], &params, &args, elementwise_grid(n))?;
+        g.dispatch(&TIMESTEP_EMBEDDING, &params, &args, elementwise_grid(n))?;
         Ok(Tensor::from_gpu(&[batch, p.dim], out))
     }
 }

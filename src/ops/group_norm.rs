@@ -277,23 +277,38 @@ struct Params {
     groups: u32,
     spatial: u32,
     eps: f32,
-    _pad: [u32; 3],
 }
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{grid, Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{grid, Access, Arg, Gpu, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
 
     const SOURCE: &str = include_str!("../../shaders/group_norm.wgsl");
 
-    fn kernel(entry: &'static str) -> Kernel {
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
         Kernel {
             shader: "group_norm",
             source: SOURCE,
             entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: ELEMENTWISE_CONSTANTS,
         }
     }
+
+    const FORWARD: Kernel = kernel("group_norm_forward", &[R, R, R, W, W, W]);
+    const BACKWARD_INPUT: Kernel = kernel("group_norm_backward_input", &[R, R, R, R, R, W]);
+    const BACKWARD_AFFINE_PARTIALS: Kernel =
+        kernel("group_norm_backward_affine_partials", &[R, R, R, R, W]);
+    const BACKWARD_AFFINE: Kernel = kernel("group_norm_backward_affine", &[R, W, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[
+        FORWARD,
+        BACKWARD_INPUT,
+        BACKWARD_AFFINE_PARTIALS,
+        BACKWARD_AFFINE,
+    ];
 
     fn params(d: &Dims, eps: f32) -> Params {
         Params {
@@ -302,7 +317,6 @@ pub(crate) mod gpu {
             groups: d.groups as u32,
             spatial: d.spatial as u32,
             eps,
-            _pad: [0; 3],
         }
     }
 
@@ -321,8 +335,7 @@ pub(crate) mod gpu {
         let mean = g.alloc(OP, rows)?;
         let rstd = g.alloc(OP, rows)?;
         g.dispatch(
-            &kernel("group_norm_forward"),
-            &[],
+            &FORWARD,
             &params(&d, p.eps),
             &[
                 Arg::read(x.gpu_buffer(OP)?),
@@ -362,8 +375,7 @@ pub(crate) mod gpu {
 
         let dx = g.alloc(OP, x.numel())?;
         g.dispatch(
-            &kernel("group_norm_backward_input"),
-            &[],
+            &BACKWARD_INPUT,
             &u,
             &[
                 Arg::read(xb),
@@ -379,8 +391,7 @@ pub(crate) mod gpu {
         let rows = d.batch * d.channels;
         let partials = g.alloc(OP, 2 * rows)?;
         g.dispatch(
-            &kernel("group_norm_backward_affine_partials"),
-            &[],
+            &BACKWARD_AFFINE_PARTIALS,
             &u,
             &[
                 Arg::read(xb),
@@ -395,8 +406,7 @@ pub(crate) mod gpu {
         let dgamma = g.alloc(OP, d.channels)?;
         let dbeta = g.alloc(OP, d.channels)?;
         g.dispatch(
-            &kernel("group_norm_backward_affine"),
-            &[],
+            &BACKWARD_AFFINE,
             &u,
             &[
                 Arg::read(&partials),

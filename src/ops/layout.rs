@@ -23,7 +23,6 @@ struct Params {
     d0: u32,
     /// concat/split: `Cb * H * W`; transpose: `N`; unused by the upsampling kernels.
     d1: u32,
-    _pad: u32,
 }
 
 /// Checks `a [B, Ca, H, W]` and `b [B, Cb, H, W]`; returns the output shape.
@@ -191,29 +190,50 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{Access, Arg, Gpu, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
 
     const SOURCE: &str = include_str!("../../shaders/layout.wgsl");
 
-    /// Transpose tile: TILE x TILE values moved by a TILE x ROWS workgroup (must match the
-    /// shader).
+    /// Transpose tile: TILE x TILE values moved by a TILE x ROWS workgroup.
     const TILE: usize = 32;
+    const ROWS: usize = 8;
+    const CONSTANTS: &[(&str, f64)] = &[
+        ("WG", ELEMENTWISE_WG as f64),
+        ("TILE", TILE as f64),
+        ("ROWS", ROWS as f64),
+    ];
 
-    fn kernel(entry: &'static str) -> Kernel {
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
         Kernel {
             shader: "layout",
             source: SOURCE,
             entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: CONSTANTS,
         }
     }
+
+    const CONCAT_CHANNELS: Kernel = kernel("concat_channels", &[R, R, W]);
+    const SPLIT_CHANNELS: Kernel = kernel("split_channels", &[R, W, W]);
+    const UPSAMPLE: Kernel = kernel("upsample_nearest2x", &[R, W]);
+    const UPSAMPLE_BACKWARD: Kernel = kernel("upsample_nearest2x_backward", &[R, W]);
+    const TRANSPOSE: Kernel = kernel("transpose", &[R, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[
+        CONCAT_CHANNELS,
+        SPLIT_CHANNELS,
+        UPSAMPLE,
+        UPSAMPLE_BACKWARD,
+        TRANSPOSE,
+    ];
 
     fn params(n: usize, d0: usize, d1: usize) -> Params {
         Params {
             n: n as u32,
             d0: d0 as u32,
             d1: d1 as u32,
-            _pad: 0,
         }
     }
 
@@ -225,8 +245,7 @@ pub(crate) mod gpu {
         let batch = shape[0].max(1);
         let y = g.alloc(OP, n)?;
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &CONCAT_CHANNELS,
             &params(n, a.numel() / batch, b.numel() / batch),
             &[
                 Arg::read(a.gpu_buffer(OP)?),
@@ -248,8 +267,7 @@ pub(crate) mod gpu {
         let a = g.alloc(OP, la * shape_a[0])?;
         let b = g.alloc(OP, lb * shape_b[0])?;
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &SPLIT_CHANNELS,
             &params(n, la, lb),
             &[Arg::read(y.gpu_buffer(OP)?), Arg::write(&a), Arg::write(&b)],
             elementwise_grid(n),
@@ -264,8 +282,7 @@ pub(crate) mod gpu {
         let n = x.numel() * 4;
         let y = g.alloc(OP, n)?;
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &UPSAMPLE,
             &params(n, shape[3] / 2, 0),
             &[Arg::read(x.gpu_buffer(OP)?), Arg::write(&y)],
             elementwise_grid(n),
@@ -280,8 +297,7 @@ pub(crate) mod gpu {
         let n = dy.numel() / 4;
         let dx = g.alloc(OP, n)?;
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &UPSAMPLE_BACKWARD,
             &params(n, shape[3], 0),
             &[Arg::read(dy.gpu_buffer(OP)?), Arg::write(&dx)],
             elementwise_grid(n),
@@ -305,8 +321,7 @@ pub(crate) mod gpu {
             batch.max(1) as u32,
         ];
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &TRANSPOSE,
             &params(x.numel(), m, n),
             &[Arg::read(xb), Arg::write(&y)],
             workgroups,

@@ -255,23 +255,15 @@ struct Params {
     b_cs: u32,
     /// Splits of the reduction (`sum_splits`, `column_sums_partial`).
     splits: u32,
-    _pad: [u32; 3],
 }
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{Arg, Gpu, GpuBuffer, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{Access, Arg, Gpu, GpuBuffer, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
 
     const SOURCE: &str = include_str!("../../shaders/linear.wgsl");
-
-    fn kernel(entry: &'static str) -> Kernel {
-        Kernel {
-            shader: "linear",
-            source: SOURCE,
-            entry,
-        }
-    }
 
     /// Invocations per workgroup along n and m; each computes a `TM x TN = 4 x 4` register
     /// tile, so a workgroup computes a `(WG_Y * 4) x (WG_X * 4)` = 64 x 64 output tile.
@@ -288,13 +280,30 @@ pub(crate) mod gpu {
     /// Rows of dy each workgroup of `column_sums_partial` adds.
     const ROWS_PER_SPLIT: u32 = 256;
 
-    fn constants() -> [(&'static str, f64); 3] {
-        [
-            ("WG_X", WG_X as f64),
-            ("WG_Y", WG_Y as f64),
-            ("BK", BK as f64),
-        ]
+    /// The product's tile sizes and the reductions' workgroup size, passed to the shader.
+    const CONSTANTS: &[(&str, f64)] = &[
+        ("WG_X", WG_X as f64),
+        ("WG_Y", WG_Y as f64),
+        ("BK", BK as f64),
+        ("WG", ELEMENTWISE_WG as f64),
+    ];
+
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
+        Kernel {
+            shader: "linear",
+            source: SOURCE,
+            entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: CONSTANTS,
+        }
     }
+
+    const MATMUL: Kernel = kernel("matmul", &[R, R, W]);
+    const MATMUL_BIAS: Kernel = kernel("matmul_bias", &[R, R, R, W]);
+    const SUM_SPLITS: Kernel = kernel("sum_splits", &[R, W]);
+    const COLUMN_SUMS_PARTIAL: Kernel = kernel("column_sums_partial", &[R, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[MATMUL, MATMUL_BIAS, SUM_SPLITS, COLUMN_SUMS_PARTIAL];
 
     fn params(m: u32, n: u32, k: u32, k_chunk: u32, a: Strided, b: Strided, splits: u32) -> Params {
         Params {
@@ -307,7 +316,6 @@ pub(crate) mod gpu {
             b_rs: b.rs as u32,
             b_cs: b.cs as u32,
             splits,
-            _pad: [0; 3],
         }
     }
 
@@ -358,17 +366,17 @@ pub(crate) mod gpu {
         match bias {
             Some(bias) => {
                 let args = [Arg::read(a), Arg::read(b), Arg::read(bias), Arg::write(&c)];
-                g.dispatch(&kernel("matmul_bias"), &constants(), &p, &args, grid)?;
+                g.dispatch(&MATMUL_BIAS, &p, &args, grid)?;
             }
             None if splits == 1 => {
                 let args = [Arg::read(a), Arg::read(b), Arg::write(&c)];
-                g.dispatch(&kernel("matmul"), &constants(), &p, &args, grid)?;
+                g.dispatch(&MATMUL, &p, &args, grid)?;
             }
             None => {
                 check_u32(op, m * n * splits as usize)?;
                 let partial = g.alloc(op, m * n * splits as usize)?;
                 let args = [Arg::read(a), Arg::read(b), Arg::write(&partial)];
-                g.dispatch(&kernel("matmul"), &constants(), &p, &args, grid)?;
+                g.dispatch(&MATMUL, &p, &args, grid)?;
                 sum_splits(g, &partial, &c, m * n, splits)?;
             }
         }
@@ -385,7 +393,7 @@ pub(crate) mod gpu {
     ) -> Result<()> {
         let p = params(len as u32, 0, 0, 0, row_major(0), row_major(0), splits);
         let args = [Arg::read(partial), Arg::write(out)];
-        g.dispatch(&kernel("sum_splits"), &[], &p, &args, elementwise_grid(len))
+        g.dispatch(&SUM_SPLITS, &p, &args, elementwise_grid(len))
     }
 
     /// db[j] = sum_i dy[i, j]: partial sums of row blocks, then `sum_splits` when there is
@@ -404,15 +412,15 @@ pub(crate) mod gpu {
             row_major(0),
             splits,
         );
-        let grid = [(n as u32).div_ceil(256).max(1), splits, 1];
+        let grid = [(n as u32).div_ceil(ELEMENTWISE_WG).max(1), splits, 1];
         let db = g.alloc(op, n)?;
         if splits == 1 {
             let args = [Arg::read(dy), Arg::write(&db)];
-            g.dispatch(&kernel("column_sums_partial"), &[], &p, &args, grid)?;
+            g.dispatch(&COLUMN_SUMS_PARTIAL, &p, &args, grid)?;
         } else {
             let partial = g.alloc(op, n * splits as usize)?;
             let args = [Arg::read(dy), Arg::write(&partial)];
-            g.dispatch(&kernel("column_sums_partial"), &[], &p, &args, grid)?;
+            g.dispatch(&COLUMN_SUMS_PARTIAL, &p, &args, grid)?;
             sum_splits(g, &partial, &db, n, splits)?;
         }
         Ok(db)

@@ -17,6 +17,27 @@ pub mod reduce;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// Every GPU kernel of every op, as its launcher binds and configures it; `tests/shaders.rs`
+/// checks each against its shader without a GPU, and the pipeline cache refuses a kernel that
+/// is not listed here.
+pub fn gpu_kernels() -> Vec<crate::gpu::Kernel> {
+    [
+        attention::gpu::KERNELS,
+        broadcast::gpu::KERNELS,
+        conv2d::gpu::KERNELS,
+        diffusion::gpu::KERNELS,
+        elementwise::gpu::KERNELS,
+        embedding::gpu::KERNELS,
+        group_norm::gpu::KERNELS,
+        layout::gpu::KERNELS,
+        linear::gpu::KERNELS,
+        optim::gpu::KERNELS,
+        random::gpu::KERNELS,
+        reduce::gpu::KERNELS,
+    ]
+    .concat()
+}
+
 /// Checks that `t` has `rank` dimensions.
 pub(crate) fn check_rank(op: &'static str, name: &str, t: &Tensor, rank: usize) -> Result<()> {
     if t.shape().len() != rank {
@@ -39,6 +60,9 @@ pub(crate) fn check_same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Resu
 
 /// Workgroup size of the one-thread-per-element kernels.
 pub(crate) const ELEMENTWISE_WG: u32 = 256;
+
+/// The override constants of the one-thread-per-element kernels (`WG` in their shaders).
+pub(crate) const ELEMENTWISE_CONSTANTS: &[(&str, f64)] = &[("WG", ELEMENTWISE_WG as f64)];
 
 /// Workgroups for `n` elements, one thread each, as an x-by-y grid.
 pub(crate) fn elementwise_grid(n: usize) -> [u32; 3] {

@@ -44,7 +44,6 @@ struct AdamWScalars {
     /// `sqrt(1 - b2^k)`.
     sqrt_bias_correction2: f32,
     grad_scale: f32,
-    _pad: [u32; 2],
 }
 
 /// The uniform block of `ema_update`.
@@ -54,7 +53,6 @@ struct EmaParams {
     n: u32,
     decay: f32,
     one_minus_decay: f32,
-    _pad: u32,
 }
 
 impl AdamWScalars {
@@ -104,7 +102,6 @@ impl AdamWScalars {
             step_size: (lr / (1.0 - b1.powi(step))) as f32,
             sqrt_bias_correction2: (1.0 - b2.powi(step)).sqrt() as f32,
             grad_scale: h.grad_scale,
-            _pad: [0; 2],
         })
     }
 
@@ -130,7 +127,6 @@ fn ema_params(n: usize, decay: f32) -> Result<EmaParams> {
         n: n as u32,
         decay,
         one_minus_decay: 1.0 - decay,
-        _pad: 0,
     })
 }
 
@@ -195,18 +191,29 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{Arg, Gpu, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
 
     const SOURCE: &str = include_str!("../../shaders/optim.wgsl");
 
-    fn kernel(entry: &'static str) -> Kernel {
-        Kernel {
-            shader: "optim",
-            source: SOURCE,
-            entry,
-        }
-    }
+    const ADAMW_STEP: Kernel = Kernel {
+        shader: "optim",
+        source: SOURCE,
+        entry: "adamw_step",
+        params: size_of::<AdamWScalars>(),
+        storage: &[W, R, W, W],
+        constants: ELEMENTWISE_CONSTANTS,
+    };
+    const EMA_UPDATE: Kernel = Kernel {
+        shader: "optim",
+        source: SOURCE,
+        entry: "ema_update",
+        params: size_of::<EmaParams>(),
+        storage: &[W, R],
+        constants: ELEMENTWISE_CONSTANTS,
+    };
+    pub(crate) const KERNELS: &[Kernel] = &[ADAMW_STEP, EMA_UPDATE];
 
     /// One thread per element; `param`, `m` and `v` are bound read-write and updated in place.
     pub fn adamw_step(
@@ -227,7 +234,7 @@ pub(crate) mod gpu {
             Arg::write(m.gpu_buffer(OP)?),
             Arg::write(v.gpu_buffer(OP)?),
         ];
-        g.dispatch(&kernel(OP), &[], &s, &args, elementwise_grid(n))
+        g.dispatch(&ADAMW_STEP, &s, &args, elementwise_grid(n))
     }
 
     pub fn ema_update(g: &Gpu, ema: &mut Tensor, p: &Tensor, decay: f32) -> Result<()> {
@@ -239,6 +246,6 @@ pub(crate) mod gpu {
             Arg::write(ema.gpu_buffer(OP)?),
             Arg::read(p.gpu_buffer(OP)?),
         ];
-        g.dispatch(&kernel(OP), &[], &e, &args, elementwise_grid(n))
+        g.dispatch(&EMA_UPDATE, &e, &args, elementwise_grid(n))
     }
 }

@@ -17,7 +17,6 @@ struct Params {
     key0: u32,
     key1: u32,
     stream: u32,
-    _pad: u32,
 }
 
 pub(crate) mod cpu {
@@ -58,21 +57,36 @@ pub(crate) mod cpu {
 pub(crate) mod gpu {
     use super::*;
     use crate::error::Error;
+    use crate::gpu::Access::ReadWrite as W;
     use crate::gpu::{grid, Arg, Gpu, Kernel};
-    use crate::ops::ELEMENTWISE_WG;
+    use crate::ops::{ELEMENTWISE_CONSTANTS, ELEMENTWISE_WG};
     use crate::rng::{seed_key, NORMAL_STREAM, UNIFORM_STREAM};
 
-    const SOURCE: &str = include_str!("../../shaders/rng.wgsl");
+    const fn kernel(entry: &'static str) -> Kernel {
+        Kernel {
+            shader: "rng",
+            source: include_str!("../../shaders/rng.wgsl"),
+            entry,
+            params: size_of::<Params>(),
+            storage: &[W],
+            constants: ELEMENTWISE_CONSTANTS,
+        }
+    }
+
+    const RANDN: Kernel = kernel("randn");
+    const RAND_UNIFORM: Kernel = kernel("rand_uniform");
+    pub(crate) const KERNELS: &[Kernel] = &[RANDN, RAND_UNIFORM];
 
     /// One invocation per Philox block of four values.
     fn fill(
         g: &Gpu,
-        entry: &'static str,
+        kernel: &Kernel,
         stream: u32,
         shape: &[usize],
         seed: u64,
         offset: u64,
     ) -> Result<Tensor> {
+        let entry = kernel.entry;
         let n: usize = shape.iter().product();
         let n32 = u32::try_from(n)
             .map_err(|_| Error::invalid(entry, format!("{n} values exceed a GPU fill's 2^32")))?;
@@ -89,17 +103,10 @@ pub(crate) mod gpu {
                 key0: key[0],
                 key1: key[1],
                 stream,
-                _pad: 0,
             };
             let blocks = (first + n32).div_ceil(4);
-            let kernel = Kernel {
-                shader: "rng",
-                source: SOURCE,
-                entry,
-            };
             g.dispatch(
-                &kernel,
-                &[],
+                kernel,
                 &params,
                 &[Arg::write(&out)],
                 grid(blocks.div_ceil(ELEMENTWISE_WG)),
@@ -109,10 +116,10 @@ pub(crate) mod gpu {
     }
 
     pub fn randn(g: &Gpu, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor> {
-        fill(g, "randn", NORMAL_STREAM, shape, seed, offset)
+        fill(g, &RANDN, NORMAL_STREAM, shape, seed, offset)
     }
 
     pub fn rand_uniform(g: &Gpu, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor> {
-        fill(g, "rand_uniform", UNIFORM_STREAM, shape, seed, offset)
+        fill(g, &RAND_UNIFORM, UNIFORM_STREAM, shape, seed, offset)
     }
 }

@@ -27,7 +27,6 @@ struct Params {
     /// Factor applied to every value written (`1/N` on the last pass of a mean, the
     /// gradient factor of the MSE backward, 1 otherwise).
     scale: f32,
-    _pad: [u32; 2],
 }
 
 pub(crate) mod cpu {
@@ -98,34 +97,49 @@ pub(crate) mod cpu {
 
 pub(crate) mod gpu {
     use super::*;
-    use crate::gpu::{grid, Arg, Gpu, GpuBuffer, Kernel};
-    use crate::ops::elementwise_grid;
+    use crate::gpu::Access::{Read as R, ReadWrite as W};
+    use crate::gpu::{grid, Access, Arg, Gpu, GpuBuffer, Kernel};
+    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
 
     const SOURCE: &str = include_str!("../../shaders/reduce.wgsl");
 
-    /// Elements one workgroup reduces: 256 invocations x 16 elements (must match the shader).
-    const GPU_CHUNK: usize = 4096;
+    /// Elements each invocation of a reduction pass adds.
+    const ITEMS: usize = 16;
+    /// Elements one workgroup reduces.
+    const GPU_CHUNK: usize = ELEMENTWISE_WG as usize * ITEMS;
+    const CONSTANTS: &[(&str, f64)] = &[("WG", ELEMENTWISE_WG as f64), ("ITEMS", ITEMS as f64)];
 
-    fn kernel(entry: &'static str) -> Kernel {
+    const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
         Kernel {
             shader: "reduce",
             source: SOURCE,
             entry,
+            params: size_of::<Params>(),
+            storage,
+            constants: CONSTANTS,
         }
     }
 
+    const SUM_PARTIALS: Kernel = kernel("sum_partials", &[R, W]);
+    const SUM_SQUARES_PARTIALS: Kernel = kernel("sum_squares_partials", &[R, W]);
+    const SQUARED_ERROR_PARTIALS: Kernel = kernel("squared_error_partials", &[R, R, W]);
+    const MSE_LOSS_BACKWARD: Kernel = kernel("mse_loss_backward", &[R, R, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[
+        SUM_PARTIALS,
+        SUM_SQUARES_PARTIALS,
+        SQUARED_ERROR_PARTIALS,
+        MSE_LOSS_BACKWARD,
+    ];
+
     fn params(n: usize, scale: f32) -> Params {
-        Params {
-            n: n as u32,
-            scale,
-            _pad: [0; 2],
-        }
+        Params { n: n as u32, scale }
     }
 
     /// Reduces `inputs` to shape `[1]`: pass 1 runs `entry` (sum of `x`, of `x^2`, or of
     /// `(a - b)^2`) into per-workgroup partials, then `sum_partials` passes follow until one
     /// value remains. The last pass multiplies by `scale`.
-    fn reduce(g: &Gpu, entry: &'static str, inputs: &[&Tensor], scale: f32) -> Result<Tensor> {
+    fn reduce(g: &Gpu, first: &Kernel, inputs: &[&Tensor], scale: f32) -> Result<Tensor> {
+        let entry = first.entry;
         let mut n = inputs[0].numel();
         let mut workgroups = n.div_ceil(GPU_CHUNK).max(1);
         let last_scale = |wg: usize| if wg == 1 { scale } else { 1.0 };
@@ -136,14 +150,13 @@ pub(crate) mod gpu {
         }
         args.push(Arg::write(&partials));
         let p = params(n, last_scale(workgroups));
-        g.dispatch(&kernel(entry), &[], &p, &args, grid(workgroups as u32))?;
+        g.dispatch(first, &p, &args, grid(workgroups as u32))?;
         while workgroups > 1 {
             n = workgroups;
             workgroups = n.div_ceil(GPU_CHUNK);
             let next: GpuBuffer = g.alloc(entry, workgroups)?;
             g.dispatch(
-                &kernel("sum_partials"),
-                &[],
+                &SUM_PARTIALS,
                 &params(n, last_scale(workgroups)),
                 &[Arg::read(&partials), Arg::write(&next)],
                 grid(workgroups as u32),
@@ -154,22 +167,22 @@ pub(crate) mod gpu {
     }
 
     pub fn sum(g: &Gpu, x: &Tensor) -> Result<Tensor> {
-        reduce(g, "sum_partials", &[x], 1.0)
+        reduce(g, &SUM_PARTIALS, &[x], 1.0)
     }
 
     pub fn mean(g: &Gpu, x: &Tensor) -> Result<Tensor> {
-        reduce(g, "sum_partials", &[x], 1.0 / x.numel() as f32)
+        reduce(g, &SUM_PARTIALS, &[x], 1.0 / x.numel() as f32)
     }
 
     pub fn sum_squares(g: &Gpu, x: &Tensor) -> Result<Tensor> {
-        reduce(g, "sum_squares_partials", &[x], 1.0)
+        reduce(g, &SUM_SQUARES_PARTIALS, &[x], 1.0)
     }
 
     pub fn mse_loss(g: &Gpu, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
         check_same_shape("mse_loss", pred, target)?;
         reduce(
             g,
-            "squared_error_partials",
+            &SQUARED_ERROR_PARTIALS,
             &[pred, target],
             1.0 / pred.numel() as f32,
         )
@@ -186,8 +199,7 @@ pub(crate) mod gpu {
         let n = pred.numel();
         let dp = g.alloc(OP, n)?;
         g.dispatch(
-            &kernel(OP),
-            &[],
+            &MSE_LOSS_BACKWARD,
             &params(n, 2.0 * d_loss / n as f32),
             &[
                 Arg::read(pred.gpu_buffer(OP)?),

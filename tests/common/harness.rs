@@ -46,9 +46,9 @@ pub fn run(cpu: &[CpuTest], gpu: &[GpuTest]) -> ExitCode {
         })
         .collect();
     let runs_gpu = !args.list
-        && gpu
-            .iter()
-            .any(|&(name, _)| !args.is_filtered_out(&gpu_trial(name, || Ok(Completion::Completed))));
+        && gpu.iter().any(|&(name, _)| {
+            !args.is_filtered_out(&gpu_trial(name, || Ok(Completion::Completed)))
+        });
     let missing = if runs_gpu {
         adapter().as_ref().err()
     } else {

@@ -6,6 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use diffwgpu::Gpu;
+
 fn diffwgpu(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_diffwgpu"))
         .args(args)
@@ -55,7 +57,6 @@ fn losses(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
 fn train_writes_a_pipeline_folder() {
     let out = scratch("train");
     let o = train(
@@ -95,7 +96,6 @@ fn train_writes_a_pipeline_folder() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-#[test]
 fn resumed_run_follows_the_same_loss_curve() {
     let straight = scratch("straight");
     let o = train(&straight, &["--steps", "6", "--sample-every", "0"]);
@@ -128,7 +128,6 @@ fn resumed_run_follows_the_same_loss_curve() {
 }
 
 /// Each bad input fails with a message naming the problem, never a panic.
-#[test]
 fn bad_input_gives_clear_errors() {
     let dir = scratch("bad");
     let empty = dir.join("empty");
@@ -202,7 +201,6 @@ fn write_tensor(path: &Path, name: &str, shape: &[usize], data: &[f32]) {
     safetensors::serialize_to_file([(name, view)], None, path).unwrap();
 }
 
-#[test]
 fn sample_writes_deterministic_images() {
     let dir = scratch("sample");
     let model = dir.join("model");
@@ -342,7 +340,6 @@ fn sample_writes_deterministic_images() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
 fn noise_pictures_the_forward_process() {
     let dir = scratch("noise");
     let out = dir.join("noise.png");
@@ -365,11 +362,7 @@ fn noise_pictures_the_forward_process() {
 }
 
 /// The same commands on the GPU backend (a software adapter in CI).
-#[test]
-fn train_and_sample_on_the_gpu() {
-    if common::gpu().is_none() {
-        return;
-    }
+fn train_and_sample_on_the_gpu(_g: &Gpu) {
     let dir = scratch("gpu");
     let model = dir.join("model");
     let mut args = vec![
@@ -414,4 +407,15 @@ fn train_and_sample_on_the_gpu() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.is_file());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+tests! {
+    cpu: [
+        train_writes_a_pipeline_folder,
+        resumed_run_follows_the_same_loss_curve,
+        bad_input_gives_clear_errors,
+        sample_writes_deterministic_images,
+        noise_pictures_the_forward_process,
+    ],
+    gpu: [train_and_sample_on_the_gpu],
 }

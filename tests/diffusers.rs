@@ -11,23 +11,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use common::{assert_close, gpu, loss_and_grads, read_tensors};
+use common::{assert_close, loss_and_grads, read_tensors};
 use diffwgpu::checkpoint::{load_pipeline, unet_weights, SchedulerConfig};
 use diffwgpu::diffusion::{inference_timesteps, NoiseSchedule, TimestepSpacing};
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
-use diffwgpu::{Backend, Cpu};
+use diffwgpu::{Backend, Cpu, Gpu};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// The CPU, and the GPU when there is an adapter.
-fn backends() -> Vec<&'static dyn Backend> {
-    let mut backends: Vec<&'static dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
-    backends
 }
 
 /// The largest magnitude of `v`.
@@ -42,8 +33,8 @@ fn assert_rel(name: &str, got: &[f32], want: &[f32], rel: f32, floor: f32) {
 
 /// Loads `tests/fixtures/unets/<folder>` as diffwgpu loads any diffusers folder and compares
 /// output, loss and gradients with `unets/<reference>_reference.safetensors` (diffusers in
-/// float64) on every backend. Returns the names of the tensors in the weights file.
-fn check_unet_folder(folder: &str, reference: &str) -> Vec<String> {
+/// float64) on `be`. Returns the names of the tensors in the weights file.
+fn check_unet_folder(be: &dyn Backend, folder: &str, reference: &str) -> Vec<String> {
     let path = fixtures().join("unets").join(folder);
     let loaded = load_pipeline(&path).unwrap();
     let model = UNet2D::new(&loaded.config).unwrap();
@@ -54,51 +45,73 @@ fn check_unet_folder(folder: &str, reference: &str) -> Vec<String> {
             .join(format!("{reference}_reference.safetensors")),
     );
     let (x, t, target) = (&fx["x"].1, &fx["t"].1, &fx["target"].1);
-    for be in backends() {
-        let (out, loss, grads) = loss_and_grads(be, &model, &values, x, t, target);
-        let on = |what: &str| format!("{folder} on {}: {what}", be.name());
-        assert_rel(&on("output"), &out, &fx["out"].1, 1e-4, 0.0);
-        assert_rel(&on("loss"), &[loss], &fx["loss"].1, 1e-4, 0.0);
-        // Each gradient relative to its tensor's largest. The floor, float32 rounding of
-        // the model's largest gradient, is for `to_k.bias`: the softmax cancels a key bias,
-        // so its exact gradient is zero and a float32 backward pass leaves only rounding.
-        let largest = grads.iter().map(|g| max_abs(g)).fold(0.0f32, f32::max);
-        for (spec, g) in model.params.specs.iter().zip(&grads) {
-            let (shape, want) = &fx[&format!("grad.{}", spec.name)];
-            assert_eq!(shape, &spec.shape, "{}", spec.name);
-            assert_rel(&on(&spec.name), g, want, 1e-3, 1e-7 * largest);
-        }
+    let (out, loss, grads) = loss_and_grads(be, &model, &values, x, t, target);
+    let on = |what: &str| format!("{folder} on {}: {what}", be.name());
+    assert_rel(&on("output"), &out, &fx["out"].1, 1e-4, 0.0);
+    assert_rel(&on("loss"), &[loss], &fx["loss"].1, 1e-4, 0.0);
+    // Each gradient relative to its tensor's largest. The floor, float32 rounding of
+    // the model's largest gradient, is for `to_k.bias`: the softmax cancels a key bias,
+    // so its exact gradient is zero and a float32 backward pass leaves only rounding.
+    let largest = grads.iter().map(|g| max_abs(g)).fold(0.0f32, f32::max);
+    for (spec, g) in model.params.specs.iter().zip(&grads) {
+        let (shape, want) = &fx[&format!("grad.{}", spec.name)];
+        assert_eq!(shape, &spec.shape, "{}", spec.name);
+        assert_rel(&on(&spec.name), g, want, 1e-3, 1e-7 * largest);
     }
     loaded.weights.into_iter().map(|t| t.name).collect()
 }
 
 /// Three levels, two resnets per level, one attention head, 2 input and 3 output channels.
-#[test]
-fn three_levels_folder_matches_diffusers() {
-    check_unet_folder("three_levels", "three_levels");
+fn three_levels_folder_matches_diffusers_on_cpu() {
+    check_unet_folder(&Cpu, "three_levels", "three_levels");
+}
+
+/// The same on the GPU.
+fn three_levels_folder_matches_diffusers_on_gpu(g: &Gpu) {
+    check_unet_folder(g, "three_levels", "three_levels");
 }
 
 /// The cifar10 preset's flags (flip_sin_to_cos false, freq_shift 1, downsample_padding 0,
 /// norm_eps 1e-6), act_fn "swish", two heads.
-#[test]
-fn cifar_flags_folder_matches_diffusers() {
-    check_unet_folder("cifar_flags", "cifar_flags");
+fn cifar_flags_folder_matches_diffusers_on_cpu() {
+    check_unet_folder(&Cpu, "cifar_flags", "cifar_flags");
+}
+
+/// The same on the GPU.
+fn cifar_flags_folder_matches_diffusers_on_gpu(g: &Gpu) {
+    check_unet_folder(g, "cifar_flags", "cifar_flags");
 }
 
 /// Attention at full resolution with 4-wide heads, attn_norm_num_groups, sample_size [8, 8].
-#[test]
-fn first_level_attention_folder_matches_diffusers() {
-    check_unet_folder("first_level_attention", "first_level_attention");
+fn first_level_attention_folder_matches_diffusers_on_cpu() {
+    check_unet_folder(&Cpu, "first_level_attention", "first_level_attention");
+}
+
+/// The same on the GPU.
+fn first_level_attention_folder_matches_diffusers_on_gpu(g: &Gpu) {
+    check_unet_folder(g, "first_level_attention", "first_level_attention");
 }
 
 /// The same weights under the attention names older diffusers versions wrote.
-#[test]
-fn old_attention_names_load_as_todays() {
-    let names = check_unet_folder("first_level_attention_old_names", "first_level_attention");
+fn old_attention_names_load_as_todays_on_cpu() {
+    let names = check_unet_folder(
+        &Cpu,
+        "first_level_attention_old_names",
+        "first_level_attention",
+    );
     for old in [".query.", ".key.", ".value.", ".proj_attn."] {
         assert!(names.iter().any(|n| n.contains(old)), "no {old} tensor");
     }
     assert!(!names.iter().any(|n| n.contains(".to_q.")));
+}
+
+/// The folder with the old attention names, on the GPU.
+fn old_attention_names_load_as_todays_on_gpu(g: &Gpu) {
+    check_unet_folder(
+        g,
+        "first_level_attention_old_names",
+        "first_level_attention",
+    );
 }
 
 /// One case of `scheduler_steps.json`.
@@ -139,7 +152,7 @@ fn with_alphas_cumprod(
 }
 
 /// Single scheduler steps: our timesteps are diffusers' and our coefficients and fused step
-/// kernels, for the same `t -> t_prev`, give diffusers' `prev_sample` on every backend. DDPM
+/// kernels, for the same `t -> t_prev`, give diffusers' `prev_sample` on `be`. DDPM
 /// steps to the next entry of its timesteps (past the end: `abar = 1`); DDIM steps back by
 /// `T / n` whatever the spacing (below 0: `final_alpha_cumprod`).
 ///
@@ -149,12 +162,10 @@ fn with_alphas_cumprod(
 /// `t = 0` the step's `beta = 1 - abar_t / abar_prev` (about 1e-4) is recovered from two
 /// float32 values near 1, so one unit in the last place of either moves it by 5e-4 relative:
 /// each table is as far from the exact step as from the other.
-#[test]
-fn scheduler_steps_match_diffusers() {
+fn check_scheduler_steps(be: &dyn Backend) {
     let text = std::fs::read_to_string(fixtures().join("scheduler_steps.json")).unwrap();
     let cases: SchedulerCases = serde_json::from_str(&text).unwrap();
     let fx = read_tensors(&fixtures().join("scheduler_steps.safetensors"));
-    let backends = backends();
     for case in &cases.cases {
         let name = &case.name;
         let config = SchedulerConfig::from_json(&case.config.to_string())
@@ -182,40 +193,46 @@ fn scheduler_steps_match_diffusers() {
                 &tensor("prev_sample").1,
             );
             for (schedule, table, tol) in [(&theirs, "diffusers'", 1e-5), (&own, "our", 1e-4)] {
-                for &be in &backends {
-                    let up = |v: &[f32]| be.upload(shape, v).unwrap();
-                    let (x_t, model_output, noise) = (up(x_t), up(model_output), up(noise));
-                    let prev = match config.class_name.as_str() {
-                        "DDPMScheduler" => {
-                            let i = timesteps.iter().position(|&s| s == t).unwrap();
-                            let k = schedule
-                                .ddpm_coefficients_to(
-                                    t,
-                                    timesteps.get(i + 1).copied(),
-                                    config.variance_type().unwrap(),
-                                    prediction,
-                                    clip,
-                                )
-                                .unwrap();
-                            be.ddpm_step(&x_t, &model_output, &noise, &k).unwrap()
-                        }
-                        "DDIMScheduler" => {
-                            let eta = case.eta.expect("a DDIM case has an eta");
-                            let t_prev = t.checked_sub(total / n);
-                            let k = schedule
-                                .ddim_coefficients(t, t_prev, eta, prediction, clip)
-                                .unwrap();
-                            be.ddim_step(&x_t, &model_output, &noise, &k).unwrap()
-                        }
-                        other => panic!("{name}: unexpected scheduler {other}"),
-                    };
-                    let got = be.to_vec(&prev).unwrap();
-                    let what = format!("{name} t={t} with {table} alphas_cumprod on {}", be.name());
-                    assert_rel(&what, &got, want, tol, 0.0);
-                }
+                let up = |v: &[f32]| be.upload(shape, v).unwrap();
+                let (x_t, model_output, noise) = (up(x_t), up(model_output), up(noise));
+                let prev = match config.class_name.as_str() {
+                    "DDPMScheduler" => {
+                        let i = timesteps.iter().position(|&s| s == t).unwrap();
+                        let k = schedule
+                            .ddpm_coefficients_to(
+                                t,
+                                timesteps.get(i + 1).copied(),
+                                config.variance_type().unwrap(),
+                                prediction,
+                                clip,
+                            )
+                            .unwrap();
+                        be.ddpm_step(&x_t, &model_output, &noise, &k).unwrap()
+                    }
+                    "DDIMScheduler" => {
+                        let eta = case.eta.expect("a DDIM case has an eta");
+                        let t_prev = t.checked_sub(total / n);
+                        let k = schedule
+                            .ddim_coefficients(t, t_prev, eta, prediction, clip)
+                            .unwrap();
+                        be.ddim_step(&x_t, &model_output, &noise, &k).unwrap()
+                    }
+                    other => panic!("{name}: unexpected scheduler {other}"),
+                };
+                let got = be.to_vec(&prev).unwrap();
+                let what = format!("{name} t={t} with {table} alphas_cumprod on {}", be.name());
+                assert_rel(&what, &got, want, tol, 0.0);
             }
         }
     }
+}
+
+fn scheduler_steps_match_diffusers_on_cpu() {
+    check_scheduler_steps(&Cpu);
+}
+
+fn scheduler_steps_match_diffusers_on_gpu(g: &Gpu) {
+    check_scheduler_steps(g);
 }
 
 /// `config` with `key` set to `value`, as JSON text.
@@ -227,7 +244,6 @@ fn with(config: &Value, key: &str, value: Value) -> String {
 
 /// Options of diffusers' `UNet2DModel` that diffwgpu does not build are refused, and the
 /// message names the key and the value found.
-#[test]
 fn unsupported_model_configs_are_refused_by_key_and_value() {
     let path = fixtures().join("unets/three_levels/config.json");
     let base: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -281,7 +297,6 @@ fn unsupported_model_configs_are_refused_by_key_and_value() {
 }
 
 /// diffusers' `time_embedding_dim` sets the time embedding's width when it is not null.
-#[test]
 fn time_embedding_dim_sets_the_embedding_width() {
     let path = fixtures().join("unets/three_levels/config.json");
     let base: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -297,7 +312,6 @@ fn time_embedding_dim_sets_the_embedding_width() {
 }
 
 /// Scheduler options diffwgpu does not implement are refused by key and value too.
-#[test]
 fn unsupported_scheduler_configs_are_refused_by_key_and_value() {
     let text = std::fs::read_to_string(fixtures().join("scheduler_steps.json")).unwrap();
     let cases: SchedulerCases = serde_json::from_str(&text).unwrap();
@@ -324,4 +338,24 @@ fn unsupported_scheduler_configs_are_refused_by_key_and_value() {
             "{key}: the message does not name the key and {shown}: {err}"
         );
     }
+}
+
+tests! {
+    cpu: [
+        three_levels_folder_matches_diffusers_on_cpu,
+        cifar_flags_folder_matches_diffusers_on_cpu,
+        first_level_attention_folder_matches_diffusers_on_cpu,
+        old_attention_names_load_as_todays_on_cpu,
+        scheduler_steps_match_diffusers_on_cpu,
+        unsupported_model_configs_are_refused_by_key_and_value,
+        time_embedding_dim_sets_the_embedding_width,
+        unsupported_scheduler_configs_are_refused_by_key_and_value,
+    ],
+    gpu: [
+        three_levels_folder_matches_diffusers_on_gpu,
+        cifar_flags_folder_matches_diffusers_on_gpu,
+        first_level_attention_folder_matches_diffusers_on_gpu,
+        old_attention_names_load_as_todays_on_gpu,
+        scheduler_steps_match_diffusers_on_gpu,
+    ],
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use diffwgpu::ops::attention::AttentionOutput;
-use diffwgpu::{Backend, Cpu, Error, Tensor};
+use diffwgpu::{Backend, Cpu, Error, Gpu, Tensor};
 
 /// (B, L, heads, d): batch 1 and 2, lengths around the 16-row and 64-key blocks, 1 to 4 heads,
 /// widths below, at and above the 16-deep feature slices, and the widest head the GPU takes.
@@ -52,13 +52,13 @@ fn run(
     ]
 }
 
-#[test]
-fn forward_and_backward_match_cpu() {
+fn forward_and_backward_match_cpu(g: &Gpu) {
     for (i, &case) in CASES.iter().enumerate() {
         // Tolerance: inputs in [-1, 1] give O(1) scores and outputs; the GPU's online softmax
         // and its sums run in another order than the CPU's gemm, leaving a few ulps of O(1)
         // values, times up to L = 70 terms in the gradients.
         parity(
+            g,
             &format!("attention {case:?}"),
             1e-5,
             1e-5,
@@ -98,11 +98,14 @@ fn reference(
     (out, lse)
 }
 
-#[test]
-fn large_logits_are_stable() {
+/// (B, L, heads, d) of the large-logit case.
+const LARGE_LOGITS: (usize, usize, usize, usize) = (2, 37, 2, 8);
+
+/// The forward pass on `be` at large logits against the float64 reference.
+fn check_large_logits(be: &dyn Backend) {
     // q and k in [-12, 12] with d = 8: scores up to a few hundred, typically ~1e2, where a
     // softmax without the max subtraction overflows f32 (e^89 > 3.4e38).
-    let case = (2, 37, 2, 8);
+    let case = LARGE_LOGITS;
     let (b, l, heads, d) = case;
     let n = b * l * heads * d;
     let shape = [b, l, heads * d];
@@ -114,49 +117,56 @@ fn large_logits_are_stable() {
         want_lse.iter().any(|x| x.abs() > 100.0),
         "the case must reach logits ~1e2"
     );
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
-    for be in backends {
-        let fwd = be
-            .attention(
-                &up(be, &shape, &q),
-                &up(be, &shape, &k),
-                &up(be, &shape, &v),
-                heads,
-            )
-            .unwrap();
-        // Tolerance: an f32 score of magnitude ~300 carries ~2e-5 absolute rounding, which
-        // moves the (near one-hot) softmax weights by about as much relative.
-        let name = be.name();
-        assert_close(
-            &format!("{name} large-logit out"),
-            &down(be, &fwd.out),
-            &want_out,
-            1e-4,
-            1e-4,
-        );
-        assert_close(
-            &format!("{name} large-logit lse"),
-            &down(be, &fwd.lse),
-            &want_lse,
-            1e-4,
-            1e-5,
-        );
-    }
-    // The backward at those logits: finite, and the same on both backends. Tolerance: the
-    // gradients are ~1e1 here (dS times k ~ 12), so a relative bound.
-    parity("attention large logits", 1e-4, 1e-3, |be: &dyn Backend| {
-        let out = run(be, case, 12.0, 1);
-        for (name, vals) in &out {
-            assert!(vals.iter().all(|x| x.is_finite()), "{name} not finite");
-        }
-        out
-    });
+    let fwd = be
+        .attention(
+            &up(be, &shape, &q),
+            &up(be, &shape, &k),
+            &up(be, &shape, &v),
+            heads,
+        )
+        .unwrap();
+    // Tolerance: an f32 score of magnitude ~300 carries ~2e-5 absolute rounding, which
+    // moves the (near one-hot) softmax weights by about as much relative.
+    let name = be.name();
+    assert_close(
+        &format!("{name} large-logit out"),
+        &down(be, &fwd.out),
+        &want_out,
+        1e-4,
+        1e-4,
+    );
+    assert_close(
+        &format!("{name} large-logit lse"),
+        &down(be, &fwd.lse),
+        &want_lse,
+        1e-4,
+        1e-5,
+    );
 }
 
-#[test]
+fn large_logits_are_stable_on_cpu() {
+    check_large_logits(&Cpu);
+}
+
+fn large_logits_are_stable_on_gpu(g: &Gpu) {
+    check_large_logits(g);
+    // The backward at those logits: finite, and the same on both backends. Tolerance: the
+    // gradients are ~1e1 here (dS times k ~ 12), so a relative bound.
+    parity(
+        g,
+        "attention large logits",
+        1e-4,
+        1e-3,
+        |be: &dyn Backend| {
+            let out = run(be, LARGE_LOGITS, 12.0, 1);
+            for (name, vals) in &out {
+                assert!(vals.iter().all(|x| x.is_finite()), "{name} not finite");
+            }
+            out
+        },
+    );
+}
+
 fn gradients_match_finite_differences() {
     let (b, l, heads, d) = (1, 4, 2, 3);
     let shape = [b, l, heads * d];
@@ -208,12 +218,12 @@ fn gradients_match_finite_differences() {
     );
 }
 
-#[test]
-fn empty_inputs_give_empty_outputs() {
+fn empty_inputs_give_empty_outputs(g: &Gpu) {
     // No batch or no rows: nothing to compute, and nothing may be read or written out of
     // bounds. (C = 0 is refused: heads of width 0 have no 1/sqrt(d) scale.)
     for (b, l, c) in [(0, 5, 4), (2, 0, 4)] {
         parity(
+            g,
             &format!("attention empty {:?}", (b, l, c)),
             1e-6,
             1e-6,
@@ -263,10 +273,11 @@ fn check_bad_input(be: &dyn Backend) {
     invalid(bwd(&saved, &q, 4));
 }
 
-#[test]
-fn bad_input_is_an_error() {
+fn bad_input_is_an_error_on_cpu() {
     check_bad_input(&Cpu);
-    let Some(g) = gpu() else { return };
+}
+
+fn bad_input_is_an_error_on_gpu(g: &Gpu) {
     check_bad_input(g);
     // Heads wider than the GPU kernels' 256 columns are refused with a hint, not run.
     let wide = up(g, &[1, 2, 512], &[0.0; 1024]);
@@ -284,9 +295,7 @@ fn bad_input_is_an_error() {
     assert!(err.to_string().contains("heads"), "{err}");
 }
 
-#[test]
-fn tensor_from_the_other_backend_is_an_error() {
-    let Some(g) = gpu() else { return };
+fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
     let c = up(&Cpu, &[1, 3, 4], &[0.5; 12]);
     let x = up(g, &[1, 3, 4], &[0.5; 12]);
     let err = g.attention(&x, &c, &x, 2).map(|_| ()).unwrap_err();
@@ -328,4 +337,19 @@ fn tensor_from_the_other_backend_is_an_error() {
         ),
         "{err}"
     );
+}
+
+tests! {
+    cpu: [
+        large_logits_are_stable_on_cpu,
+        gradients_match_finite_differences,
+        bad_input_is_an_error_on_cpu,
+    ],
+    gpu: [
+        forward_and_backward_match_cpu,
+        large_logits_are_stable_on_gpu,
+        empty_inputs_give_empty_outputs,
+        bad_input_is_an_error_on_gpu,
+        tensor_from_the_other_backend_is_an_error,
+    ],
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use diffwgpu::diffusion::{NoiseSchedule, PredictionType, VarianceType};
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 const PREDICTIONS: [PredictionType; 3] = [
     PredictionType::Epsilon,
@@ -28,8 +28,7 @@ fn inputs(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (x, seeded(n, seed + 1), seeded(n, seed + 2))
 }
 
-#[test]
-fn q_sample_matches_cpu() {
+fn q_sample_matches_cpu(g: &Gpu) {
     let s = schedule();
     for (k, shape) in SHAPES.iter().enumerate() {
         let n: usize = shape.iter().product();
@@ -38,6 +37,7 @@ fn q_sample_matches_cpu() {
         let (x0, eps, _) = inputs(n, k as u64);
         // One ulp or two of the GPU's sqrt on values of O(1).
         parity(
+            g,
             &format!("q_sample {shape:?}"),
             1e-6,
             1e-5,
@@ -56,8 +56,7 @@ fn q_sample_matches_cpu() {
     }
 }
 
-#[test]
-fn steps_match_cpu() {
+fn steps_match_cpu(g: &Gpu) {
     let s = schedule();
     for (k, shape) in SHAPES.iter().enumerate() {
         let n: usize = shape.iter().product();
@@ -74,7 +73,7 @@ fn steps_match_cpu() {
                     // x0_hat ~ 500 and the GPU's 2.5-ulp division a 1e-4 error in it, which
                     // the step weighs by c0 ~ 1e-4; elsewhere a few ulps of O(1) values.
                     let case = format!("{shape:?} {pred:?} clip {clip:?} t {t}");
-                    parity(&case, 2e-6, 2e-5, |be: &dyn Backend| {
+                    parity(g, &case, 2e-6, 2e-5, |be: &dyn Backend| {
                         let (tx, tm, tz) =
                             (up(be, shape, &x), up(be, shape, &m), up(be, shape, &z));
                         vec![
@@ -155,7 +154,6 @@ fn ddim_reference(
     ap.sqrt() * x0 + (1.0 - ap - sigma * sigma).sqrt() * eps + sigma * z
 }
 
-#[test]
 fn cpu_steps_match_float64_formulas() {
     let s = schedule();
     let abar: Vec<f64> = s.alphas_cumprod.iter().map(|&a| a as f64).collect();
@@ -232,7 +230,6 @@ fn cpu_steps_match_float64_formulas() {
     }
 }
 
-#[test]
 fn clipped_model_output_recomputes_eps() {
     let s = schedule();
     let mut c = s
@@ -254,59 +251,60 @@ fn clipped_model_output_recomputes_eps() {
 
 /// With the true noise as the model output, a deterministic DDIM step from `x_t` lands on
 /// `q_sample(x_0, eps, t')`: the kernels agree with each other, on both backends.
-#[test]
-fn ddim_with_true_noise_lands_on_q_sample() {
+fn check_ddim_lands_on_q_sample(b: &dyn Backend) {
     let s = schedule();
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
     let shape = [2, 3, 5];
     let (x0, eps, z) = inputs(30, 5);
     let x0: Vec<f32> = x0.iter().map(|v| v / 3.0).collect();
     let ac = |b: &dyn Backend| up(b, &[1000], &s.alphas_cumprod);
-    for b in backends {
-        for (t, tp) in [(999usize, 899usize), (500, 300), (40, 0)] {
-            let ts = |v: usize| up(b, &[2], &[v as f32; 2]);
-            let x_t = b
-                .q_sample(&up(b, &shape, &x0), &up(b, &shape, &eps), &ts(t), &ac(b))
-                .unwrap();
-            let want = down(
+    for (t, tp) in [(999usize, 899usize), (500, 300), (40, 0)] {
+        let ts = |v: usize| up(b, &[2], &[v as f32; 2]);
+        let x_t = b
+            .q_sample(&up(b, &shape, &x0), &up(b, &shape, &eps), &ts(t), &ac(b))
+            .unwrap();
+        let want = down(
+            b,
+            &b.q_sample(&up(b, &shape, &x0), &up(b, &shape, &eps), &ts(tp), &ac(b))
+                .unwrap(),
+        );
+        let (sa, sb) = (
+            s.alphas_cumprod[t].sqrt(),
+            (1.0 - s.alphas_cumprod[t]).sqrt(),
+        );
+        let v: Vec<f32> = eps.iter().zip(&x0).map(|(e, x)| sa * e - sb * x).collect();
+        for (pred, out) in [
+            (PredictionType::Epsilon, &eps),
+            (PredictionType::VPrediction, &v),
+            (PredictionType::Sample, &x0),
+        ] {
+            let c = s.ddim_coefficients(t, Some(tp), 0.0, pred, None).unwrap();
+            let got = down(
                 b,
-                &b.q_sample(&up(b, &shape, &x0), &up(b, &shape, &eps), &ts(tp), &ac(b))
+                &b.ddim_step(&x_t, &up(b, &shape, out), &up(b, &shape, &z), &c)
                     .unwrap(),
             );
-            let (sa, sb) = (
-                s.alphas_cumprod[t].sqrt(),
-                (1.0 - s.alphas_cumprod[t]).sqrt(),
+            // Sample prediction recovers eps by dividing by sqrt(1 - abar_40) ~ 0.09.
+            assert_close(
+                &format!("{} {pred:?} {t} -> {tp}", b.name()),
+                &got,
+                &want,
+                1e-4,
+                1e-4,
             );
-            let v: Vec<f32> = eps.iter().zip(&x0).map(|(e, x)| sa * e - sb * x).collect();
-            for (pred, out) in [
-                (PredictionType::Epsilon, &eps),
-                (PredictionType::VPrediction, &v),
-                (PredictionType::Sample, &x0),
-            ] {
-                let c = s.ddim_coefficients(t, Some(tp), 0.0, pred, None).unwrap();
-                let got = down(
-                    b,
-                    &b.ddim_step(&x_t, &up(b, &shape, out), &up(b, &shape, &z), &c)
-                        .unwrap(),
-                );
-                // Sample prediction recovers eps by dividing by sqrt(1 - abar_40) ~ 0.09.
-                assert_close(
-                    &format!("{} {pred:?} {t} -> {tp}", b.name()),
-                    &got,
-                    &want,
-                    1e-4,
-                    1e-4,
-                );
-            }
         }
     }
 }
 
-#[test]
-fn bad_input_is_an_error() {
+fn ddim_with_true_noise_lands_on_q_sample_on_cpu() {
+    check_ddim_lands_on_q_sample(&Cpu);
+}
+
+fn ddim_with_true_noise_lands_on_q_sample_on_gpu(g: &Gpu) {
+    check_ddim_lands_on_q_sample(g);
+}
+
+/// Mismatched shapes are `Err`s naming the op, on both backends.
+fn check_bad_shapes(b: &dyn Backend) {
     let s = schedule();
     let c = s
         .ddpm_coefficients(10, VarianceType::FixedSmall, PredictionType::Epsilon, None)
@@ -314,58 +312,57 @@ fn bad_input_is_an_error() {
     let d = s
         .ddim_coefficients(10, Some(5), 0.0, PredictionType::Epsilon, None)
         .unwrap();
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
-    for b in backends {
-        let x = up(b, &[2, 3], &[0.5; 6]);
-        let y = up(b, &[3, 2], &[0.5; 6]);
-        assert!(matches!(
-            b.ddpm_step(&x, &y, &x, &c),
-            Err(Error::Shape {
-                op: "ddpm_step",
-                ..
-            })
-        ));
-        assert!(matches!(
-            b.ddpm_step(&x, &x, &y, &c),
-            Err(Error::Shape {
-                op: "ddpm_step",
-                ..
-            })
-        ));
-        assert!(matches!(
-            b.ddim_step(&x, &y, &x, &d),
-            Err(Error::Shape {
-                op: "ddim_step",
-                ..
-            })
-        ));
-        let ac = up(b, &[1000], &s.alphas_cumprod);
-        let t2 = up(b, &[2], &[1.0, 2.0]);
-        assert!(matches!(
-            b.q_sample(&x, &y, &t2, &ac),
-            Err(Error::Shape { op: "q_sample", .. })
-        ));
-        assert!(matches!(
-            b.q_sample(&x, &x, &up(b, &[3], &[1.0; 3]), &ac),
-            Err(Error::Shape { .. })
-        ));
-        assert!(matches!(
-            b.q_sample(&x, &x, &t2, &up(b, &[2, 500], &s.alphas_cumprod)),
-            Err(Error::Shape { .. })
-        ));
-        assert!(matches!(
-            b.q_sample(&x, &x, &t2, &up(b, &[0], &[])),
-            Err(Error::Shape { .. })
-        ));
-        let scalar = up(b, &[], &[1.0]);
-        assert!(matches!(
-            b.q_sample(&scalar, &scalar, &t2, &ac),
-            Err(Error::Shape { .. })
-        ));
-    }
+    let x = up(b, &[2, 3], &[0.5; 6]);
+    let y = up(b, &[3, 2], &[0.5; 6]);
+    assert!(matches!(
+        b.ddpm_step(&x, &y, &x, &c),
+        Err(Error::Shape {
+            op: "ddpm_step",
+            ..
+        })
+    ));
+    assert!(matches!(
+        b.ddpm_step(&x, &x, &y, &c),
+        Err(Error::Shape {
+            op: "ddpm_step",
+            ..
+        })
+    ));
+    assert!(matches!(
+        b.ddim_step(&x, &y, &x, &d),
+        Err(Error::Shape {
+            op: "ddim_step",
+            ..
+        })
+    ));
+    let ac = up(b, &[1000], &s.alphas_cumprod);
+    let t2 = up(b, &[2], &[1.0, 2.0]);
+    assert!(matches!(
+        b.q_sample(&x, &y, &t2, &ac),
+        Err(Error::Shape { op: "q_sample", .. })
+    ));
+    assert!(matches!(
+        b.q_sample(&x, &x, &up(b, &[3], &[1.0; 3]), &ac),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        b.q_sample(&x, &x, &t2, &up(b, &[2, 500], &s.alphas_cumprod)),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        b.q_sample(&x, &x, &t2, &up(b, &[0], &[])),
+        Err(Error::Shape { .. })
+    ));
+    let scalar = up(b, &[], &[1.0]);
+    assert!(matches!(
+        b.q_sample(&scalar, &scalar, &t2, &ac),
+        Err(Error::Shape { .. })
+    ));
+}
+
+fn bad_input_is_an_error_on_cpu() {
+    check_bad_shapes(&Cpu);
+    let s = schedule();
     // The CPU sees the timesteps and checks them.
     let x = up(&Cpu, &[2, 3], &[0.5; 6]);
     let ac = up(&Cpu, &[1000], &s.alphas_cumprod);
@@ -376,25 +373,46 @@ fn bad_input_is_an_error() {
             "{bad:?}"
         );
     }
-    if let Some(g) = gpu() {
-        // On the GPU a bad timestep is clamped into the table, never read out of bounds.
-        let x = up(g, &[2, 3], &[0.5; 6]);
-        let ac = up(g, &[1000], &s.alphas_cumprod);
-        let bad = down(
-            g,
-            &g.q_sample(&x, &x, &up(g, &[2], &[5000.0, -7.0]), &ac)
-                .unwrap(),
-        );
-        let good = down(
-            g,
-            &g.q_sample(&x, &x, &up(g, &[2], &[999.0, 0.0]), &ac)
-                .unwrap(),
-        );
-        assert_eq!(bad, good);
-        let cpu = up(&Cpu, &[2, 3], &[0.5; 6]);
-        assert!(matches!(
-            g.ddpm_step(&cpu, &x, &x, &c),
-            Err(Error::WrongBackend { .. })
-        ));
-    }
+}
+
+fn bad_input_is_an_error_on_gpu(g: &Gpu) {
+    check_bad_shapes(g);
+    let s = schedule();
+    let c = s
+        .ddpm_coefficients(10, VarianceType::FixedSmall, PredictionType::Epsilon, None)
+        .unwrap();
+    // On the GPU a bad timestep is clamped into the table, never read out of bounds.
+    let x = up(g, &[2, 3], &[0.5; 6]);
+    let ac = up(g, &[1000], &s.alphas_cumprod);
+    let bad = down(
+        g,
+        &g.q_sample(&x, &x, &up(g, &[2], &[5000.0, -7.0]), &ac)
+            .unwrap(),
+    );
+    let good = down(
+        g,
+        &g.q_sample(&x, &x, &up(g, &[2], &[999.0, 0.0]), &ac)
+            .unwrap(),
+    );
+    assert_eq!(bad, good);
+    let cpu = up(&Cpu, &[2, 3], &[0.5; 6]);
+    assert!(matches!(
+        g.ddpm_step(&cpu, &x, &x, &c),
+        Err(Error::WrongBackend { .. })
+    ));
+}
+
+tests! {
+    cpu: [
+        cpu_steps_match_float64_formulas,
+        clipped_model_output_recomputes_eps,
+        ddim_with_true_noise_lands_on_q_sample_on_cpu,
+        bad_input_is_an_error_on_cpu,
+    ],
+    gpu: [
+        q_sample_matches_cpu,
+        steps_match_cpu,
+        ddim_with_true_noise_lands_on_q_sample_on_gpu,
+        bad_input_is_an_error_on_gpu,
+    ],
 }

@@ -3,20 +3,20 @@
 mod common;
 
 use common::*;
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 /// Odd sizes that are not multiples of the 256-wide workgroup, and one large enough to use
 /// the CPU's parallel path.
 const SIZES: &[&[usize]] = &[&[1], &[3, 5, 7], &[2, 3, 17, 19], &[70_001]];
 
-#[test]
-fn forward_and_backward_match_cpu() {
+fn forward_and_backward_match_cpu(g: &Gpu) {
     for (i, shape) in SIZES.iter().enumerate() {
         let n: usize = shape.iter().product();
         let a: Vec<f32> = seeded(n, i as u64).iter().map(|v| v * 6.0).collect();
         let b = seeded(n, 100 + i as u64);
         // Tolerance: one or two ulps of exp and division.
         parity(
+            g,
             &format!("elementwise {shape:?}"),
             1e-6,
             1e-5,
@@ -39,7 +39,6 @@ fn forward_and_backward_match_cpu() {
     }
 }
 
-#[test]
 fn silu_gradient_matches_finite_differences() {
     let shape = [2, 3, 4];
     let x: Vec<f32> = seeded(24, 7).iter().map(|v| v * 4.0).collect();
@@ -54,7 +53,6 @@ fn silu_gradient_matches_finite_differences() {
 
 /// Dropout keeps the elements whose uniform is at least p, scaled by 1 / (1 - p); it is
 /// linear in x with the same uniforms, so its own gradient; about p of the elements drop.
-#[test]
 fn dropout_keeps_scales_and_is_its_own_gradient() {
     let n = 100_000;
     let x = up(&Cpu, &[n], &vec![1.0; n]);
@@ -79,27 +77,25 @@ fn dropout_keeps_scales_and_is_its_own_gradient() {
         .is_err());
 }
 
-#[test]
-fn mismatched_shapes_are_errors() {
+fn mismatched_shapes_are_errors_on_cpu() {
     let a = up(&Cpu, &[2, 3], &[0.0; 6]);
     let b = up(&Cpu, &[3, 2], &[0.0; 6]);
     assert!(matches!(
         Cpu.add(&a, &b),
         Err(Error::Shape { op: "add", .. })
     ));
-    if let Some(g) = gpu() {
-        let ga = up(g, &[2, 3], &[0.0; 6]);
-        let gb = up(g, &[3, 2], &[0.0; 6]);
-        assert!(matches!(
-            g.add(&ga, &gb),
-            Err(Error::Shape { op: "add", .. })
-        ));
-    }
 }
 
-#[test]
-fn tensor_from_the_other_backend_is_an_error() {
-    let Some(g) = gpu() else { return };
+fn mismatched_shapes_are_errors_on_gpu(g: &Gpu) {
+    let ga = up(g, &[2, 3], &[0.0; 6]);
+    let gb = up(g, &[3, 2], &[0.0; 6]);
+    assert!(matches!(
+        g.add(&ga, &gb),
+        Err(Error::Shape { op: "add", .. })
+    ));
+}
+
+fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
     let c = up(&Cpu, &[4], &[1.0; 4]);
     let gt = up(g, &[4], &[1.0; 4]);
     let err = g.silu(&c).unwrap_err();
@@ -119,4 +115,17 @@ fn tensor_from_the_other_backend_is_an_error() {
             ..
         })
     ));
+}
+
+tests! {
+    cpu: [
+        silu_gradient_matches_finite_differences,
+        dropout_keeps_scales_and_is_its_own_gradient,
+        mismatched_shapes_are_errors_on_cpu,
+    ],
+    gpu: [
+        forward_and_backward_match_cpu,
+        mismatched_shapes_are_errors_on_gpu,
+        tensor_from_the_other_backend_is_an_error,
+    ],
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use diffwgpu::ops::embedding::TimestepEmbeddingParams;
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 fn params(dim: usize, flip: bool, shift: f32, scale: f32) -> TimestepEmbeddingParams {
     TimestepEmbeddingParams {
@@ -20,8 +20,7 @@ fn params(dim: usize, flip: bool, shift: f32, scale: f32) -> TimestepEmbeddingPa
 /// Timesteps over the whole range of a 1000-step schedule.
 const TIMESTEPS: [f32; 7] = [0.0, 1.0, 17.0, 250.0, 511.0, 998.0, 999.0];
 
-#[test]
-fn embedding_matches_cpu() {
+fn embedding_matches_cpu(g: &Gpu) {
     // Odd and even dims, dims not a multiple of the workgroup, and UNet2DModel's default.
     for dim in [1usize, 4, 7, 32, 129, 512] {
         for flip in [false, true] {
@@ -33,6 +32,7 @@ fn embedding_matches_cpu() {
                 // about 1e-6 there; 1e-5 leaves room for that. Measured over t = 0..999 at
                 // dim 512: 1.5e-7 on lavapipe, 4.5e-7 on an NVIDIA H100 (Vulkan).
                 parity(
+                    g,
                     &format!("dim {dim} flip {flip} shift {shift} scale {scale}"),
                     1e-5,
                     0.0,
@@ -72,7 +72,6 @@ fn reference(t: &[f32], p: &TimestepEmbeddingParams) -> Vec<f32> {
     out
 }
 
-#[test]
 fn cpu_matches_float64_reference() {
     for dim in [1usize, 6, 33, 256] {
         for flip in [false, true] {
@@ -106,52 +105,55 @@ fn cpu_matches_float64_reference() {
     assert_eq!(zero, [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
 }
 
-#[test]
-fn bad_input_is_an_error() {
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
-    for b in backends {
-        let t = up(b, &[3], &[1.0, 2.0, 3.0]);
-        let t2 = up(b, &[3, 1], &[1.0, 2.0, 3.0]);
-        let op = "timestep_embedding";
-        let p = params(8, false, 1.0, 1.0);
-        assert!(
-            matches!(b.timestep_embedding(&t2, &p), Err(Error::Shape { op: o, .. }) if o == op)
-        );
-        let scalar = up(b, &[], &[1.0]);
-        assert!(matches!(
-            b.timestep_embedding(&scalar, &p),
-            Err(Error::Shape { .. })
-        ));
-        assert!(matches!(
-            b.timestep_embedding(&t, &params(0, false, 1.0, 1.0)),
-            Err(Error::Invalid { .. })
-        ));
-        // half - shift = 0 divides by zero.
-        assert!(matches!(
-            b.timestep_embedding(&t, &params(2, false, 1.0, 1.0)),
-            Err(Error::Invalid { .. })
-        ));
-        let bad_period = TimestepEmbeddingParams {
-            max_period: 0.0,
-            ..p
-        };
-        assert!(matches!(
-            b.timestep_embedding(&t, &bad_period),
-            Err(Error::Invalid { .. })
-        ));
-    }
-    if let Some(g) = gpu() {
-        let cpu = up(&Cpu, &[3], &[1.0, 2.0, 3.0]);
-        let r = g.timestep_embedding(&cpu, &params(8, false, 1.0, 1.0));
-        assert!(matches!(
-            r,
-            Err(Error::WrongBackend {
-                expected: "gpu",
-                ..
-            })
-        ));
-    }
+/// Every bad call must be an `Err`, on both backends.
+fn check_bad_input(b: &dyn Backend) {
+    let t = up(b, &[3], &[1.0, 2.0, 3.0]);
+    let t2 = up(b, &[3, 1], &[1.0, 2.0, 3.0]);
+    let op = "timestep_embedding";
+    let p = params(8, false, 1.0, 1.0);
+    assert!(matches!(b.timestep_embedding(&t2, &p), Err(Error::Shape { op: o, .. }) if o == op));
+    let scalar = up(b, &[], &[1.0]);
+    assert!(matches!(
+        b.timestep_embedding(&scalar, &p),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        b.timestep_embedding(&t, &params(0, false, 1.0, 1.0)),
+        Err(Error::Invalid { .. })
+    ));
+    // half - shift = 0 divides by zero.
+    assert!(matches!(
+        b.timestep_embedding(&t, &params(2, false, 1.0, 1.0)),
+        Err(Error::Invalid { .. })
+    ));
+    let bad_period = TimestepEmbeddingParams {
+        max_period: 0.0,
+        ..p
+    };
+    assert!(matches!(
+        b.timestep_embedding(&t, &bad_period),
+        Err(Error::Invalid { .. })
+    ));
+}
+
+fn bad_input_is_an_error_on_cpu() {
+    check_bad_input(&Cpu);
+}
+
+fn bad_input_is_an_error_on_gpu(g: &Gpu) {
+    check_bad_input(g);
+    let cpu = up(&Cpu, &[3], &[1.0, 2.0, 3.0]);
+    let r = g.timestep_embedding(&cpu, &params(8, false, 1.0, 1.0));
+    assert!(matches!(
+        r,
+        Err(Error::WrongBackend {
+            expected: "gpu",
+            ..
+        })
+    ));
+}
+
+tests! {
+    cpu: [cpu_matches_float64_reference, bad_input_is_an_error_on_cpu],
+    gpu: [embedding_matches_cpu, bad_input_is_an_error_on_gpu],
 }

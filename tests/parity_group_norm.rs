@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use diffwgpu::ops::group_norm::GroupNormParams;
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 /// (shape, groups): C = 6 with 2, 3 and 6 groups on odd 5x7 maps, batch 1 and 3; C = 32 with
 /// 8 groups; a group of 1024 values (several per invocation of the 256-wide workgroup); rank 3
@@ -57,8 +57,7 @@ fn run_all(
     ]
 }
 
-#[test]
-fn forward_and_backward_match_cpu() {
+fn forward_and_backward_match_cpu(g: &Gpu) {
     for (i, &(shape, groups)) in CASES.iter().enumerate() {
         let n: usize = shape.iter().product();
         let seed = 10 * i as u64;
@@ -68,6 +67,7 @@ fn forward_and_backward_match_cpu() {
         let dy = seeded(n, seed + 3);
         let p = params(groups);
         parity(
+            g,
             &format!("group_norm {shape:?} G={groups}"),
             1e-4,
             1e-4,
@@ -84,8 +84,9 @@ fn reference_stats(xg: &[f32], eps: f32) -> (f64, f64) {
     (mean, 1.0 / (var + eps as f64).sqrt())
 }
 
-#[test]
-fn large_mean_is_accurate() {
+/// Group norm on `be` of inputs with a large mean against an f64 reference; `tol` bounds the
+/// relative error of `rstd` and `y`.
+fn check_large_mean(be: &dyn Backend, tol: f64) {
     // 1e3 + noise of spread 0.1: E[x^2] - E[x]^2 in f32 would cancel every significant digit
     // (1e6 - 1e6 with ulps of 0.06, for a variance of 3e-3). Each group's output must still
     // have mean 0 and variance 1, and match an f64 reference.
@@ -95,57 +96,59 @@ fn large_mean_is_accurate() {
     let x: Vec<f32> = seeded(n, 77).iter().map(|v| 1e3 + 0.1 * v).collect();
     let (gamma, beta) = (vec![1.0; 6], vec![0.0; 6]);
     let len = n / (shape[0] * p.groups);
-    let check = |be: &dyn Backend, tol: f64| {
-        let c = [shape[1]];
-        let out = be
-            .group_norm(
-                &up(be, &shape, &x),
-                &up(be, &c, &gamma),
-                &up(be, &c, &beta),
-                &p,
-            )
-            .unwrap();
-        let (y, mean, rstd) = (down(be, &out.y), down(be, &out.mean), down(be, &out.rstd));
-        for (bg, (xg, yg)) in x.chunks(len).zip(y.chunks(len)).enumerate() {
-            let (m, r) = reference_stats(xg, p.eps);
+    let c = [shape[1]];
+    let out = be
+        .group_norm(
+            &up(be, &shape, &x),
+            &up(be, &c, &gamma),
+            &up(be, &c, &beta),
+            &p,
+        )
+        .unwrap();
+    let (y, mean, rstd) = (down(be, &out.y), down(be, &out.mean), down(be, &out.rstd));
+    for (bg, (xg, yg)) in x.chunks(len).zip(y.chunks(len)).enumerate() {
+        let (m, r) = reference_stats(xg, p.eps);
+        assert!(
+            (mean[bg] as f64 - m).abs() <= 1e-7 * m,
+            "{} mean {} vs {m}",
+            be.name(),
+            mean[bg]
+        );
+        assert!(
+            (rstd[bg] as f64 - r).abs() <= tol * r,
+            "{} rstd {} vs {r}",
+            be.name(),
+            rstd[bg]
+        );
+        for (&v, &w) in xg.iter().zip(yg) {
+            let want = (v as f64 - m) * r;
             assert!(
-                (mean[bg] as f64 - m).abs() <= 1e-7 * m,
-                "{} mean {} vs {m}",
-                be.name(),
-                mean[bg]
-            );
-            assert!(
-                (rstd[bg] as f64 - r).abs() <= tol * r,
-                "{} rstd {} vs {r}",
-                be.name(),
-                rstd[bg]
-            );
-            for (&v, &w) in xg.iter().zip(yg) {
-                let want = (v as f64 - m) * r;
-                assert!(
-                    (w as f64 - want).abs() <= tol * (1.0 + want.abs()),
-                    "{} y {w} vs {want}",
-                    be.name()
-                );
-            }
-            let y_mean = yg.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-            let y_var = yg.iter().map(|&v| (v as f64 - y_mean).powi(2)).sum::<f64>() / len as f64;
-            assert!(
-                y_mean.abs() < 1e-4 && (y_var - 1.0).abs() < 1e-2,
-                "{y_mean} {y_var}"
+                (w as f64 - want).abs() <= tol * (1.0 + want.abs()),
+                "{} y {w} vs {want}",
+                be.name()
             );
         }
-    };
-    // CPU: f64 statistics, so only the final rounding to f32 remains. GPU: f32 sums of the
-    // shifted values x - x_0 (exact subtractions here), observed ~2e-7 off; 1e-5 still fails
-    // an unshifted f32 two-pass variance, whose mean is off by ~1e-4 against a spread of 0.06.
-    check(&Cpu, 1e-6);
-    if let Some(g) = gpu() {
-        check(g, 1e-5);
+        let y_mean = yg.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let y_var = yg.iter().map(|&v| (v as f64 - y_mean).powi(2)).sum::<f64>() / len as f64;
+        assert!(
+            y_mean.abs() < 1e-4 && (y_var - 1.0).abs() < 1e-2,
+            "{y_mean} {y_var}"
+        );
     }
 }
 
-#[test]
+fn large_mean_is_accurate_on_cpu() {
+    // f64 statistics, so only the final rounding to f32 remains.
+    check_large_mean(&Cpu, 1e-6);
+}
+
+fn large_mean_is_accurate_on_gpu(g: &Gpu) {
+    // f32 sums of the shifted values x - x_0 (exact subtractions here), observed ~2e-7 off;
+    // 1e-5 still fails an unshifted f32 two-pass variance, whose mean is off by ~1e-4 against
+    // a spread of 0.06.
+    check_large_mean(g, 1e-5);
+}
+
 fn gradients_match_finite_differences() {
     let shape = [2, 4, 3, 3];
     let p = params(2);
@@ -197,88 +200,88 @@ fn gradients_match_finite_differences() {
     );
 }
 
-#[test]
-fn bad_input_is_an_error() {
-    let check = |be: &dyn Backend| {
-        let z = |shape: &[usize]| up(be, shape, &vec![0.5; shape.iter().product()]);
-        let (x, g6) = (z(&[2, 6, 3, 3]), z(&[6]));
-        for groups in [4, 0, 7] {
-            let r = be.group_norm(&x, &g6, &g6, &params(groups));
-            assert!(
-                matches!(
-                    r,
-                    Err(Error::Invalid {
-                        op: "group_norm",
-                        ..
-                    })
-                ),
-                "G={groups}"
-            );
-        }
-        let r = be.group_norm(&x, &z(&[5]), &g6, &params(3));
-        assert!(matches!(
-            r,
-            Err(Error::Shape {
-                op: "group_norm",
-                ..
-            })
-        ));
-        let r = be.group_norm(&x, &g6, &z(&[6, 1]), &params(3));
-        assert!(matches!(
-            r,
-            Err(Error::Shape {
-                op: "group_norm",
-                ..
-            })
-        ));
-        let r = be.group_norm(&z(&[6]), &g6, &g6, &params(3));
-        assert!(matches!(
-            r,
-            Err(Error::Shape {
-                op: "group_norm",
-                ..
-            })
-        ));
-
-        let p = params(3);
-        let out = be.group_norm(&x, &g6, &g6, &p).unwrap();
-        let bwd = |x: &_, g: &_, dy: &_, p: &GroupNormParams| {
-            be.group_norm_backward(x, g, &out, dy, p).map(drop)
-        };
-        let shape_err = |r: Result<(), Error>| {
-            assert!(
-                matches!(
-                    r,
-                    Err(Error::Shape {
-                        op: "group_norm_backward",
-                        ..
-                    })
-                ),
-                "{r:?}"
-            )
-        };
-        shape_err(bwd(&x, &g6, &z(&[2, 6, 9]), &p));
-        shape_err(bwd(&x, &z(&[3]), &x, &p));
-        // Statistics saved for 3 groups, used with 2.
-        shape_err(bwd(&x, &g6, &x, &params(2)));
-        let r = bwd(&x, &g6, &x, &params(4));
-        assert!(matches!(
-            r,
-            Err(Error::Invalid {
-                op: "group_norm_backward",
-                ..
-            })
-        ));
-    };
-    check(&Cpu);
-    if let Some(g) = gpu() {
-        check(g);
+/// Every bad call must be an `Err` naming the op, on both backends.
+fn check_bad_input(be: &dyn Backend) {
+    let z = |shape: &[usize]| up(be, shape, &vec![0.5; shape.iter().product()]);
+    let (x, g6) = (z(&[2, 6, 3, 3]), z(&[6]));
+    for groups in [4, 0, 7] {
+        let r = be.group_norm(&x, &g6, &g6, &params(groups));
+        assert!(
+            matches!(
+                r,
+                Err(Error::Invalid {
+                    op: "group_norm",
+                    ..
+                })
+            ),
+            "G={groups}"
+        );
     }
+    let r = be.group_norm(&x, &z(&[5]), &g6, &params(3));
+    assert!(matches!(
+        r,
+        Err(Error::Shape {
+            op: "group_norm",
+            ..
+        })
+    ));
+    let r = be.group_norm(&x, &g6, &z(&[6, 1]), &params(3));
+    assert!(matches!(
+        r,
+        Err(Error::Shape {
+            op: "group_norm",
+            ..
+        })
+    ));
+    let r = be.group_norm(&z(&[6]), &g6, &g6, &params(3));
+    assert!(matches!(
+        r,
+        Err(Error::Shape {
+            op: "group_norm",
+            ..
+        })
+    ));
+
+    let p = params(3);
+    let out = be.group_norm(&x, &g6, &g6, &p).unwrap();
+    let bwd = |x: &_, g: &_, dy: &_, p: &GroupNormParams| {
+        be.group_norm_backward(x, g, &out, dy, p).map(drop)
+    };
+    let shape_err = |r: Result<(), Error>| {
+        assert!(
+            matches!(
+                r,
+                Err(Error::Shape {
+                    op: "group_norm_backward",
+                    ..
+                })
+            ),
+            "{r:?}"
+        )
+    };
+    shape_err(bwd(&x, &g6, &z(&[2, 6, 9]), &p));
+    shape_err(bwd(&x, &z(&[3]), &x, &p));
+    // Statistics saved for 3 groups, used with 2.
+    shape_err(bwd(&x, &g6, &x, &params(2)));
+    let r = bwd(&x, &g6, &x, &params(4));
+    assert!(matches!(
+        r,
+        Err(Error::Invalid {
+            op: "group_norm_backward",
+            ..
+        })
+    ));
 }
 
-#[test]
-fn tensor_from_the_other_backend_is_an_error() {
-    let Some(g) = gpu() else { return };
+fn bad_input_is_an_error_on_cpu() {
+    check_bad_input(&Cpu);
+}
+
+fn bad_input_is_an_error_on_gpu(g: &Gpu) {
+    check_bad_input(g);
+}
+
+fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
     let p = params(2);
     let (cx, cg) = (up(&Cpu, &[1, 2, 2], &[0.0; 4]), up(&Cpu, &[2], &[1.0; 2]));
     let (gx, gg) = (up(g, &[1, 2, 2], &[0.0; 4]), up(g, &[2], &[1.0; 2]));
@@ -307,4 +310,18 @@ fn tensor_from_the_other_backend_is_an_error() {
             ..
         })
     ));
+}
+
+tests! {
+    cpu: [
+        large_mean_is_accurate_on_cpu,
+        gradients_match_finite_differences,
+        bad_input_is_an_error_on_cpu,
+    ],
+    gpu: [
+        forward_and_backward_match_cpu,
+        large_mean_is_accurate_on_gpu,
+        bad_input_is_an_error_on_gpu,
+        tensor_from_the_other_backend_is_an_error,
+    ],
 }

@@ -10,19 +10,19 @@
 mod common;
 
 use common::*;
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 /// NCHW shapes: one pixel, odd spatial sizes with channel counts off any tile size, and a
 /// row longer than the 256-wide workgroup.
 const SHAPES: &[[usize; 4]] = &[[1, 1, 1, 1], [3, 6, 5, 7], [2, 3, 17, 19]];
 
-#[test]
-fn add_per_channel_matches_cpu() {
+fn add_per_channel_matches_cpu(g: &Gpu) {
     for (i, s) in SHAPES.iter().enumerate() {
         let n: usize = s.iter().product();
         let x = seeded(n, i as u64);
         let v = seeded(s[0] * s[1], 10 + i as u64);
         parity(
+            g,
             &format!("add_per_channel {s:?}"),
             0.0,
             0.0,
@@ -34,22 +34,28 @@ fn add_per_channel_matches_cpu() {
             },
         );
         let tol = 1e-6 * (s[2] * s[3]) as f32;
-        parity(&format!("add_per_channel_backward {s:?}"), tol, 0.0, |be| {
-            let dv = be.add_per_channel_backward(&up(be, s, &x)).unwrap();
-            assert_eq!(dv.shape(), &s[..2]);
-            vec![("dv", down(be, &dv))]
-        });
+        parity(
+            g,
+            &format!("add_per_channel_backward {s:?}"),
+            tol,
+            0.0,
+            |be| {
+                let dv = be.add_per_channel_backward(&up(be, s, &x)).unwrap();
+                assert_eq!(dv.shape(), &s[..2]);
+                vec![("dv", down(be, &dv))]
+            },
+        );
     }
 }
 
-#[test]
-fn concat_and_split_match_cpu() {
+fn concat_and_split_match_cpu(g: &Gpu) {
     let cases: &[([usize; 4], usize)] = &[([1, 1, 1, 1], 3), ([3, 6, 5, 7], 2), ([2, 5, 4, 3], 0)];
     for (i, &(sa, cb)) in cases.iter().enumerate() {
         let sb = [sa[0], cb, sa[2], sa[3]];
         let a = seeded(sa.iter().product(), i as u64);
         let b = seeded(sb.iter().product(), 20 + i as u64);
         parity(
+            g,
             &format!("concat/split {sa:?} ++ {sb:?}"),
             0.0,
             0.0,
@@ -69,7 +75,6 @@ fn concat_and_split_match_cpu() {
     }
 }
 
-#[test]
 fn concat_puts_a_first_in_each_sample() {
     // torch.cat([a, b], dim=1) of a = [[1], [2]] and b = [[3, 4], [5, 6]] (B = 2, H = W = 1).
     let y = Cpu
@@ -81,29 +86,36 @@ fn concat_puts_a_first_in_each_sample() {
     assert_eq!(down(&Cpu, &y), [1.0, 3.0, 4.0, 2.0, 5.0, 6.0]);
 }
 
-#[test]
-fn upsample_matches_cpu() {
+fn upsample_matches_cpu(g: &Gpu) {
     for (i, s) in SHAPES.iter().enumerate() {
         let n: usize = s.iter().product();
         let x = seeded(n, 30 + i as u64);
         let dy = seeded(4 * n, 40 + i as u64);
         let s_up = [s[0], s[1], 2 * s[2], 2 * s[3]];
-        parity(&format!("upsample {s:?}"), 0.0, 0.0, |be: &dyn Backend| {
-            let y = be.upsample_nearest2x(&up(be, s, &x)).unwrap();
-            assert_eq!(y.shape(), &s_up);
-            let dx = be.upsample_nearest2x_backward(&up(be, &s_up, &dy)).unwrap();
-            assert_eq!(dx.shape(), s);
-            vec![("y", down(be, &y)), ("dx", down(be, &dx))]
-        });
+        parity(
+            g,
+            &format!("upsample {s:?}"),
+            0.0,
+            0.0,
+            |be: &dyn Backend| {
+                let y = be.upsample_nearest2x(&up(be, s, &x)).unwrap();
+                assert_eq!(y.shape(), &s_up);
+                let dx = be.upsample_nearest2x_backward(&up(be, &s_up, &dy)).unwrap();
+                assert_eq!(dx.shape(), s);
+                vec![("y", down(be, &y)), ("dx", down(be, &dx))]
+            },
+        );
     }
+}
+
+fn upsample_repeats_each_pixel_in_a_2x2_block() {
     let y = Cpu
         .upsample_nearest2x(&up(&Cpu, &[1, 1, 1, 2], &[1.0, 2.0]))
         .unwrap();
     assert_eq!(down(&Cpu, &y), [1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0]);
 }
 
-#[test]
-fn transpose_matches_cpu() {
+fn transpose_matches_cpu(g: &Gpu) {
     // Empty, and edges of the 32x32 tile: smaller, one over, several tiles with ragged ends.
     let shapes: &[[usize; 3]] = &[
         [0, 3, 4],
@@ -115,21 +127,29 @@ fn transpose_matches_cpu() {
     ];
     for (i, s) in shapes.iter().enumerate() {
         let x = seeded(s.iter().product(), 50 + i as u64);
-        parity(&format!("transpose {s:?}"), 0.0, 0.0, |be: &dyn Backend| {
-            let y = be.transpose(&up(be, s, &x)).unwrap();
-            assert_eq!(y.shape(), &[s[0], s[2], s[1]]);
-            let back = down(be, &be.transpose(&y).unwrap());
-            assert_eq!(back, x, "transpose twice is the identity");
-            vec![("y", down(be, &y))]
-        });
+        parity(
+            g,
+            &format!("transpose {s:?}"),
+            0.0,
+            0.0,
+            |be: &dyn Backend| {
+                let y = be.transpose(&up(be, s, &x)).unwrap();
+                assert_eq!(y.shape(), &[s[0], s[2], s[1]]);
+                let back = down(be, &be.transpose(&y).unwrap());
+                assert_eq!(back, x, "transpose twice is the identity");
+                vec![("y", down(be, &y))]
+            },
+        );
     }
+}
+
+fn transpose_swaps_the_last_two_axes() {
     let y = Cpu
         .transpose(&up(&Cpu, &[1, 2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
         .unwrap();
     assert_eq!(down(&Cpu, &y), [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
 }
 
-#[test]
 fn gradients_match_finite_differences() {
     // The ops are linear, so central differences are exact up to f32 rounding of the loss.
     let (h, atol, rtol) = (1e-2, 1e-3, 1e-3);
@@ -186,86 +206,86 @@ fn gradients_match_finite_differences() {
     });
 }
 
-#[test]
-fn bad_shapes_are_errors() {
-    let check = |be: &dyn Backend| {
-        let x = up(be, &[2, 3, 4, 5], &[0.0; 120]);
-        let z = |shape: &[usize]| up(be, shape, &vec![0.0; shape.iter().product()]);
-        // add_per_channel: v's batch or channels differ, x not rank 4.
-        for v in [z(&[1, 3]), z(&[2, 4]), z(&[6])] {
-            let r = be.add_per_channel(&x, &v);
-            assert!(
-                matches!(
-                    r,
-                    Err(Error::Shape {
-                        op: "add_per_channel",
-                        ..
-                    })
-                ),
-                "{r:?}"
-            );
-        }
-        let r = be.add_per_channel(&z(&[2, 3, 20]), &z(&[2, 3]));
-        assert!(matches!(r, Err(Error::Shape { .. })));
-        assert!(matches!(
-            be.add_per_channel_backward(&z(&[6, 20])),
-            Err(Error::Shape { .. })
-        ));
-        // concat: batch mismatch, spatial mismatch, rank.
-        for b in [z(&[1, 3, 4, 5]), z(&[2, 3, 5, 4]), z(&[2, 3, 20])] {
-            let r = be.concat_channels(&x, &b);
-            assert!(
-                matches!(
-                    r,
-                    Err(Error::Shape {
-                        op: "concat_channels",
-                        ..
-                    })
-                ),
-                "{r:?}"
-            );
-        }
-        // split beyond the channel count.
-        let r = be.split_channels(&x, 4);
+/// Every bad call must be an `Err`, on both backends.
+fn check_bad_shapes(be: &dyn Backend) {
+    let x = up(be, &[2, 3, 4, 5], &[0.0; 120]);
+    let z = |shape: &[usize]| up(be, shape, &vec![0.0; shape.iter().product()]);
+    // add_per_channel: v's batch or channels differ, x not rank 4.
+    for v in [z(&[1, 3]), z(&[2, 4]), z(&[6])] {
+        let r = be.add_per_channel(&x, &v);
         assert!(
             matches!(
                 r,
-                Err(Error::Invalid {
-                    op: "split_channels",
+                Err(Error::Shape {
+                    op: "add_per_channel",
                     ..
                 })
             ),
             "{r:?}"
         );
-        // upsampling: rank, odd gradient sizes.
-        assert!(matches!(
-            be.upsample_nearest2x(&z(&[3, 4, 5])),
-            Err(Error::Shape { .. })
-        ));
-        assert!(matches!(
-            be.upsample_nearest2x_backward(&x),
-            Err(Error::Shape { .. })
-        ));
-        // transpose of rank 2 and 4.
-        for t in [z(&[3, 4]), x.clone()] {
-            assert!(matches!(
-                be.transpose(&t),
+    }
+    let r = be.add_per_channel(&z(&[2, 3, 20]), &z(&[2, 3]));
+    assert!(matches!(r, Err(Error::Shape { .. })));
+    assert!(matches!(
+        be.add_per_channel_backward(&z(&[6, 20])),
+        Err(Error::Shape { .. })
+    ));
+    // concat: batch mismatch, spatial mismatch, rank.
+    for b in [z(&[1, 3, 4, 5]), z(&[2, 3, 5, 4]), z(&[2, 3, 20])] {
+        let r = be.concat_channels(&x, &b);
+        assert!(
+            matches!(
+                r,
                 Err(Error::Shape {
-                    op: "transpose",
+                    op: "concat_channels",
                     ..
                 })
-            ));
-        }
-    };
-    check(&Cpu);
-    if let Some(g) = gpu() {
-        check(g);
+            ),
+            "{r:?}"
+        );
+    }
+    // split beyond the channel count.
+    let r = be.split_channels(&x, 4);
+    assert!(
+        matches!(
+            r,
+            Err(Error::Invalid {
+                op: "split_channels",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // upsampling: rank, odd gradient sizes.
+    assert!(matches!(
+        be.upsample_nearest2x(&z(&[3, 4, 5])),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        be.upsample_nearest2x_backward(&x),
+        Err(Error::Shape { .. })
+    ));
+    // transpose of rank 2 and 4.
+    for t in [z(&[3, 4]), x.clone()] {
+        assert!(matches!(
+            be.transpose(&t),
+            Err(Error::Shape {
+                op: "transpose",
+                ..
+            })
+        ));
     }
 }
 
-#[test]
-fn tensor_from_the_other_backend_is_an_error() {
-    let Some(g) = gpu() else { return };
+fn bad_shapes_are_errors_on_cpu() {
+    check_bad_shapes(&Cpu);
+}
+
+fn bad_shapes_are_errors_on_gpu(g: &Gpu) {
+    check_bad_shapes(g);
+}
+
+fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
     let wrong = |r: Result<(), Error>, expected: &str| {
         assert!(
             matches!(r, Err(Error::WrongBackend { expected: e, .. }) if e == expected),
@@ -293,4 +313,22 @@ fn tensor_from_the_other_backend_is_an_error() {
         Cpu.transpose(&up(g, &[1, 2, 4], &[0.0; 8])).map(drop),
         "cpu",
     );
+}
+
+tests! {
+    cpu: [
+        concat_puts_a_first_in_each_sample,
+        upsample_repeats_each_pixel_in_a_2x2_block,
+        transpose_swaps_the_last_two_axes,
+        gradients_match_finite_differences,
+        bad_shapes_are_errors_on_cpu,
+    ],
+    gpu: [
+        add_per_channel_matches_cpu,
+        concat_and_split_match_cpu,
+        upsample_matches_cpu,
+        transpose_matches_cpu,
+        bad_shapes_are_errors_on_gpu,
+        tensor_from_the_other_backend_is_an_error,
+    ],
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 /// (M, K, N): ones and odd sizes around the 64 x 64 output tile and the 16-deep reduction tile.
 const SHAPES: &[(usize, usize, usize)] = &[
@@ -40,13 +40,13 @@ fn run(
     out
 }
 
-#[test]
-fn forward_and_backward_match_cpu() {
+fn forward_and_backward_match_cpu(g: &Gpu) {
     for (i, &shape) in SHAPES.iter().enumerate() {
         for bias in [false, true] {
             // Tolerance: sums of up to 130 products of values in [-1, 1], accumulated in a
             // different order than gemm's (about sqrt(130) * 6e-8 relative per term).
             parity(
+                g,
                 &format!("linear {shape:?} bias {bias}"),
                 1e-5,
                 1e-5,
@@ -56,18 +56,16 @@ fn forward_and_backward_match_cpu() {
     }
 }
 
-#[test]
-fn long_reduction_splits_and_matches_cpu() {
+fn long_reduction_splits_and_matches_cpu(g: &Gpu) {
     // dw and db reduce over M = 4099 rows: above the split threshold (2048) with a 5 x 3
     // output, so dw runs as split-K partial products plus a summing pass, db as row-block
     // partial sums plus the same pass. Tolerance: 4099-term f32 sums of values in [-1, 1]
     // (|sum| ~ 64), in a different order on each side.
-    parity("linear split-K", 2e-4, 1e-4, |be: &dyn Backend| {
+    parity(g, "linear split-K", 2e-4, 1e-4, |be: &dyn Backend| {
         run(be, (4099, 3, 5), true, 77)
     });
 }
 
-#[test]
 fn gradients_match_finite_differences() {
     let (m, k, n) = (3, 5, 4);
     let x = seeded(m * k, 1);
@@ -122,11 +120,11 @@ fn gradients_match_finite_differences() {
     );
 }
 
-#[test]
-fn empty_inputs_give_empty_outputs() {
+fn empty_inputs_give_empty_outputs(g: &Gpu) {
     // M = 0, N = 0 or K = 0 (y = b broadcast, dw = 0): no work, no out-of-bounds access.
     for shape in [(0, 3, 4), (3, 0, 4), (3, 4, 0)] {
         parity(
+            g,
             &format!("linear empty {shape:?}"),
             0.0,
             0.0,
@@ -173,17 +171,15 @@ fn check_bad_input(be: &dyn Backend) {
     ));
 }
 
-#[test]
-fn bad_shapes_are_errors() {
+fn bad_shapes_are_errors_on_cpu() {
     check_bad_input(&Cpu);
-    if let Some(g) = gpu() {
-        check_bad_input(g);
-    }
 }
 
-#[test]
-fn tensor_from_the_other_backend_is_an_error() {
-    let Some(g) = gpu() else { return };
+fn bad_shapes_are_errors_on_gpu(g: &Gpu) {
+    check_bad_input(g);
+}
+
+fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
     let (cx, cw) = (up(&Cpu, &[2, 3], &[1.0; 6]), up(&Cpu, &[4, 3], &[1.0; 12]));
     let (gx, gw) = (up(g, &[2, 3], &[1.0; 6]), up(g, &[4, 3], &[1.0; 12]));
     let wrong_on_gpu = |r: Result<_, Error>| {
@@ -212,4 +208,15 @@ fn tensor_from_the_other_backend_is_an_error() {
         })
     );
     assert!(wrong_on_cpu);
+}
+
+tests! {
+    cpu: [gradients_match_finite_differences, bad_shapes_are_errors_on_cpu],
+    gpu: [
+        forward_and_backward_match_cpu,
+        long_reduction_splits_and_matches_cpu,
+        empty_inputs_give_empty_outputs,
+        bad_shapes_are_errors_on_gpu,
+        tensor_from_the_other_backend_is_an_error,
+    ],
 }

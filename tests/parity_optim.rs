@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use diffwgpu::ops::optim::AdamWParams;
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 /// Odd sizes not a multiple of the 256-wide workgroup, and one large enough for several rayon
 /// tasks.
@@ -24,14 +24,14 @@ fn hyper(step: u32) -> AdamWParams {
     }
 }
 
-#[test]
-fn adamw_and_ema_match_cpu_over_several_steps() {
+fn adamw_and_ema_match_cpu_over_several_steps(g: &Gpu) {
     for (k, shape) in SHAPES.iter().enumerate() {
         let n: usize = shape.iter().product();
         let p0 = seeded(n, 40 + k as u64);
         let grads: Vec<Vec<f32>> = (0..4).map(|s| seeded(n, 50 + 10 * k as u64 + s)).collect();
         // A few ulps of sqrt and division in an update of size lr = 1e-2 on values of O(1).
         parity(
+            g,
             &format!("adamw {shape:?}"),
             1e-6,
             1e-5,
@@ -79,7 +79,6 @@ fn torch_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], h: &AdamW
     }
 }
 
-#[test]
 fn cpu_adamw_matches_torch_formulas_in_f64() {
     let n = 257;
     let p0 = seeded(n, 1);
@@ -115,128 +114,143 @@ fn cpu_adamw_matches_torch_formulas_in_f64() {
     assert_close("ema", &down(&Cpu, &ema), &f32s(&ema64), 1e-6, 1e-5);
 }
 
-#[test]
-fn updates_are_seen_by_every_clone() {
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
-    for b in backends {
-        let mut ema = up(b, &[3], &[1.0, 2.0, 3.0]);
-        let alias = ema.clone();
-        b.ema_update(&mut ema, &up(b, &[3], &[3.0, 2.0, 1.0]), 0.5)
-            .unwrap();
-        assert_eq!(down(b, &alias), vec![2.0, 2.0, 2.0], "{}", b.name());
-    }
+/// An EMA update on `b` writes the tensor's storage, which its clones share.
+fn check_updates_are_shared(b: &dyn Backend) {
+    let mut ema = up(b, &[3], &[1.0, 2.0, 3.0]);
+    let alias = ema.clone();
+    b.ema_update(&mut ema, &up(b, &[3], &[3.0, 2.0, 1.0]), 0.5)
+        .unwrap();
+    assert_eq!(down(b, &alias), vec![2.0, 2.0, 2.0], "{}", b.name());
 }
 
-#[test]
-fn bad_input_is_an_error() {
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
-    for b in backends {
-        let mut p = up(b, &[2, 3], &[0.5; 6]);
-        let g = up(b, &[2, 3], &[0.1; 6]);
-        let mut m = b.zeros(&[2, 3]).unwrap();
-        let mut v = b.zeros(&[2, 3]).unwrap();
-        let mut wrong = b.zeros(&[3, 2]).unwrap();
-        let shape_err = |r| {
-            matches!(
-                r,
-                Err(Error::Shape {
-                    op: "adamw_step",
-                    ..
-                })
-            )
-        };
-        assert!(shape_err(b.adamw_step(
-            &mut p,
-            &up(b, &[6], &[0.1; 6]),
-            &mut m,
-            &mut v,
-            &hyper(1)
-        )));
-        assert!(shape_err(b.adamw_step(
-            &mut p,
-            &g,
-            &mut wrong,
-            &mut v,
-            &hyper(1)
-        )));
-        assert!(shape_err(b.adamw_step(
-            &mut p,
-            &g,
-            &mut m,
-            &mut wrong,
-            &hyper(1)
-        )));
-        let invalid = |r: diffwgpu::Result<()>| {
-            matches!(
-                r,
-                Err(Error::Invalid {
-                    op: "adamw_step",
-                    ..
-                })
-            )
-        };
-        assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &hyper(0))));
-        let bad_beta = AdamWParams {
-            beta2: 1.0,
-            ..hyper(1)
-        };
-        assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &bad_beta)));
-        let bad_eps = AdamWParams {
-            eps: 0.0,
-            ..hyper(1)
-        };
-        assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &bad_eps)));
-        // The same storage under two names.
-        let mut m_alias = m.clone();
-        assert!(invalid(b.adamw_step(
-            &mut p,
-            &g,
-            &mut m,
-            &mut m_alias,
-            &hyper(1)
-        )));
-        let p_alias = p.clone();
-        assert!(matches!(
-            b.ema_update(&mut p, &p_alias, 0.9),
-            Err(Error::Invalid {
-                op: "ema_update",
-                ..
-            })
-        ));
-        assert!(matches!(
-            b.ema_update(&mut p, &g, 1.5),
-            Err(Error::Invalid {
-                op: "ema_update",
-                ..
-            })
-        ));
-        assert!(matches!(
-            b.ema_update(&mut wrong, &g, 0.9),
-            Err(Error::Shape {
-                op: "ema_update",
-                ..
-            })
-        ));
-        // Nothing was changed by the rejected calls.
-        assert_eq!(down(b, &p), vec![0.5; 6]);
-        assert_eq!(down(b, &m), vec![0.0; 6]);
-    }
-    if let Some(gpu) = gpu() {
-        let mut p = up(gpu, &[2], &[0.5; 2]);
-        let cpu = up(&Cpu, &[2], &[0.5; 2]);
-        let r = gpu.ema_update(&mut p, &cpu, 0.9);
-        assert!(matches!(
+fn updates_are_seen_by_every_clone_on_cpu() {
+    check_updates_are_shared(&Cpu);
+}
+
+fn updates_are_seen_by_every_clone_on_gpu(g: &Gpu) {
+    check_updates_are_shared(g);
+}
+
+/// Every bad call must be an `Err` naming the op and change nothing, on both backends.
+fn check_bad_input(b: &dyn Backend) {
+    let mut p = up(b, &[2, 3], &[0.5; 6]);
+    let g = up(b, &[2, 3], &[0.1; 6]);
+    let mut m = b.zeros(&[2, 3]).unwrap();
+    let mut v = b.zeros(&[2, 3]).unwrap();
+    let mut wrong = b.zeros(&[3, 2]).unwrap();
+    let shape_err = |r| {
+        matches!(
             r,
-            Err(Error::WrongBackend {
-                expected: "gpu",
+            Err(Error::Shape {
+                op: "adamw_step",
                 ..
             })
-        ));
-    }
+        )
+    };
+    assert!(shape_err(b.adamw_step(
+        &mut p,
+        &up(b, &[6], &[0.1; 6]),
+        &mut m,
+        &mut v,
+        &hyper(1)
+    )));
+    assert!(shape_err(b.adamw_step(
+        &mut p,
+        &g,
+        &mut wrong,
+        &mut v,
+        &hyper(1)
+    )));
+    assert!(shape_err(b.adamw_step(
+        &mut p,
+        &g,
+        &mut m,
+        &mut wrong,
+        &hyper(1)
+    )));
+    let invalid = |r: diffwgpu::Result<()>| {
+        matches!(
+            r,
+            Err(Error::Invalid {
+                op: "adamw_step",
+                ..
+            })
+        )
+    };
+    assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &hyper(0))));
+    let bad_beta = AdamWParams {
+        beta2: 1.0,
+        ..hyper(1)
+    };
+    assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &bad_beta)));
+    let bad_eps = AdamWParams {
+        eps: 0.0,
+        ..hyper(1)
+    };
+    assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &bad_eps)));
+    // The same storage under two names.
+    let mut m_alias = m.clone();
+    assert!(invalid(b.adamw_step(
+        &mut p,
+        &g,
+        &mut m,
+        &mut m_alias,
+        &hyper(1)
+    )));
+    let p_alias = p.clone();
+    assert!(matches!(
+        b.ema_update(&mut p, &p_alias, 0.9),
+        Err(Error::Invalid {
+            op: "ema_update",
+            ..
+        })
+    ));
+    assert!(matches!(
+        b.ema_update(&mut p, &g, 1.5),
+        Err(Error::Invalid {
+            op: "ema_update",
+            ..
+        })
+    ));
+    assert!(matches!(
+        b.ema_update(&mut wrong, &g, 0.9),
+        Err(Error::Shape {
+            op: "ema_update",
+            ..
+        })
+    ));
+    // Nothing was changed by the rejected calls.
+    assert_eq!(down(b, &p), vec![0.5; 6]);
+    assert_eq!(down(b, &m), vec![0.0; 6]);
+}
+
+fn bad_input_is_an_error_on_cpu() {
+    check_bad_input(&Cpu);
+}
+
+fn bad_input_is_an_error_on_gpu(gpu: &Gpu) {
+    check_bad_input(gpu);
+    let mut p = up(gpu, &[2], &[0.5; 2]);
+    let cpu = up(&Cpu, &[2], &[0.5; 2]);
+    let r = gpu.ema_update(&mut p, &cpu, 0.9);
+    assert!(matches!(
+        r,
+        Err(Error::WrongBackend {
+            expected: "gpu",
+            ..
+        })
+    ));
+}
+
+tests! {
+    cpu: [
+        cpu_adamw_matches_torch_formulas_in_f64,
+        updates_are_seen_by_every_clone_on_cpu,
+        bad_input_is_an_error_on_cpu,
+    ],
+    gpu: [
+        adamw_and_ema_match_cpu_over_several_steps,
+        updates_are_seen_by_every_clone_on_gpu,
+        bad_input_is_an_error_on_gpu,
+    ],
 }

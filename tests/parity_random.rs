@@ -5,10 +5,9 @@ mod common;
 
 use common::*;
 use diffwgpu::rng::{philox4x32, uniform_from_bits};
-use diffwgpu::{Backend, Cpu};
+use diffwgpu::{Backend, Cpu, Gpu};
 
 /// Known-answer tests of the Random123 distribution (`kat_vectors`, philox4x32_10).
-#[test]
 fn philox_matches_random123_test_vectors() {
     let cases: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
         (
@@ -36,7 +35,6 @@ fn philox_matches_random123_test_vectors() {
     }
 }
 
-#[test]
 fn uniform_bits_map_to_unit_interval_exactly() {
     assert_eq!(uniform_from_bits(0), 0.0);
     assert_eq!(uniform_from_bits(u32::MAX), 1.0 - 2f32.powi(-24));
@@ -53,11 +51,11 @@ const CASES: &[(&[usize], u64, u64)] = &[
     (&[70_001], 3, 12_345),
 ];
 
-#[test]
-fn uniform_fill_is_bitwise_equal_on_gpu_and_cpu() {
+fn uniform_fill_is_bitwise_equal_on_gpu_and_cpu(g: &Gpu) {
     for &(shape, seed, offset) in CASES {
         // Exact: integer arithmetic and one multiply by a power of two.
         parity(
+            g,
             &format!("rand_uniform {shape:?} seed {seed} offset {offset}"),
             0.0,
             0.0,
@@ -66,14 +64,14 @@ fn uniform_fill_is_bitwise_equal_on_gpu_and_cpu() {
     }
 }
 
-#[test]
-fn normal_fill_matches_cpu() {
+fn normal_fill_matches_cpu(g: &Gpu) {
     for &(shape, seed, offset) in CASES {
         // |z| < 5.8; the GPU's sqrt, cos and sin are accurate to a few ulps in (-pi, pi)
         // (the logarithm is written out in both), so a few ulps of 5.8 (4.8e-7 each) plus
         // a relative few ulps. Measured over 2^20 draws: 4.8e-7 on lavapipe, 1.5e-6 on an
         // NVIDIA H100 (Vulkan).
         parity(
+            g,
             &format!("randn {shape:?} seed {seed} offset {offset}"),
             4e-6,
             4e-6,
@@ -82,37 +80,39 @@ fn normal_fill_matches_cpu() {
     }
 }
 
-#[test]
-fn offset_shifts_the_stream() {
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
-    }
-    for b in backends {
-        for k in [1u64, 2, 3, 4, 5, 13] {
-            let uniform = |n: usize, off: u64| b.rand_uniform(&[n], 9, off).unwrap();
-            let normal = |n: usize, off: u64| b.randn(&[n], 9, off).unwrap();
-            for (name, fill) in [
-                ("rand_uniform", &uniform as &dyn Fn(usize, u64) -> _),
-                ("randn", &normal),
-            ] {
-                let long = down(b, &fill(40, 100));
-                let short = down(b, &fill(40 - k as usize, 100 + k));
-                assert_eq!(
-                    &long[k as usize..],
-                    &short[..],
-                    "{name} on {}: shift {k}",
-                    b.name()
-                );
-            }
+/// On `b`, a fill at offset `o + k` is the fill at `o` without its first `k` values, and
+/// another seed gives another stream.
+fn check_offsets(b: &dyn Backend) {
+    for k in [1u64, 2, 3, 4, 5, 13] {
+        let uniform = |n: usize, off: u64| b.rand_uniform(&[n], 9, off).unwrap();
+        let normal = |n: usize, off: u64| b.randn(&[n], 9, off).unwrap();
+        for (name, fill) in [
+            ("rand_uniform", &uniform as &dyn Fn(usize, u64) -> _),
+            ("randn", &normal),
+        ] {
+            let long = down(b, &fill(40, 100));
+            let short = down(b, &fill(40 - k as usize, 100 + k));
+            assert_eq!(
+                &long[k as usize..],
+                &short[..],
+                "{name} on {}: shift {k}",
+                b.name()
+            );
         }
-        let other_seed = down(b, &b.rand_uniform(&[40], 10, 100).unwrap());
-        let same_seed = down(b, &b.rand_uniform(&[40], 9, 100).unwrap());
-        assert!(other_seed.iter().zip(&same_seed).all(|(a, c)| a != c));
     }
+    let other_seed = down(b, &b.rand_uniform(&[40], 10, 100).unwrap());
+    let same_seed = down(b, &b.rand_uniform(&[40], 9, 100).unwrap());
+    assert!(other_seed.iter().zip(&same_seed).all(|(a, c)| a != c));
 }
 
-#[test]
+fn offset_shifts_the_stream_on_cpu() {
+    check_offsets(&Cpu);
+}
+
+fn offset_shifts_the_stream_on_gpu(g: &Gpu) {
+    check_offsets(g);
+}
+
 fn normals_have_standard_statistics() {
     let n = 1_000_000;
     let z = down(&Cpu, &Cpu.randn(&[n], 2024, 0).unwrap());
@@ -141,10 +141,23 @@ fn normals_have_standard_statistics() {
     assert!(u.iter().all(|&v| (0.0..1.0).contains(&v)));
 }
 
-#[test]
-fn gpu_fills_are_deterministic() {
-    let Some(g) = gpu() else { return };
+fn gpu_fills_are_deterministic(g: &Gpu) {
     let a = down(g, &g.randn(&[515], 77, 3).unwrap());
     let b = down(g, &g.randn(&[515], 77, 3).unwrap());
     assert_eq!(a, b);
+}
+
+tests! {
+    cpu: [
+        philox_matches_random123_test_vectors,
+        uniform_bits_map_to_unit_interval_exactly,
+        offset_shifts_the_stream_on_cpu,
+        normals_have_standard_statistics,
+    ],
+    gpu: [
+        uniform_fill_is_bitwise_equal_on_gpu_and_cpu,
+        normal_fill_matches_cpu,
+        offset_shifts_the_stream_on_gpu,
+        gpu_fills_are_deterministic,
+    ],
 }

@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use diffwgpu::{Backend, Cpu, Error};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 /// Sizes: one element, odd, just over one 4096-element workgroup chunk, and enough chunks to
 /// need a second pass over the partials.
@@ -24,8 +24,7 @@ fn abs_sum(v: impl Iterator<Item = f32>) -> f64 {
     v.map(|x| x.abs() as f64).sum()
 }
 
-#[test]
-fn forward_and_backward_match_cpu() {
+fn forward_and_backward_match_cpu(g: &Gpu) {
     for (i, shape) in SIZES.iter().enumerate() {
         let n: usize = shape.iter().product();
         let pred = seeded(n, i as u64);
@@ -35,22 +34,26 @@ fn forward_and_backward_match_cpu() {
         let sq_err = abs_sum(pred.iter().zip(&target).map(|(a, b)| (a - b) * (a - b)));
         let tol_mse = reduction_tolerance(n, sq_err / n as f64);
         let case = format!("reduce {shape:?}");
-        parity(&format!("{case} sum"), tol_sum, 0.0, |be: &dyn Backend| {
-            vec![("sum", down(be, &be.sum(&up(be, shape, &pred)).unwrap()))]
-        });
-        parity(&format!("{case} mean"), tol_sum / n as f32, 0.0, |be| {
+        parity(
+            g,
+            &format!("{case} sum"),
+            tol_sum,
+            0.0,
+            |be: &dyn Backend| vec![("sum", down(be, &be.sum(&up(be, shape, &pred)).unwrap()))],
+        );
+        parity(g, &format!("{case} mean"), tol_sum / n as f32, 0.0, |be| {
             vec![("mean", down(be, &be.mean(&up(be, shape, &pred)).unwrap()))]
         });
-        parity(&format!("{case} sum_squares"), tol_sq, 0.0, |be| {
+        parity(g, &format!("{case} sum_squares"), tol_sq, 0.0, |be| {
             let x = up(be, shape, &pred);
             vec![("sum_squares", down(be, &be.sum_squares(&x).unwrap()))]
         });
-        parity(&format!("{case} mse_loss"), tol_mse, 0.0, |be| {
+        parity(g, &format!("{case} mse_loss"), tol_mse, 0.0, |be| {
             let (p, t) = (up(be, shape, &pred), up(be, shape, &target));
             vec![("mse_loss", down(be, &be.mse_loss(&p, &t).unwrap()))]
         });
         // Elementwise: one subtraction and two multiplications, a few ulps.
-        parity(&format!("{case} mse_loss_backward"), 1e-7, 1e-6, |be| {
+        parity(g, &format!("{case} mse_loss_backward"), 1e-7, 1e-6, |be| {
             let (p, t) = (up(be, shape, &pred), up(be, shape, &target));
             let dp = be.mse_loss_backward(&p, &t, 0.7).unwrap();
             vec![("mse_loss_backward", down(be, &dp))]
@@ -58,16 +61,25 @@ fn forward_and_backward_match_cpu() {
     }
 }
 
-#[test]
-fn million_element_sum_is_accurate_on_both_backends() {
+/// 2^20 seeded values, their exact sum and sum of squares, and the CPU's sum of them.
+fn million_elements() -> (Vec<f32>, f64, f64, f32) {
     let n = 1 << 20;
     let x = seeded(n, 2024);
     let exact: f64 = x.iter().map(|&v| v as f64).sum();
     let exact_sq: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
-    // The CPU sums in f64: exact up to the final rounding to f32.
     let cpu_sum = down(&Cpu, &Cpu.sum(&up(&Cpu, &[n], &x)).unwrap())[0];
+    (x, exact, exact_sq, cpu_sum)
+}
+
+fn million_element_sum_is_accurate_on_cpu() {
+    let (_, exact, _, cpu_sum) = million_elements();
+    // The CPU sums in f64: exact up to the final rounding to f32.
     assert!((cpu_sum as f64 - exact).abs() <= exact.abs() * f32::EPSILON as f64);
-    let Some(g) = gpu() else { return };
+}
+
+fn million_element_sum_is_accurate_on_gpu(g: &Gpu) {
+    let (x, exact, exact_sq, cpu_sum) = million_elements();
+    let n = x.len();
     let t = up(g, &[n], &x);
     let gpu_sum = down(g, &g.sum(&t).unwrap())[0];
     let gpu_sq = down(g, &g.sum_squares(&t).unwrap())[0];
@@ -98,7 +110,6 @@ fn million_element_sum_is_accurate_on_both_backends() {
     );
 }
 
-#[test]
 fn mse_gradient_matches_finite_differences() {
     let shape = [2, 3, 5];
     let pred = seeded(30, 1);
@@ -114,32 +125,31 @@ fn mse_gradient_matches_finite_differences() {
     });
 }
 
-#[test]
-fn mismatched_shapes_are_errors() {
-    let check = |be: &dyn Backend| {
-        let a = up(be, &[2, 3], &[0.0; 6]);
-        let b = up(be, &[6], &[0.0; 6]);
-        assert!(matches!(
-            be.mse_loss(&a, &b),
-            Err(Error::Shape { op: "mse_loss", .. })
-        ));
-        assert!(matches!(
-            be.mse_loss_backward(&a, &b, 1.0),
-            Err(Error::Shape {
-                op: "mse_loss_backward",
-                ..
-            })
-        ));
-    };
-    check(&Cpu);
-    if let Some(g) = gpu() {
-        check(g);
-    }
+fn check_mismatched_shapes(be: &dyn Backend) {
+    let a = up(be, &[2, 3], &[0.0; 6]);
+    let b = up(be, &[6], &[0.0; 6]);
+    assert!(matches!(
+        be.mse_loss(&a, &b),
+        Err(Error::Shape { op: "mse_loss", .. })
+    ));
+    assert!(matches!(
+        be.mse_loss_backward(&a, &b, 1.0),
+        Err(Error::Shape {
+            op: "mse_loss_backward",
+            ..
+        })
+    ));
 }
 
-#[test]
-fn tensor_from_the_other_backend_is_an_error() {
-    let Some(g) = gpu() else { return };
+fn mismatched_shapes_are_errors_on_cpu() {
+    check_mismatched_shapes(&Cpu);
+}
+
+fn mismatched_shapes_are_errors_on_gpu(g: &Gpu) {
+    check_mismatched_shapes(g);
+}
+
+fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
     let c = up(&Cpu, &[4], &[1.0; 4]);
     let gt = up(g, &[4], &[1.0; 4]);
     for r in [
@@ -170,4 +180,18 @@ fn tensor_from_the_other_backend_is_an_error() {
             ..
         })
     ));
+}
+
+tests! {
+    cpu: [
+        million_element_sum_is_accurate_on_cpu,
+        mse_gradient_matches_finite_differences,
+        mismatched_shapes_are_errors_on_cpu,
+    ],
+    gpu: [
+        forward_and_backward_match_cpu,
+        million_element_sum_is_accurate_on_gpu,
+        mismatched_shapes_are_errors_on_gpu,
+        tensor_from_the_other_backend_is_an_error,
+    ],
 }

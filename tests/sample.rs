@@ -3,15 +3,14 @@
 
 mod common;
 
-use common::{assert_close, gpu};
+use common::assert_close;
 use diffwgpu::diffusion::{
     inference_timesteps, sample, NoiseSchedule, NoiseStream, PredictionType, Sampler,
     TimestepSpacing, VarianceType,
 };
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
-use diffwgpu::{Backend, Cpu, Tensor};
+use diffwgpu::{Backend, Cpu, Gpu, Tensor};
 
-#[test]
 fn timestep_sequences_match_diffusers() {
     let leading = inference_timesteps(1000, 50, TimestepSpacing::Leading, 0).unwrap();
     assert_eq!(&leading[..3], &[980, 960, 940]);
@@ -66,11 +65,9 @@ fn run(be: &dyn Backend, sampler: &Sampler, steps: usize) -> Vec<Vec<f32>> {
     states
 }
 
-/// Whole trajectories (every x_t, then x_0) of DDIM with and without noise and of DDPM: the
-/// same for a seed on a rerun, and the GPU's the same as the CPU's at every step.
-#[test]
-fn sampling_is_deterministic_and_matches_across_backends() {
-    let samplers = [
+/// The samplers of the trajectory tests, each with its number of steps.
+fn samplers() -> [(Sampler, usize); 3] {
+    [
         (
             Sampler::Ddim {
                 eta: 0.0,
@@ -92,17 +89,33 @@ fn sampling_is_deterministic_and_matches_across_backends() {
             },
             25,
         ),
-    ];
-    for (s, steps) in &samplers {
+    ]
+}
+
+/// Whole trajectories (every x_t, then x_0) of DDIM with and without noise and of DDPM: the
+/// same for a seed on a rerun.
+fn sampling_is_deterministic() {
+    for (s, steps) in &samplers() {
         let a = run(&Cpu, s, *steps);
         assert_eq!(a, run(&Cpu, s, *steps), "{s:?} is not deterministic");
         assert!(a.iter().flatten().all(|v| v.is_finite()));
-        if let Some(g) = gpu() {
-            // The model's f32 sums in another order and normals a few ulps apart, compounded
-            // over the steps; the images are O(1).
-            for (i, (got, want)) in run(g, s, *steps).iter().zip(&a).enumerate() {
-                assert_close(&format!("{s:?} step {i}"), got, want, 1e-3, 1e-3);
-            }
+    }
+}
+
+/// Whole trajectories (every x_t, then x_0) of DDIM with and without noise and of DDPM: the
+/// GPU's the same as the CPU's at every step.
+fn sampling_matches_across_backends(g: &Gpu) {
+    for (s, steps) in &samplers() {
+        let a = run(&Cpu, s, *steps);
+        // The model's f32 sums in another order and normals a few ulps apart, compounded
+        // over the steps; the images are O(1).
+        for (i, (got, want)) in run(g, s, *steps).iter().zip(&a).enumerate() {
+            assert_close(&format!("{s:?} step {i}"), got, want, 1e-3, 1e-3);
         }
     }
+}
+
+tests! {
+    cpu: [timestep_sequences_match_diffusers, sampling_is_deterministic],
+    gpu: [sampling_matches_across_backends],
 }

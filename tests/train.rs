@@ -3,73 +3,70 @@
 
 mod common;
 
-use common::{assert_close, gpu, seeded};
+use common::{assert_close, seeded};
 use diffwgpu::autodiff::Tape;
 use diffwgpu::diffusion::NoiseSchedule;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
 use diffwgpu::ops::optim::AdamWParams;
 use diffwgpu::train::{LrSchedule, TrainHyper, TrainState, Trainer};
-use diffwgpu::{Backend, Cpu, Tensor};
+use diffwgpu::{Backend, Cpu, Gpu, Tensor};
 
 fn tiny() -> UNet2D {
     UNet2D::new(&UNet2DConfig::preset("tiny").unwrap()).unwrap()
 }
 
-fn backends() -> Vec<&'static dyn Backend> {
-    let mut all: Vec<&'static dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        all.push(g);
-    }
-    all
-}
-
 /// Fixed `x_t`, `t` and target: plain regression, which a working model, backward pass and
-/// optimizer drive towards zero loss.
-#[test]
-fn tiny_model_overfits_one_fixed_batch() {
+/// optimizer drive towards zero loss on `be`.
+fn check_overfits_one_fixed_batch(be: &dyn Backend) {
     let model = tiny();
     let values = model.params.initial_values(3);
     let shape = [2, 1, 16, 16];
     let x = seeded(512, 10);
     let target: Vec<f32> = seeded(512, 11).iter().map(|v| 0.5 * v).collect();
     const STEPS: u32 = 20;
-    for be in backends() {
-        let mut state = TrainState::new(be, &model, &values).unwrap();
-        let xt = be.upload(&shape, &x).unwrap();
-        let t = be.upload(&[2], &[10.0, 500.0]).unwrap();
-        let target = be.upload(&shape, &target).unwrap();
-        let mut losses = Vec::new();
-        for step in 1..=STEPS {
-            let mut tape = Tape::new(be);
-            let p = tape.leaves(&state.params, true);
-            let xv = tape.leaf(xt.clone(), false);
-            let out = model.forward(&mut tape, &p, xv, &t).unwrap();
-            let loss = be.mse_loss(tape.value(out), &target).unwrap();
-            let d = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
-            let mut grads = tape.backward(out, d).unwrap();
-            let h = AdamWParams {
-                lr: 3e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                step,
-                grad_scale: 1.0,
-            };
-            for (i, v) in p.iter().enumerate() {
-                let g = grads.take(*v).unwrap();
-                let (m, vv) = (&mut state.adam_m[i], &mut state.adam_v[i]);
-                be.adamw_step(&mut state.params[i], &g, m, vv, &h).unwrap();
-            }
-            losses.push(be.to_vec(&loss).unwrap()[0]);
+    let mut state = TrainState::new(be, &model, &values).unwrap();
+    let xt = be.upload(&shape, &x).unwrap();
+    let t = be.upload(&[2], &[10.0, 500.0]).unwrap();
+    let target = be.upload(&shape, &target).unwrap();
+    let mut losses = Vec::new();
+    for step in 1..=STEPS {
+        let mut tape = Tape::new(be);
+        let p = tape.leaves(&state.params, true);
+        let xv = tape.leaf(xt.clone(), false);
+        let out = model.forward(&mut tape, &p, xv, &t).unwrap();
+        let loss = be.mse_loss(tape.value(out), &target).unwrap();
+        let d = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
+        let mut grads = tape.backward(out, d).unwrap();
+        let h = AdamWParams {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step,
+            grad_scale: 1.0,
+        };
+        for (i, v) in p.iter().enumerate() {
+            let g = grads.take(*v).unwrap();
+            let (m, vv) = (&mut state.adam_m[i], &mut state.adam_v[i]);
+            be.adamw_step(&mut state.params[i], &g, m, vv, &h).unwrap();
         }
-        let (first, last) = (losses[0], *losses.last().unwrap());
-        assert!(
-            last * 10.0 <= first,
-            "{}: loss went from {first} to {last} in {STEPS} steps (want a 10x fall)",
-            be.name()
-        );
+        losses.push(be.to_vec(&loss).unwrap()[0]);
     }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(
+        last * 10.0 <= first,
+        "{}: loss went from {first} to {last} in {STEPS} steps (want a 10x fall)",
+        be.name()
+    );
+}
+
+fn tiny_model_overfits_one_fixed_batch_on_cpu() {
+    check_overfits_one_fixed_batch(&Cpu);
+}
+
+fn tiny_model_overfits_one_fixed_batch_on_gpu(g: &Gpu) {
+    check_overfits_one_fixed_batch(g);
 }
 
 fn hyper() -> TrainHyper {
@@ -99,9 +96,7 @@ fn read_all(be: &dyn Backend, ts: &[Tensor]) -> Vec<Vec<f32>> {
 
 /// Noise, timesteps, forward, backward, clipping, AdamW and EMA: two whole steps on the GPU
 /// leave the same weights, moments and EMA as on the CPU.
-#[test]
-fn whole_training_steps_match_across_backends() {
-    let Some(g) = gpu() else { return };
+fn whole_training_steps_match_across_backends(g: &Gpu) {
     let values = tiny().params.initial_values(5);
     let batch: Vec<Vec<f32>> = (0..2).map(|s| seeded(3 * 256, 20 + s)).collect();
     let mut cpu = trainer(&Cpu, &values);
@@ -128,7 +123,6 @@ fn whole_training_steps_match_across_backends() {
 
 /// Stopping after two steps, moving the state through host memory into a new trainer and
 /// taking two more gives exactly what four uninterrupted steps give.
-#[test]
 fn resumed_training_continues_exactly() {
     let values = tiny().params.initial_values(9);
     let batch: Vec<Vec<f32>> = (0..4).map(|s| seeded(3 * 256, 30 + s)).collect();
@@ -168,32 +162,39 @@ fn resumed_training_continues_exactly() {
     );
 }
 
-/// With dropout the masks come from the counter-based generator, so a GPU step still equals
-/// the CPU step; and dropout does change the step.
-#[test]
-fn dropout_steps_match_across_backends() {
+/// A trainer on `be` of the tiny model with dropout 0.2.
+fn with_dropout<'b>(be: &'b dyn Backend, values: &[Vec<f32>]) -> Trainer<'b> {
     let config = UNet2DConfig {
         dropout: 0.2,
         ..UNet2DConfig::preset("tiny").unwrap()
     };
+    trainer_with(be, values, UNet2D::new(&config).unwrap())
+}
+
+/// Dropout does change the step.
+fn dropout_changes_the_step() {
     let values = tiny().params.initial_values(6);
     let x0 = seeded(3 * 256, 40);
-    let with = |be| trainer_with(be, &values, UNet2D::new(&config).unwrap());
-    let a = with(&Cpu).step(&x0).unwrap();
+    let a = with_dropout(&Cpu, &values).step(&x0).unwrap();
     let plain = trainer(&Cpu, &values).step(&x0).unwrap();
     assert!(
         (a.loss - plain.loss).abs() > 1e-4,
         "dropout changed nothing"
     );
-    if let Some(g) = gpu() {
-        let mut gt = with(g);
-        let b = gt.step(&x0).unwrap();
-        assert_close("loss", &[b.loss], &[a.loss], 1e-5, 1e-4);
-        assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-3);
-    }
 }
 
-#[test]
+/// With dropout the masks come from the counter-based generator, so a GPU step still equals
+/// the CPU step.
+fn dropout_steps_match_across_backends(g: &Gpu) {
+    let values = tiny().params.initial_values(6);
+    let x0 = seeded(3 * 256, 40);
+    let a = with_dropout(&Cpu, &values).step(&x0).unwrap();
+    let mut gt = with_dropout(g, &values);
+    let b = gt.step(&x0).unwrap();
+    assert_close("loss", &[b.loss], &[a.loss], 1e-5, 1e-4);
+    assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-3);
+}
+
 fn learning_rate_and_ema_schedules() {
     let h = TrainHyper {
         learning_rate: 1.0,
@@ -214,4 +215,18 @@ fn learning_rate_and_ema_schedules() {
     assert_eq!(h.ema_decay_at(1), 0.0);
     assert!((h.ema_decay_at(2) - (1.0 - 2f32.powf(-0.75))).abs() < 1e-6);
     assert_eq!(h.ema_decay_at(u32::MAX as u64), 0.9999);
+}
+
+tests! {
+    cpu: [
+        tiny_model_overfits_one_fixed_batch_on_cpu,
+        resumed_training_continues_exactly,
+        dropout_changes_the_step,
+        learning_rate_and_ema_schedules,
+    ],
+    gpu: [
+        tiny_model_overfits_one_fixed_batch_on_gpu,
+        whole_training_steps_match_across_backends,
+        dropout_steps_match_across_backends,
+    ],
 }

@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::{assert_close, gpu, loss_and_grads, read_tensors, seeded};
+use common::{assert_close, loss_and_grads, read_tensors, seeded};
 use diffwgpu::autodiff::Tape;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
-use diffwgpu::{Backend, Cpu, Tensor};
+use diffwgpu::{Backend, Cpu, Gpu, Tensor};
 
 /// A model, its parameter values, a batch and a target.
 struct Case {
@@ -35,7 +35,6 @@ fn tiny_case() -> Case {
 
 /// The names and shapes diffusers' `UNet2DModel` gives each preset's parameters
 /// (`tests/fixtures/unet_params_<preset>.txt`, written by `tools/diffusers_reference.py`).
-#[test]
 fn presets_have_diffusers_parameter_names_and_shapes() {
     for preset in ["tiny", "mnist", "cifar10"] {
         let path = format!(
@@ -68,9 +67,7 @@ fn presets_have_diffusers_parameter_names_and_shapes() {
     }
 }
 
-#[test]
-fn gpu_forward_and_gradients_match_cpu() {
-    let Some(g) = gpu() else { return };
+fn gpu_forward_and_gradients_match_cpu(g: &Gpu) {
     let Case {
         model,
         values,
@@ -89,7 +86,6 @@ fn gpu_forward_and_gradients_match_cpu() {
     }
 }
 
-#[test]
 fn parameter_gradients_match_finite_differences() {
     let Case {
         model,
@@ -166,9 +162,8 @@ fn parameter_gradients_match_finite_differences() {
 
 /// The tiny model with perturbed weights, evaluated by diffusers in float64
 /// (`tests/fixtures/tiny_reference.safetensors`): our output, loss and every parameter
-/// gradient agree on both backends.
-#[test]
-fn tiny_model_matches_diffusers() {
+/// gradient agree on `be`.
+fn check_tiny_model_matches_diffusers(be: &dyn Backend) {
     let path = format!(
         "{}/tests/fixtures/tiny_reference.safetensors",
         env!("CARGO_MANIFEST_DIR")
@@ -186,29 +181,40 @@ fn tiny_model_matches_diffusers() {
         })
         .collect();
     let (x, t, target) = (&fx["x"].1, &fx["t"].1, &fx["target"].1);
-    let mut backends: Vec<&dyn Backend> = vec![&Cpu];
-    if let Some(g) = gpu() {
-        backends.push(g);
+    let (out, loss, grads) = loss_and_grads(be, &model, &values, x, t, target);
+    let rel = |name: &str, got: &[f32], want: &[f32], tol: f32| {
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_close(
+            &format!("{} {name}", be.name()),
+            got,
+            want,
+            tol * scale + 1e-7,
+            0.0,
+        );
+    };
+    rel("output", &out, &fx["out"].1, 1e-4);
+    rel("loss", &[loss], &fx["loss"].1, 1e-4);
+    for (spec, g) in model.params.specs.iter().zip(&grads) {
+        let want = &fx[&format!("grad.{}", spec.name)].1;
+        // Relative to the largest gradient of the tensor; `to_k.bias` has an exactly zero
+        // gradient (softmax cancels a key bias), so it is held to an absolute bound.
+        rel(&spec.name, g, want, 1e-3);
     }
-    for be in backends {
-        let (out, loss, grads) = loss_and_grads(be, &model, &values, x, t, target);
-        let rel = |name: &str, got: &[f32], want: &[f32], tol: f32| {
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            assert_close(
-                &format!("{} {name}", be.name()),
-                got,
-                want,
-                tol * scale + 1e-7,
-                0.0,
-            );
-        };
-        rel("output", &out, &fx["out"].1, 1e-4);
-        rel("loss", &[loss], &fx["loss"].1, 1e-4);
-        for (spec, g) in model.params.specs.iter().zip(&grads) {
-            let want = &fx[&format!("grad.{}", spec.name)].1;
-            // Relative to the largest gradient of the tensor; `to_k.bias` has an exactly zero
-            // gradient (softmax cancels a key bias), so it is held to an absolute bound.
-            rel(&spec.name, g, want, 1e-3);
-        }
-    }
+}
+
+fn tiny_model_matches_diffusers_on_cpu() {
+    check_tiny_model_matches_diffusers(&Cpu);
+}
+
+fn tiny_model_matches_diffusers_on_gpu(g: &Gpu) {
+    check_tiny_model_matches_diffusers(g);
+}
+
+tests! {
+    cpu: [
+        presets_have_diffusers_parameter_names_and_shapes,
+        parameter_gradients_match_finite_differences,
+        tiny_model_matches_diffusers_on_cpu,
+    ],
+    gpu: [gpu_forward_and_gradients_match_cpu, tiny_model_matches_diffusers_on_gpu],
 }

@@ -1,5 +1,7 @@
-//! Training: the tiny model overfits a fixed batch on both backends, one whole training step
-//! gives the same weights on both, a resumed run continues exactly, and the schedules.
+//! Training: the tiny model overfits a fixed batch on both backends, the trainer's update is
+//! AdamW with clipping, the learning-rate schedule and the EMA by their formulas, whole
+//! training steps give the same updates, moments and EMA on both backends, a resumed run
+//! continues exactly, and the schedules.
 
 mod common;
 
@@ -85,38 +87,225 @@ fn trainer<'b>(be: &'b dyn Backend, values: &[Vec<f32>]) -> Trainer<'b> {
 }
 
 fn trainer_with<'b>(be: &'b dyn Backend, values: &[Vec<f32>], model: UNet2D) -> Trainer<'b> {
+    trainer_from(be, values, model, hyper())
+}
+
+fn trainer_from<'b>(
+    be: &'b dyn Backend,
+    values: &[Vec<f32>],
+    model: UNet2D,
+    hyper: TrainHyper,
+) -> Trainer<'b> {
     let state = TrainState::new(be, &model, values).unwrap();
     let schedule = NoiseSchedule::linear(1000, 1e-4, 0.02).unwrap();
-    Trainer::new(be, model, schedule, hyper(), state).unwrap()
+    Trainer::new(be, model, schedule, hyper, state).unwrap()
 }
 
 fn read_all(be: &dyn Backend, ts: &[Tensor]) -> Vec<Vec<f32>> {
     ts.iter().map(|t| be.to_vec(t).unwrap()).collect()
 }
 
-/// Noise, timesteps, forward, backward, clipping, AdamW and EMA: two whole steps on the GPU
-/// leave the same weights, moments and EMA as on the CPU.
+/// Everything a step changes, read to the host: weights, both moments, EMA weights.
+struct HostState {
+    params: Vec<Vec<f32>>,
+    adam_m: Vec<Vec<f32>>,
+    adam_v: Vec<Vec<f32>>,
+    ema: Vec<Vec<f32>>,
+}
+
+fn host_state(t: &Trainer) -> HostState {
+    let (be, s) = (t.backend(), &t.state);
+    HostState {
+        params: read_all(be, &s.params),
+        adam_m: read_all(be, &s.adam_m),
+        adam_v: read_all(be, &s.adam_v),
+        ema: read_all(be, &s.ema),
+    }
+}
+
+/// `got` against `want`, every tensor of a group: `|got - want| <= rtol (|want| + 0.01 M)`
+/// with `M` the largest `|want|` of the group, so that values near zero are compared at the
+/// scale of the group rather than at their own.
+fn assert_group_close(
+    what: &str,
+    names: &[String],
+    got: &[Vec<f32>],
+    want: &[Vec<f32>],
+    rtol: f32,
+) {
+    let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    for ((name, g), w) in names.iter().zip(got).zip(want) {
+        assert_close(&format!("{what} {name}"), g, w, rtol * 0.01 * scale, rtol);
+    }
+}
+
+fn minus(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())
+        .collect()
+}
+
+/// Noise, timesteps, forward, backward, clipping (active: the gradient norm is ~3 against a
+/// limit of 1), AdamW at a constant learning rate with a weight decay large enough to show
+/// (1.0: a tenth of a typical update) and the EMA: after each of three steps the
+/// GPU's weight update, both moments and the EMA weights equal the CPU's.
+///
+/// AdamW's `eps` is 1e-3 here rather than 1e-8: an element whose exact gradient is zero (the
+/// attention's key bias: softmax ignores a shift shared by all keys) has a gradient of rounding
+/// noise, different on each backend, and with a tiny `eps` Adam turns that noise into a step
+/// of +-lr. A larger `eps` keeps the update a smooth function of the gradient, so the backends'
+/// updates agree to ~0.3 % (moments and EMA to ~2e-5, 1e-6), and a wrong update (a halved
+/// step, a missing moment or decay) shows as a difference of tens of percent.
 fn whole_training_steps_match_across_backends(g: &Gpu) {
     let values = tiny().params.initial_values(5);
-    let batch: Vec<Vec<f32>> = (0..2).map(|s| seeded(3 * 256, 20 + s)).collect();
-    let mut cpu = trainer(&Cpu, &values);
-    let mut gpu = trainer(g, &values);
-    for x0 in &batch {
-        let a = cpu.step(x0).unwrap();
-        let b = gpu.step(x0).unwrap();
+    let h = TrainHyper {
+        steps: 3,
+        lr_warmup_steps: 0,
+        lr_schedule: LrSchedule::Constant,
+        adam_eps: 1e-3,
+        weight_decay: 1.0,
+        ..hyper()
+    };
+    let mut cpu = trainer_from(&Cpu, &values, tiny(), h.clone());
+    let mut gpu = trainer_from(g, &values, tiny(), h);
+    let names: Vec<String> = cpu
+        .model
+        .params
+        .specs
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let (mut before_cpu, mut before_gpu) = (host_state(&cpu), host_state(&gpu));
+    for step in 0..3 {
+        let x0 = seeded(3 * 256, 20 + step);
+        let a = cpu.step(&x0).unwrap();
+        let b = gpu.step(&x0).unwrap();
+        assert!(
+            a.grad_norm > 1.0,
+            "clipping is not active: |g| = {}",
+            a.grad_norm
+        );
         assert_close("loss", &[b.loss], &[a.loss], 1e-5, 1e-4);
-        assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-3);
+        assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-4);
+        let (c, gg) = (host_state(&cpu), host_state(&gpu));
+        let at = |what: &str| format!("step {step}: {what}");
+        let (update_cpu, update_gpu) = (
+            minus(&c.params, &before_cpu.params),
+            minus(&gg.params, &before_gpu.params),
+        );
+        assert_group_close(&at("update"), &names, &update_gpu, &update_cpu, 1e-2);
+        assert_group_close(&at("adam_m"), &names, &gg.adam_m, &c.adam_m, 1e-3);
+        assert_group_close(&at("adam_v"), &names, &gg.adam_v, &c.adam_v, 1e-3);
+        assert_group_close(&at("ema"), &names, &gg.ema, &c.ema, 1e-4);
+        (before_cpu, before_gpu) = (c, gg);
     }
-    let names = &cpu.model.params.specs;
-    for (what, c, gg) in [
-        ("param", &cpu.state.params, &gpu.state.params),
-        ("ema", &cpu.state.ema, &gpu.state.ema),
-    ] {
-        let (c, gg) = (read_all(&Cpu, c), read_all(g, gg));
-        for (spec, (c, gg)) in names.iter().zip(c.iter().zip(&gg)) {
-            // Adam divides by sqrt(v): where a gradient is tiny the update's direction can
-            // differ, so each weight may differ by up to the step size (lr = 1e-3) per step.
-            assert_close(&format!("{what} {}", spec.name), gg, c, 2e-3, 1e-4);
+}
+
+/// The trainer's update, checked against AdamW, clipping, the learning-rate schedule and the
+/// EMA written out from their definitions (torch's `AdamW`, `clip_grad_norm_`, diffusers'
+/// cosine schedule and `EMAModel`) in f64, from the same gradients: three steps of a tiny
+/// model with non-default hyperparameters, so that no constant can hide in the code.
+fn trainer_update_is_adamw_by_its_formula() {
+    let values = tiny().params.initial_values(8);
+    let h = TrainHyper {
+        batch_size: 2,
+        steps: 4,
+        learning_rate: 2e-3,
+        lr_warmup_steps: 0,
+        lr_schedule: LrSchedule::Cosine,
+        adam_beta1: 0.8,
+        adam_beta2: 0.95,
+        adam_eps: 1e-8,
+        weight_decay: 0.3,
+        max_grad_norm: Some(0.5),
+        ema_max_decay: 0.999,
+        ema_inv_gamma: 2.0,
+        ema_power: 2.0 / 3.0,
+        seed: 11,
+        ..TrainHyper::default()
+    };
+    let mut t = trainer_from(&Cpu, &values, tiny(), h.clone());
+    let names: Vec<String> = t
+        .model
+        .params
+        .specs
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let f = |v: f32| v as f64;
+    let (b1, b2, eps, wd) = (
+        f(h.adam_beta1),
+        f(h.adam_beta2),
+        f(h.adam_eps),
+        f(h.weight_decay),
+    );
+    for k in 0..3u64 {
+        let before = host_state(&t);
+        let sg = t.gradients(&seeded(2 * 256, 60 + k)).unwrap();
+        let grads = read_all(&Cpu, &sg.grads);
+        let stats = t.apply(sg).unwrap();
+        let after = host_state(&t);
+
+        let norm = grads
+            .iter()
+            .flatten()
+            .map(|&g| f(g) * f(g))
+            .sum::<f64>()
+            .sqrt();
+        assert_close("grad norm", &[stats.grad_norm], &[norm as f32], 0.0, 1e-5);
+        let clip = (f(h.max_grad_norm.unwrap()) / (norm + 1e-6)).min(1.0);
+        assert!(clip < 1.0, "clipping is not active: |g| = {norm}");
+        let progress = k as f64 / h.steps as f64;
+        let lr = f(h.learning_rate) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        assert_close("lr", &[stats.lr], &[lr as f32], 0.0, 1e-6);
+        let n = k as i32 + 1;
+        let decay = if k == 0 {
+            0.0
+        } else {
+            let d = 1.0 - (1.0 + k as f64 / f(h.ema_inv_gamma)).powf(-f(h.ema_power));
+            d.min(f(h.ema_max_decay))
+        };
+        let mut want = HostState {
+            params: Vec::new(),
+            adam_m: Vec::new(),
+            adam_v: Vec::new(),
+            ema: Vec::new(),
+        };
+        for (i, grad) in grads.iter().enumerate() {
+            let mut tensors = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+            for (j, &g) in grad.iter().enumerate() {
+                let g = clip * f(g);
+                let p = f(before.params[i][j]) * (1.0 - lr * wd);
+                let m = b1 * f(before.adam_m[i][j]) + (1.0 - b1) * g;
+                let v = b2 * f(before.adam_v[i][j]) + (1.0 - b2) * g * g;
+                let (m_hat, v_hat) = (m / (1.0 - b1.powi(n)), v / (1.0 - b2.powi(n)));
+                let p = p - lr * m_hat / (v_hat.sqrt() + eps);
+                let ema = decay * f(before.ema[i][j]) + (1.0 - decay) * p;
+                for (t, value) in tensors.iter_mut().zip([p, m, v, ema]) {
+                    t.push(value as f32);
+                }
+            }
+            let [p, m, v, ema] = tensors;
+            want.params.push(p);
+            want.adam_m.push(m);
+            want.adam_v.push(v);
+            want.ema.push(ema);
+        }
+        // f32 arithmetic of the same formula from the same inputs: a few ulps of each value,
+        // and of the update (about lr) where the update nearly cancels the weight.
+        let lr_ulps = 1e-5 * lr as f32;
+        for (what, got, want, atol) in [
+            ("param", &after.params, &want.params, lr_ulps),
+            ("adam_m", &after.adam_m, &want.adam_m, 0.0),
+            ("adam_v", &after.adam_v, &want.adam_v, 0.0),
+            ("ema", &after.ema, &want.ema, lr_ulps),
+        ] {
+            let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            for ((name, g), w) in names.iter().zip(got).zip(want) {
+                let name = format!("step {k}: {what} {name}");
+                assert_close(&name, g, w, atol + 1e-6 * scale, 2e-6);
+            }
         }
     }
 }
@@ -219,6 +408,7 @@ fn learning_rate_and_ema_schedules() {
 
 tests! {
     cpu: [
+        trainer_update_is_adamw_by_its_formula,
         tiny_model_overfits_one_fixed_batch_on_cpu,
         resumed_training_continues_exactly,
         dropout_changes_the_step,

@@ -38,6 +38,16 @@ pub struct StepStats {
     pub host_time: std::time::Duration,
 }
 
+/// The loss of one step and the gradient of every parameter, before the update.
+pub struct StepGradients {
+    /// Shape `[1]`, on the backend.
+    pub loss: Tensor,
+    /// One per parameter, in the model's order.
+    pub grads: Vec<Tensor>,
+    /// Host time spent issuing the forward and backward passes.
+    host_time: std::time::Duration,
+}
+
 /// The weights, the AdamW moments and the EMA weights of a model on one backend.
 pub struct TrainState {
     pub params: Vec<Tensor>,
@@ -133,8 +143,16 @@ impl<'b> Trainer<'b> {
             .collect()
     }
 
-    /// One optimizer step on the clean batch `x0` (`[B, C, S, S]` in [-1, 1], host memory).
+    /// One optimizer step on the clean batch `x0` (`[B, C, S, S]` in [-1, 1], host memory):
+    /// [`Self::gradients`] then [`Self::apply`].
     pub fn step(&mut self, x0: &[f32]) -> Result<StepStats> {
+        let g = self.gradients(x0)?;
+        self.apply(g)
+    }
+
+    /// The loss and the parameter gradients of the next step on the clean batch `x0`; the
+    /// state does not change.
+    pub fn gradients(&self, x0: &[f32]) -> Result<StepGradients> {
         let be = self.be;
         let shape = self.batch_shape();
         let numel: usize = shape.iter().product();
@@ -179,8 +197,24 @@ impl<'b> Trainer<'b> {
                     .ok_or_else(|| Error::invalid("train step", "a parameter got no gradient"))
             })
             .collect::<Result<_>>()?;
-        drop(tape);
+        Ok(StepGradients {
+            loss,
+            grads,
+            host_time: started.elapsed(),
+        })
+    }
 
+    /// The update of one step from its gradients: the global gradient norm, clipping, fused
+    /// AdamW at the step's learning rate and the EMA at the step's decay.
+    pub fn apply(&mut self, g: StepGradients) -> Result<StepStats> {
+        let be = self.be;
+        let k = self.state.step;
+        let started = std::time::Instant::now();
+        let StepGradients {
+            loss,
+            grads,
+            host_time: recording,
+        } = g;
         let mut norm2 = be.sum_squares(&grads[0])?;
         for g in &grads[1..] {
             norm2 = be.add(&norm2, &be.sum_squares(g)?)?;
@@ -188,7 +222,7 @@ impl<'b> Trainer<'b> {
         // One readback (one wait on the GPU) for both scalars: [loss, |g|^2].
         let scalar = |t: &Tensor| t.reshape(&[1, 1, 1, 1]);
         let both = be.concat_channels(&scalar(&loss)?, &scalar(&norm2)?)?;
-        let mut host_time = started.elapsed();
+        let mut host_time = recording + started.elapsed();
         let both = be.to_vec(&both)?;
         let (loss, grad_norm) = (both[0], both[1].sqrt());
         if !loss.is_finite() || !grad_norm.is_finite() {

@@ -45,22 +45,25 @@ pub fn run(cpu: &[CpuTest], gpu: &[GpuTest]) -> ExitCode {
             })
         })
         .collect();
-    let runs_gpu = !args.list
-        && gpu.iter().any(|&(name, _)| {
-            !args.is_filtered_out(&gpu_trial(name, || Ok(Completion::Completed)))
-        });
-    let missing = if runs_gpu {
-        adapter().as_ref().err()
-    } else {
+    let selected = gpu
+        .iter()
+        .filter(|&&(name, _)| !args.is_filtered_out(&gpu_trial(name, || Ok(Completion::Completed))))
+        .count();
+    let missing = if args.list || selected == 0 {
         None
-    };
-    if runs_gpu {
+    } else {
         match adapter() {
-            Ok(g) => eprintln!("GPU tests run on {}", diffwgpu::Backend::name(g)),
-            Err(e) if in_ci() => eprintln!("CI=true and no GPU adapter ({e}): GPU tests fail"),
-            Err(e) => eprintln!("no GPU adapter ({e}): GPU tests are skipped"),
+            Ok(g) => {
+                eprintln!("GPU tests run on {}", diffwgpu::Backend::name(g));
+                None
+            }
+            Err(e) if in_ci() => {
+                eprintln!("CI=true and no GPU adapter ({e}): the GPU tests fail");
+                None
+            }
+            Err(e) => Some(e),
         }
-    }
+    };
     trials.extend(gpu.iter().map(|&(name, f)| {
         gpu_trial(name, move || match adapter() {
             Ok(g) => {
@@ -72,11 +75,11 @@ pub fn run(cpu: &[CpuTest], gpu: &[GpuTest]) -> ExitCode {
         })
     }));
     let conclusion = libtest_mimic::run(&args, trials);
-    if let (Some(reason), false) = (missing, in_ci()) {
+    if let Some(reason) = missing {
+        let tests = if selected == 1 { "test" } else { "tests" };
         eprintln!(
-            "note: {} GPU tests of this binary were skipped and are counted as ignored: \
-             {reason}. CI=true turns a missing adapter into a failure.",
-            gpu.len()
+            "note: {selected} GPU {tests} of this binary skipped, counted as ignored: {reason}. \
+             CI=true turns a missing adapter into a failure."
         );
     }
     conclusion.exit_code()

@@ -1,4 +1,5 @@
-//! Shared test helpers: seeded inputs, closeness checks, the GPU adapter, finite differences.
+//! Shared test helpers: seeded inputs, closeness checks, CPU-vs-GPU parity, finite
+//! differences, and the harness that hands GPU tests their adapter (`harness.rs`).
 #![allow(dead_code)]
 
 pub mod harness;

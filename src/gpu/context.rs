@@ -33,7 +33,7 @@ pub struct Gpu {
 }
 
 /// Counters for profiling the command stream.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct GpuStats {
     /// Compute dispatches recorded since the device was created.
     pub dispatches: u64,
@@ -43,6 +43,8 @@ pub struct GpuStats {
     pub pipelines: usize,
     /// Bytes held by free pooled buffers.
     pub pooled_free_bytes: u64,
+    /// Dispatches per kernel entry point since the device was created.
+    pub by_kernel: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// What `diffwgpu info` shows of one adapter.
@@ -248,6 +250,7 @@ impl Gpu {
             submits: rec.submits,
             pipelines: self.ctx.pipelines.len(),
             pooled_free_bytes: self.ctx.pool.free_bytes(),
+            by_kernel: rec.by_kernel.clone(),
         }
     }
 

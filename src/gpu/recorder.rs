@@ -63,6 +63,8 @@ pub(crate) struct Recorder {
     arena: wgpu::Buffer,
     pub(crate) dispatches: u64,
     pub(crate) submits: u64,
+    /// Dispatches per kernel entry point.
+    pub(crate) by_kernel: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl Recorder {
@@ -79,6 +81,7 @@ impl Recorder {
             }),
             dispatches: 0,
             submits: 0,
+            by_kernel: Default::default(),
         }
     }
 
@@ -213,6 +216,7 @@ impl Gpu {
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
         rec.dispatches += 1;
+        *rec.by_kernel.entry(kernel.entry).or_default() += 1;
         Ok(())
     }
 }

@@ -4,7 +4,9 @@
 //   conv2d_bwd_input           dx[ci, n] = sum_k W^T[ci, k] dY[k, n]  (gather form)   M=Cin  N=B H W   K=Cout KH KW
 //   conv2d_bwd_weight_partial  P_s[co, k] = sum_{r in split s} dY[co, r] X[k, r]      M=Cout N=Cin KH KW, R=B Ho Wo
 //   conv2d_bwd_bias_partial    P_s[co] = sum_{r in split s} dY[co, r]
-//   sum_splits                 out[i] = sum_s P_s[i]
+//
+// The partial kernels write part s at out_offset + s * (part length) of the arena; the
+// parameter gradient is the sum of the parts (src/ops/grads.rs).
 //
 // The three GEMM kernels share one scheme: a workgroup of WG_M x WG_N invocations computes a
 // TM x TN = 4 WG_M x 4 WG_N output tile; per step it stages a TK-deep slab of both operands in
@@ -29,7 +31,7 @@ struct Params {
     has_bias: u32,
     split_len: u32,
     splits: u32,
-    n: u32,
+    out_offset: u32,
 }
 
 override WG_M: u32 = 16u;
@@ -60,7 +62,7 @@ var<workgroup> Bs: array<f32, B_LEN>;
 @group(0) @binding(2) var<storage, read> dy_w: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dw_partial: array<f32>;
 
-// conv2d_bwd_bias_partial and sum_splits
+// conv2d_bwd_bias_partial
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
@@ -250,7 +252,7 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 
 // One split of dW = sum_r dY[co, r] X[k, r]: tile rows are output channels, columns are
 // k = (ci, ky, kx), the reduction runs over the split's output pixels r = (b, oy, ox).
-// Writes the split's partial tile to dw_partial[s][co][k]; sum_splits adds the splits.
+// Writes the split's partial tile to dw_partial[out_offset + (s Cout + co) K + k].
 @compute @workgroup_size(TILE_WG)
 fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
@@ -306,7 +308,7 @@ fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
     }
 
-    let out = split * m_len * n_len;
+    let out = p.out_offset + split * m_len * n_len;
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + tm + i * WG_M;
         if (m >= m_len) {
@@ -328,7 +330,7 @@ var<workgroup> red: array<f32, WG>;
 
 // One split of db[co] = sum_r dy[b, co, oy, ox]: workgroup (co, s) sums its split's pixels,
 // each invocation a strided share, then a tree in workgroup memory. Writes src's sum to
-// dst[s Cout + co].
+// dst[out_offset + s Cout + co].
 @compute @workgroup_size(WG)
 fn conv2d_bwd_bias_partial(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
@@ -356,21 +358,6 @@ fn conv2d_bwd_bias_partial(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
     }
     if (lid == 0u) {
-        dst[split * p.cout + co] = red[0];
+        dst[p.out_offset + split * p.cout + co] = red[0];
     }
-}
-
-// out[i] = sum_s partial[s n + i], one invocation per element.
-@compute @workgroup_size(WG)
-fn sum_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (i >= p.n) {
-        return;
-    }
-    var sum = 0.0;
-    for (var s = 0u; s < p.splits; s++) {
-        sum += src[s * p.n + i];
-    }
-    dst[i] = sum;
 }

@@ -9,10 +9,9 @@
 //   group_norm_backward_input: one workgroup of WG per (b, g), u = dy * gamma_c,
 //       xhat = (x - mean) * rstd, dx = rstd * (u - mean(u) - xhat * mean(u * xhat))
 //       (the two group means by one tree sum of a vec2)
-//   group_norm_backward_affine_partials: one workgroup of WG per (b, c),
-//       partials[b C + c] = sum_s dy * xhat, partials[B C + b C + c] = sum_s dy
-//   group_norm_backward_affine: one invocation per channel c, sums the partials over b:
-//       dgamma_c = sum_b partials[b C + c], dbeta_c = sum_b partials[B C + b C + c]
+//   group_norm_backward_affine_partials: one workgroup of WG per (b, c), the parts (one per
+//       sample) of dgamma and dbeta in the arena (src/ops/grads.rs):
+//       arena[gamma_offset + b C + c] = sum_s dy * xhat, arena[beta_offset + b C + c] = sum_s dy
 
 override WG: u32 = 256u;
 
@@ -22,6 +21,8 @@ struct Params {
     groups: u32,
     spatial: u32,
     eps: f32,
+    gamma_offset: u32,
+    beta_offset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -44,12 +45,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> ap_mean: array<f32>;
 @group(0) @binding(3) var<storage, read> ap_rstd: array<f32>;
 @group(0) @binding(4) var<storage, read> ap_dy: array<f32>;
-@group(0) @binding(5) var<storage, read_write> ap_partials: array<f32>;
-
-// group_norm_backward_affine
-@group(0) @binding(1) var<storage, read> partials: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dgamma: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(5) var<storage, read_write> arena: array<f32>;
 
 var<workgroup> scratch: array<vec2<f32>, WG>;
 
@@ -161,26 +157,7 @@ fn group_norm_backward_affine_partials(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let total = workgroup_sum(lid, acc);
     if (lid == 0u) {
-        ap_partials[bc] = total.x;
-        ap_partials[rows + bc] = total.y;
+        arena[p.gamma_offset + bc] = total.x;
+        arena[p.beta_offset + bc] = total.y;
     }
-}
-
-@compute @workgroup_size(WG)
-fn group_norm_backward_affine(@builtin(workgroup_id) wid: vec3<u32>,
-                              @builtin(num_workgroups) nwg: vec3<u32>,
-                              @builtin(local_invocation_index) lid: u32) {
-    let c = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (c >= p.channels) {
-        return;
-    }
-    let rows = p.batch * p.channels;
-    var dg = 0.0;
-    var db = 0.0;
-    for (var b = 0u; b < p.batch; b++) {
-        dg += partials[b * p.channels + c];
-        db += partials[rows + b * p.channels + c];
-    }
-    dgamma[c] = dg;
-    dbeta[c] = db;
 }

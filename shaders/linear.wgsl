@@ -2,12 +2,12 @@
 //
 //   matmul:              C_s[i, j] = sum_{l in split s} A[i, l] B[l, j]
 //   matmul_bias:         C[i, j]   = sum_l A[i, l] B[l, j] + bias[j]        (one split)
-//   sum_splits:          out[i]    = sum_s partial[s * len + i]
 //   column_sums_partial: part[s, j] = sum_{i in row block s} dy[i, j]
 //
 // A [m, k] and B [k, n] are read through (row, column) strides, so the same kernel computes
 // y = x w^T (B = w^T), dx = dy w and dw = dy^T x (A = dy^T). C is row-major [m, n]; split s of
-// the reduction writes C_s at offset s * m * n.
+// the reduction writes C_s at offset c_offset + s * m * n, and the parts are summed
+// afterwards (src/ops/grads.rs); a split past the end of k writes zeros.
 //
 // Tiling: a workgroup of WG_X x WG_Y invocations computes a BM x BN = (WG_Y * TM) x (WG_X * TN)
 // tile of C. Per step it stages a BM x BK slice of A and a BK x BN slice of B in workgroup
@@ -24,6 +24,7 @@ struct Params {
     b_rs: u32,
     b_cs: u32,
     splits: u32,
+    c_offset: u32,
 }
 
 override WG_X: u32 = 16u;
@@ -43,7 +44,7 @@ const TN: u32 = 4u;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c_biased: array<f32>;
 
-// The reductions bind their input at 1 and output at 2.
+// column_sums_partial binds dy at 1 and the arena of parts at 2.
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
@@ -130,7 +131,7 @@ fn tile_product(wid: vec3<u32>, lid: vec3<u32>) {
 @compute @workgroup_size(WG_X, WG_Y)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     tile_product(wid, lid);
-    let base = wid.z * p.m * p.n;
+    let base = p.c_offset + wid.z * p.m * p.n;
     for (var i = 0u; i < TM; i++) {
         let r = wid.y * WG_Y * TM + lid.y + WG_Y * i;
         for (var j = 0u; j < TN; j++) {
@@ -156,20 +157,6 @@ fn matmul_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-// One invocation per output element (p.m = len), WG per workgroup on an x-by-y grid.
-@compute @workgroup_size(WG)
-fn sum_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (i < p.m) {
-        var s = 0.0;
-        for (var z = 0u; z < p.splits; z++) {
-            s += src[z * p.m + i];
-        }
-        dst[i] = s;
-    }
-}
-
 // Column j = wid.x * WG + lid of dy [p.m, p.n], summed over rows [s * k_chunk, (s + 1) * k_chunk)
 // for block s = wid.y; consecutive invocations read consecutive words of a row.
 @compute @workgroup_size(WG)
@@ -183,6 +170,6 @@ fn column_sums_partial(@builtin(workgroup_id) wid: vec3<u32>,
         for (var i = s * p.k_chunk; i < end; i++) {
             sum += src[i * p.n + j];
         }
-        dst[s * p.n + j] = sum;
+        dst[p.c_offset + s * p.n + j] = sum;
     }
 }

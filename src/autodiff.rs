@@ -7,11 +7,21 @@
 //! gradient of its output, and adds the gradients it returns into those of its inputs: a
 //! variable read by several ops (a skip connection, the time embedding that every resnet reads)
 //! gets the sum of their contributions.
+//!
+//! For training, `backward_params` writes the gradients of a model's parameters (leaves put on
+//! the tape by `params`) as partial sums into an arena (`ops/grads.rs`) and assembles them into
+//! one flat gradient buffer with a single gather; a value is dropped as soon as the last op
+//! whose backward reads it has run, so the activations' memory returns to the pool while the
+//! gradients are being made.
+
+use std::collections::HashMap;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::nn::ParamLayout;
 use crate::ops::attention::AttentionOutput;
 use crate::ops::conv2d::Conv2dParams;
+use crate::ops::grads::{GradPlan, GradRegion, Partials};
 use crate::ops::group_norm::{GroupNormOutput, GroupNormParams};
 use crate::tensor::Tensor;
 
@@ -78,15 +88,52 @@ enum Op {
     },
 }
 
+impl Op {
+    /// Every variable the op's backward reads or sends a gradient to.
+    fn vars(&self) -> Vec<Var> {
+        match *self {
+            Op::Conv2d { x, w, b, .. } | Op::Linear { x, w, b } => {
+                let mut v = vec![x, w];
+                v.extend(b);
+                v
+            }
+            Op::GroupNorm { x, gamma, beta, .. } => vec![x, gamma, beta],
+            Op::Silu { x }
+            | Op::Upsample2x { x }
+            | Op::Transpose { x }
+            | Op::Reshape { x }
+            | Op::Dropout { x, .. } => vec![x],
+            Op::Add { a, b } | Op::ConcatChannels { a, b } => vec![a, b],
+            Op::AddPerChannel { x, v } => vec![x, v],
+            Op::Attention { q, k, v, .. } => vec![q, k, v],
+        }
+    }
+}
+
 struct Node {
     out: Var,
     op: Op,
 }
 
+/// Where the parameter gradients of a backward pass go.
+enum ParamSink<'a> {
+    /// As tensors among the returned gradients, like every other variable's.
+    Tensors,
+    /// As parts in `arena`: input slot `slot` of node `n` writes its `splits` parts from
+    /// `offset`, at `places[(n, slot)] = (offset, splits)`.
+    Parts {
+        arena: &'a Tensor,
+        places: HashMap<(usize, usize), (usize, usize)>,
+    },
+}
+
 /// The values of one forward pass and, when recording, the ops that made them.
 pub struct Tape<'b> {
     be: &'b dyn Backend,
-    values: Vec<Tensor>,
+    /// `None` once backward has dropped a value no later step reads.
+    values: Vec<Option<Tensor>>,
+    /// The model parameter each variable is, for the leaves `params` put on the tape.
+    param_of: Vec<Option<usize>>,
     /// Whether a gradient flows into the variable (it depends on a leaf that wants one).
     needs_grad: Vec<bool>,
     nodes: Vec<Node>,
@@ -118,6 +165,7 @@ impl<'b> Tape<'b> {
         Tape {
             be,
             values: Vec::new(),
+            param_of: Vec::new(),
             needs_grad: Vec::new(),
             nodes: Vec::new(),
             record: true,
@@ -155,18 +203,34 @@ impl<'b> Tape<'b> {
             .collect()
     }
 
+    /// Puts a model's parameters on the tape, parameter `i` as `ts[i]`, for
+    /// [`Self::backward_params`].
+    pub fn params(&mut self, ts: &[Tensor]) -> Vec<Var> {
+        ts.iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let v = self.leaf(t.clone(), true);
+                self.param_of[v.0] = Some(i);
+                v
+            })
+            .collect()
+    }
+
     /// The value of a variable.
     pub fn value(&self, v: Var) -> &Tensor {
-        &self.values[v.0]
+        self.values[v.0]
+            .as_ref()
+            .expect("a value is read after backward dropped it")
     }
 
     /// The shape of a variable.
     pub fn shape(&self, v: Var) -> &[usize] {
-        self.values[v.0].shape()
+        self.value(v).shape()
     }
 
     fn push(&mut self, t: Tensor, needs_grad: bool) -> Var {
-        self.values.push(t);
+        self.values.push(Some(t));
+        self.param_of.push(None);
         self.needs_grad.push(needs_grad);
         Var(self.values.len() - 1)
     }
@@ -283,8 +347,110 @@ impl<'b> Tape<'b> {
     }
 
     /// Backpropagates `seed` (the gradient of the final scalar w.r.t. `out`) through every
-    /// recorded op, newest first.
-    pub fn backward(&self, out: Var, seed: Tensor) -> Result<Gradients> {
+    /// recorded op, newest first; every gradient, parameters' included, is a tensor.
+    pub fn backward(self, out: Var, seed: Tensor) -> Result<Gradients> {
+        self.run_backward(out, seed, &ParamSink::Tensors)
+    }
+
+    /// Backpropagates `seed` with the parameters' gradients written as parts into an arena
+    /// and gathered into their places of the flat buffer `grads` (`layout`); returns the
+    /// squared norm of all of them, `[1]`. `plan` keeps the arena's plan (and its GPU copy)
+    /// from step to step: it is replaced only when this pass needs a different one.
+    pub fn backward_params(
+        self,
+        out: Var,
+        seed: Tensor,
+        layout: &ParamLayout,
+        plan: &mut Option<GradPlan>,
+        grads: &mut Tensor,
+    ) -> Result<Tensor> {
+        let (regions, places) = self.plan_parts(layout)?;
+        let new = GradPlan::new(regions)?;
+        if plan.as_ref() != Some(&new) {
+            *plan = Some(new);
+        }
+        let plan = plan.as_ref().expect("set above");
+        let be = self.be;
+        let arena = be.zeros(&[plan.arena_len().max(1)])?;
+        let sink = ParamSink::Parts {
+            arena: &arena,
+            places,
+        };
+        self.run_backward(out, seed, &sink)?;
+        be.gather_grads(&arena, plan, grads)
+    }
+
+    /// The parts every parameter input of every node writes: regions of the arena in the
+    /// parameters' order, the parts of several uses of one parameter side by side.
+    #[allow(clippy::type_complexity)]
+    fn plan_parts(
+        &self,
+        layout: &ParamLayout,
+    ) -> Result<(Vec<GradRegion>, HashMap<(usize, usize), (usize, usize)>)> {
+        let be = self.be;
+        // Per parameter, its uses: (node, input slot, parts).
+        let mut uses: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); layout.shapes.len()];
+        for (n, node) in self.nodes.iter().enumerate() {
+            let (inputs, splits): (Vec<Option<Var>>, Vec<usize>) = match &node.op {
+                Op::Conv2d { x, w, b, p } => {
+                    let s = be.conv2d_grad_splits(self.value(*x), self.value(*w), p)?;
+                    (vec![Some(*w), *b], vec![s, s])
+                }
+                Op::Linear { x, w, b } => {
+                    let (sw, sb) = be.linear_grad_splits(self.value(*x), self.value(*w))?;
+                    (vec![Some(*w), *b], vec![sw, sb])
+                }
+                Op::GroupNorm {
+                    x, gamma, beta, p, ..
+                } => {
+                    let s = be.group_norm_grad_splits(self.value(*x), self.value(*gamma), p)?;
+                    (vec![Some(*gamma), Some(*beta)], vec![s, s])
+                }
+                op => {
+                    if let Some(v) = op.vars().into_iter().find(|v| self.param_of[v.0].is_some()) {
+                        return Err(Error::invalid(
+                            "backward_params",
+                            format!(
+                                "parameter {v:?} is read by an op that has no parameter gradient"
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+            };
+            for (slot, (var, s)) in inputs.into_iter().zip(splits).enumerate() {
+                if let Some(i) = var.and_then(|v| self.param_of[v.0]) {
+                    if i >= uses.len() {
+                        return Err(Error::invalid(
+                            "backward_params",
+                            format!("parameter {i} is outside the layout"),
+                        ));
+                    }
+                    uses[i].push((n, slot, s));
+                }
+            }
+        }
+        let mut regions = Vec::with_capacity(uses.len());
+        let mut places = HashMap::new();
+        let mut arena = 0;
+        for (i, uses) in uses.iter().enumerate() {
+            let len = layout.numel(i);
+            let start = arena;
+            for &(n, slot, s) in uses {
+                places.insert((n, slot), (arena, s));
+                arena += s * len;
+            }
+            regions.push(GradRegion {
+                flat: layout.offsets[i],
+                len,
+                arena: start,
+                splits: uses.iter().map(|u| u.2).sum(),
+            });
+        }
+        Ok((regions, places))
+    }
+
+    fn run_backward(mut self, out: Var, seed: Tensor, sink: &ParamSink) -> Result<Gradients> {
         if !self.record {
             return Err(Error::invalid(
                 "backward",
@@ -298,17 +464,29 @@ impl<'b> Tape<'b> {
                 seed.shape(),
             ));
         }
+        // The earliest node whose backward reads each value: once it has run, the value goes.
+        let mut first_reader = vec![usize::MAX; self.values.len()];
+        for (n, node) in self.nodes.iter().enumerate() {
+            for v in node.op.vars().into_iter().chain([node.out]) {
+                first_reader[v.0] = first_reader[v.0].min(n);
+            }
+        }
         let mut g = Gradients {
             grads: vec![None; self.values.len()],
         };
         g.grads[out.0] = Some(seed);
-        for node in self.nodes.iter().rev() {
-            let Some(dy) = g.grads[node.out.0].take() else {
-                continue;
-            };
-            self.backward_node(node, &dy, &mut g)?;
-            if node.out == out {
-                g.grads[out.0] = Some(dy);
+        let nodes = std::mem::take(&mut self.nodes);
+        for (n, node) in nodes.into_iter().enumerate().rev() {
+            if let Some(dy) = g.grads[node.out.0].take() {
+                self.backward_node(n, &node, &dy, &mut g, sink)?;
+                if node.out == out {
+                    g.grads[out.0] = Some(dy);
+                }
+            }
+            for v in node.op.vars().into_iter().chain([node.out]) {
+                if first_reader[v.0] == n {
+                    self.values[v.0] = None;
+                }
             }
         }
         Ok(g)
@@ -327,12 +505,60 @@ impl<'b> Tape<'b> {
         Ok(())
     }
 
-    fn backward_node(&self, node: &Node, dy: &Tensor, g: &mut Gradients) -> Result<()> {
+    /// The parts input slots `0..slots` of node `n` write, when the sink collects parts and
+    /// those inputs are parameters; `None` where the gradients are tensors. Either every slot
+    /// is a parameter or none is.
+    fn parts<'a>(
+        &self,
+        sink: &'a ParamSink,
+        n: usize,
+        slots: usize,
+    ) -> Result<Option<Vec<Partials<'a>>>> {
+        let ParamSink::Parts { arena, places } = sink else {
+            return Ok(None);
+        };
+        let parts: Vec<Partials> = (0..slots)
+            .filter_map(|slot| {
+                places.get(&(n, slot)).map(|&(offset, splits)| Partials {
+                    arena,
+                    offset,
+                    splits,
+                })
+            })
+            .collect();
+        match parts.len() {
+            0 => Ok(None),
+            len if len == slots => Ok(Some(parts)),
+            _ => Err(Error::invalid(
+                "backward_params",
+                "an op's weight and bias must both be parameters, or neither",
+            )),
+        }
+    }
+
+    fn backward_node(
+        &self,
+        n: usize,
+        node: &Node,
+        dy: &Tensor,
+        g: &mut Gradients,
+        sink: &ParamSink,
+    ) -> Result<()> {
         let be = self.be;
         let y = self.value(node.out);
         match &node.op {
             Op::Conv2d { x, w, b, p } => {
-                let gr = be.conv2d_backward(self.value(*x), self.value(*w), dy, p, b.is_some())?;
+                let (xv, wv) = (self.value(*x), self.value(*w));
+                if let Some(parts) = self.parts(sink, n, 1 + b.is_some() as usize)? {
+                    let need_dx = self.needs_grad[x.0];
+                    let dx =
+                        be.conv2d_backward_into(xv, wv, dy, p, need_dx, &parts[0], parts.get(1))?;
+                    if let Some(dx) = dx {
+                        self.accumulate(g, *x, dx)?;
+                    }
+                    return Ok(());
+                }
+                let gr = be.conv2d_backward(xv, wv, dy, p, b.is_some())?;
                 self.accumulate(g, *x, gr.dx)?;
                 self.accumulate(g, *w, gr.dw)?;
                 if let (Some(b), Some(db)) = (b, gr.db) {
@@ -340,7 +566,17 @@ impl<'b> Tape<'b> {
                 }
             }
             Op::Linear { x, w, b } => {
-                let gr = be.linear_backward(self.value(*x), self.value(*w), dy, b.is_some())?;
+                let (xv, wv) = (self.value(*x), self.value(*w));
+                if let Some(parts) = self.parts(sink, n, 1 + b.is_some() as usize)? {
+                    let need_dx = self.needs_grad[x.0];
+                    let dx =
+                        be.linear_backward_into(xv, wv, dy, need_dx, &parts[0], parts.get(1))?;
+                    if let Some(dx) = dx {
+                        self.accumulate(g, *x, dx)?;
+                    }
+                    return Ok(());
+                }
+                let gr = be.linear_backward(xv, wv, dy, b.is_some())?;
                 self.accumulate(g, *x, gr.dx)?;
                 self.accumulate(g, *w, gr.dw)?;
                 if let (Some(b), Some(db)) = (b, gr.db) {
@@ -360,8 +596,23 @@ impl<'b> Tape<'b> {
                     mean: mean.clone(),
                     rstd: rstd.clone(),
                 };
-                let gr =
-                    be.group_norm_backward(self.value(*x), self.value(*gamma), &saved, dy, p)?;
+                let (xv, gv) = (self.value(*x), self.value(*gamma));
+                if let Some(parts) = self.parts(sink, n, 2)? {
+                    let [dgamma, dbeta] = parts.as_slice() else {
+                        return Err(Error::invalid(
+                            "backward_params",
+                            "a group norm's scale and shift must both be parameters",
+                        ));
+                    };
+                    let need_dx = self.needs_grad[x.0];
+                    let dx =
+                        be.group_norm_backward_into(xv, gv, &saved, dy, p, need_dx, dgamma, dbeta)?;
+                    if let Some(dx) = dx {
+                        self.accumulate(g, *x, dx)?;
+                    }
+                    return Ok(());
+                }
+                let gr = be.group_norm_backward(xv, gv, &saved, dy, p)?;
                 self.accumulate(g, *x, gr.dx)?;
                 self.accumulate(g, *gamma, gr.dgamma)?;
                 self.accumulate(g, *beta, gr.dbeta)?;

@@ -1,13 +1,16 @@
-//! A tensor is a shape and a handle to f32 data that lives on one backend.
+//! A tensor is a shape and a handle to f32 data that lives on one backend: a whole storage or
+//! a view of a contiguous range of one (the parameters of a model are views of one flat
+//! buffer).
 //!
 //! Tensors are cheap to clone: clones share their storage. Ops return new tensors; the few
 //! in-place ops (the optimizer and EMA updates) take `&mut Tensor` and update the storage that
 //! every clone of it sees, on both backends alike.
 
+use std::ops::{Deref, DerefMut, Range};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::gpu::GpuBuffer;
+use crate::gpu::{GpuBuffer, GpuSlice};
 
 /// Which backend holds a tensor's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,40 @@ pub(crate) enum Storage {
 pub struct Tensor {
     shape: Vec<usize>,
     pub(crate) storage: Storage,
+    /// Index of the first element in the storage.
+    offset: usize,
+}
+
+/// Read access to a CPU tensor's elements (its range of the storage).
+pub(crate) struct CpuRead<'a> {
+    guard: RwLockReadGuard<'a, Vec<f32>>,
+    range: Range<usize>,
+}
+
+impl Deref for CpuRead<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.guard[self.range.clone()]
+    }
+}
+
+/// Write access to a CPU tensor's elements.
+pub(crate) struct CpuWrite<'a> {
+    guard: RwLockWriteGuard<'a, Vec<f32>>,
+    range: Range<usize>,
+}
+
+impl Deref for CpuWrite<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.guard[self.range.clone()]
+    }
+}
+
+impl DerefMut for CpuWrite<'_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.guard[self.range.clone()]
+    }
 }
 
 impl std::fmt::Debug for Tensor {
@@ -53,6 +90,7 @@ impl Tensor {
         Tensor {
             shape: shape.to_vec(),
             storage: Storage::Cpu(Arc::new(RwLock::new(data))),
+            offset: 0,
         }
     }
 
@@ -60,6 +98,7 @@ impl Tensor {
         Tensor {
             shape: shape.to_vec(),
             storage: Storage::Gpu(buffer),
+            offset: 0,
         }
     }
 
@@ -91,7 +130,35 @@ impl Tensor {
         Ok(Tensor {
             shape: shape.to_vec(),
             storage: self.storage.clone(),
+            offset: self.offset,
         })
+    }
+
+    /// The `numel(shape)` elements from element `start` of this tensor, seen with `shape`
+    /// (no copy; the view shares the storage). On the GPU a view that a kernel binds must
+    /// start at a multiple of 64 elements (256 bytes, WebGPU's storage offset alignment).
+    pub fn view(&self, start: usize, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if start + numel > self.numel() {
+            return Err(Error::shape(
+                "view",
+                format!(
+                    "at most {} elements from {start}",
+                    self.numel() - start.min(self.numel())
+                ),
+                shape,
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: self.storage.clone(),
+            offset: self.offset + start,
+        })
+    }
+
+    /// The range of the storage this tensor covers.
+    fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.numel()
     }
 
     /// True when both tensors are views of one storage (an in-place update cannot read and
@@ -104,10 +171,15 @@ impl Tensor {
         }
     }
 
-    /// Read access to a CPU tensor's data.
-    pub(crate) fn cpu_read(&self, op: &'static str) -> Result<RwLockReadGuard<'_, Vec<f32>>> {
+    /// Read access to a CPU tensor's data. Several views of one storage may be read at once
+    /// (the lock is shared); writes happen only in the in-place optimizer ops, never while
+    /// another op of the backend runs.
+    pub(crate) fn cpu_read(&self, op: &'static str) -> Result<CpuRead<'_>> {
         match &self.storage {
-            Storage::Cpu(data) => Ok(data.read().expect("tensor lock poisoned")),
+            Storage::Cpu(data) => Ok(CpuRead {
+                guard: data.read().expect("tensor lock poisoned"),
+                range: self.range(),
+            }),
             Storage::Gpu(_) => Err(Error::WrongBackend {
                 op,
                 expected: "cpu",
@@ -117,9 +189,13 @@ impl Tensor {
     }
 
     /// Write access to a CPU tensor's data (in-place ops).
-    pub(crate) fn cpu_write(&mut self, op: &'static str) -> Result<RwLockWriteGuard<'_, Vec<f32>>> {
+    pub(crate) fn cpu_write(&mut self, op: &'static str) -> Result<CpuWrite<'_>> {
+        let range = self.range();
         match &self.storage {
-            Storage::Cpu(data) => Ok(data.write().expect("tensor lock poisoned")),
+            Storage::Cpu(data) => Ok(CpuWrite {
+                guard: data.write().expect("tensor lock poisoned"),
+                range,
+            }),
             Storage::Gpu(_) => Err(Error::WrongBackend {
                 op,
                 expected: "cpu",
@@ -128,10 +204,14 @@ impl Tensor {
         }
     }
 
-    /// The GPU buffer behind a GPU tensor.
-    pub(crate) fn gpu_buffer(&self, op: &'static str) -> Result<&GpuBuffer> {
+    /// The range of the GPU buffer behind a GPU tensor.
+    pub(crate) fn gpu_buffer(&self, op: &'static str) -> Result<GpuSlice<'_>> {
         match &self.storage {
-            Storage::Gpu(buffer) => Ok(buffer),
+            Storage::Gpu(buffer) => Ok(GpuSlice::new(
+                buffer,
+                (self.offset * 4) as u64,
+                (self.numel().max(1) * 4) as u64,
+            )),
             Storage::Cpu(_) => Err(Error::WrongBackend {
                 op,
                 expected: "gpu",

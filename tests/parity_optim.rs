@@ -1,17 +1,17 @@
-//! Fused AdamW and the EMA update: GPU vs CPU over several steps, the CPU against a float64
-//! transcription of torch.optim.AdamW, and bad input.
+//! The fused optimizer step (clipping by the global norm, AdamW, EMA): GPU vs CPU over several
+//! steps, the CPU against a float64 transcription of torch's `clip_grad_norm_` and `AdamW`
+//! and of the EMA, a non-finite norm that leaves everything unchanged, and bad input.
 
 mod common;
 
 use common::*;
-use diffwgpu::ops::optim::AdamWParams;
-use diffwgpu::{Backend, Cpu, Error, Gpu};
+use diffwgpu::ops::optim::{AdamWParams, StepTensors};
+use diffwgpu::{Backend, Cpu, Error, Gpu, Tensor};
 
 /// Odd sizes not a multiple of the 256-wide workgroup, and one large enough for several rayon
 /// tasks.
 const SHAPES: &[&[usize]] = &[&[1], &[3, 5, 7], &[2, 3, 17, 19], &[70_001]];
 
-/// Even steps clip (scale the gradient by 0.37), odd steps do not.
 fn hyper(step: u32) -> AdamWParams {
     AdamWParams {
         lr: 1e-2,
@@ -20,11 +20,62 @@ fn hyper(step: u32) -> AdamWParams {
         eps: 1e-8,
         weight_decay: 0.1,
         step,
-        grad_scale: if step.is_multiple_of(2) { 0.37 } else { 1.0 },
+        max_grad_norm: Some(1.0),
     }
 }
 
-fn adamw_and_ema_match_cpu_over_several_steps(g: &Gpu) {
+/// The state of one optimizer: weights, moments, EMA.
+struct State {
+    p: Tensor,
+    m: Tensor,
+    v: Tensor,
+    ema: Tensor,
+}
+
+impl State {
+    fn new(b: &dyn Backend, shape: &[usize], p0: &[f32]) -> Self {
+        State {
+            p: up(b, shape, p0),
+            m: b.zeros(shape).unwrap(),
+            v: b.zeros(shape).unwrap(),
+            ema: up(b, shape, p0),
+        }
+    }
+
+    fn step(
+        &mut self,
+        b: &dyn Backend,
+        g: &Tensor,
+        norm2: f32,
+        h: &AdamWParams,
+        decay: f32,
+    ) -> diffwgpu::Result<()> {
+        let norm2 = up(b, &[1], &[norm2]);
+        let t = StepTensors {
+            params: &mut self.p,
+            grads: g,
+            adam_m: &mut self.m,
+            adam_v: &mut self.v,
+            ema: &mut self.ema,
+            norm2: &norm2,
+        };
+        b.adamw_ema_step(t, h, decay)
+    }
+
+    fn read(&self, b: &dyn Backend) -> Vec<(&'static str, Vec<f32>)> {
+        vec![
+            ("param", down(b, &self.p)),
+            ("m", down(b, &self.m)),
+            ("v", down(b, &self.v)),
+            ("ema", down(b, &self.ema)),
+        ]
+    }
+}
+
+/// Squared norms that clip (9: c = 1/3) and that do not (0.25).
+const NORMS2: [f32; 4] = [9.0, 0.25, 9.0, 0.25];
+
+fn step_matches_cpu_over_several_steps(g: &Gpu) {
     for (k, shape) in SHAPES.iter().enumerate() {
         let n: usize = shape.iter().product();
         let p0 = seeded(n, 40 + k as u64);
@@ -32,33 +83,34 @@ fn adamw_and_ema_match_cpu_over_several_steps(g: &Gpu) {
         // A few ulps of sqrt and division in an update of size lr = 1e-2 on values of O(1).
         parity(
             g,
-            &format!("adamw {shape:?}"),
+            &format!("adamw_ema_step {shape:?}"),
             1e-6,
             1e-5,
             |b: &dyn Backend| {
-                let mut p = up(b, shape, &p0);
-                let mut m = b.zeros(shape).unwrap();
-                let mut v = b.zeros(shape).unwrap();
-                let mut ema = up(b, shape, &p0);
-                for (s, g) in grads.iter().enumerate() {
-                    let g = up(b, shape, g);
-                    b.adamw_step(&mut p, &g, &mut m, &mut v, &hyper(s as u32 + 1))
+                let mut s = State::new(b, shape, &p0);
+                for (i, gr) in grads.iter().enumerate() {
+                    let gr = up(b, shape, gr);
+                    s.step(b, &gr, NORMS2[i], &hyper(i as u32 + 1), 0.9)
                         .unwrap();
-                    b.ema_update(&mut ema, &p, 0.9).unwrap();
                 }
-                vec![
-                    ("param", down(b, &p)),
-                    ("m", down(b, &m)),
-                    ("v", down(b, &v)),
-                    ("ema", down(b, &ema)),
-                ]
+                s.read(b)
             },
         );
     }
 }
 
-/// torch.optim.AdamW's single-tensor update, in f64, after clip_grad_norm_ scaled the gradient.
-fn torch_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], h: &AdamWParams) {
+/// torch's `clip_grad_norm_` then `AdamW`'s single-tensor update, then the EMA, in f64.
+#[allow(clippy::too_many_arguments)]
+fn torch_step(
+    p: &mut [f64],
+    g: &[f64],
+    m: &mut [f64],
+    v: &mut [f64],
+    ema: &mut [f64],
+    norm2: f64,
+    h: &AdamWParams,
+    decay: f64,
+) {
     let (lr, b1, b2, eps, wd) = (
         h.lr as f64,
         h.beta1 as f64,
@@ -68,7 +120,7 @@ fn torch_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], h: &AdamW
     );
     let bc1 = 1.0 - b1.powi(h.step as i32);
     let bc2 = 1.0 - b2.powi(h.step as i32);
-    let c = h.grad_scale as f64;
+    let c = (h.max_grad_norm.unwrap() as f64 / (norm2.sqrt() + 1e-6)).min(1.0);
     for i in 0..p.len() {
         let g = c * g[i];
         p[i] *= 1.0 - lr * wd;
@@ -76,18 +128,16 @@ fn torch_adamw(p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64], h: &AdamW
         v[i] = b2 * v[i] + (1.0 - b2) * g * g;
         let denom = (v[i] / bc2).sqrt() + eps;
         p[i] -= lr * (m[i] / bc1) / denom;
+        ema[i] = decay * ema[i] + (1.0 - decay) * p[i];
     }
 }
 
-fn cpu_adamw_matches_torch_formulas_in_f64() {
+fn cpu_step_matches_torch_formulas_in_f64() {
     let n = 257;
     let p0 = seeded(n, 1);
     let mut p64: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
-    let (mut m64, mut v64) = (vec![0.0; n], vec![0.0; n]);
-    let mut p = up(&Cpu, &[n], &p0);
-    let (mut m, mut v) = (Cpu.zeros(&[n]).unwrap(), Cpu.zeros(&[n]).unwrap());
-    let mut ema = up(&Cpu, &[n], &p0);
-    let mut ema64 = p64.clone();
+    let (mut m64, mut v64, mut ema64) = (vec![0.0; n], vec![0.0; n], p64.clone());
+    let mut s = State::new(&Cpu, &[n], &p0);
     for step in 1..=3u32 {
         // Gradients of several magnitudes, some near eps.
         let g: Vec<f32> = seeded(n, 10 + step as u64)
@@ -96,31 +146,82 @@ fn cpu_adamw_matches_torch_formulas_in_f64() {
             .map(|(i, x)| x * 10f32.powi(-(i as i32 % 5)))
             .collect();
         let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
-        let h = hyper(step);
-        torch_adamw(&mut p64, &g64, &mut m64, &mut v64, &h);
-        Cpu.adamw_step(&mut p, &up(&Cpu, &[n], &g), &mut m, &mut v, &h)
+        let (h, norm2) = (hyper(step), NORMS2[step as usize]);
+        let decay = 0.99;
+        torch_step(
+            &mut p64,
+            &g64,
+            &mut m64,
+            &mut v64,
+            &mut ema64,
+            norm2 as f64,
+            &h,
+            decay,
+        );
+        s.step(&Cpu, &up(&Cpu, &[n], &g), norm2, &h, decay as f32)
             .unwrap();
-        for (e, x) in ema64.iter_mut().zip(&p64) {
-            *e = 0.99 * *e + 0.01 * x;
-        }
-        Cpu.ema_update(&mut ema, &p, 0.99).unwrap();
     }
     let f32s = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<_>>();
     // f32 rounding of each term over three steps: an ulp or two of the largest term, which
     // for the moments is that of the gradient (up to 1, up to 1e-3 squared and weighted).
-    assert_close("param", &down(&Cpu, &p), &f32s(&p64), 1e-6, 1e-5);
-    assert_close("m", &down(&Cpu, &m), &f32s(&m64), 3e-8, 1e-5);
-    assert_close("v", &down(&Cpu, &v), &f32s(&v64), 1e-10, 1e-5);
-    assert_close("ema", &down(&Cpu, &ema), &f32s(&ema64), 1e-6, 1e-5);
+    let got = s.read(&Cpu);
+    assert_close("param", &got[0].1, &f32s(&p64), 1e-6, 1e-5);
+    assert_close("m", &got[1].1, &f32s(&m64), 3e-8, 1e-5);
+    assert_close("v", &got[2].1, &f32s(&v64), 1e-10, 1e-5);
+    assert_close("ema", &got[3].1, &f32s(&ema64), 1e-6, 1e-5);
 }
 
-/// An EMA update on `b` writes the tensor's storage, which its clones share.
+/// An infinite or NaN norm (an overflow somewhere in the gradients) leaves weights, moments
+/// and EMA as they were, on `b`; a finite one updates them.
+fn check_non_finite_norm_skips_the_step(b: &dyn Backend) {
+    let n = 300;
+    let p0 = seeded(n, 3);
+    let g = up(b, &[n], &seeded(n, 4));
+    let mut s = State::new(b, &[n], &p0);
+    let before = s.read(b);
+    for bad in [f32::INFINITY, f32::NAN] {
+        s.step(b, &g, bad, &hyper(1), 0.5).unwrap();
+        assert!(
+            s.read(b) == before,
+            "{}: norm2 {bad} changed the state",
+            b.name()
+        );
+    }
+    s.step(b, &g, 4.0, &hyper(1), 0.5).unwrap();
+    assert!(
+        s.read(b)[0] != before[0],
+        "{}: a finite step changed nothing",
+        b.name()
+    );
+}
+
+fn non_finite_norm_skips_the_step_on_cpu() {
+    check_non_finite_norm_skips_the_step(&Cpu);
+}
+
+fn non_finite_norm_skips_the_step_on_gpu(g: &Gpu) {
+    check_non_finite_norm_skips_the_step(g);
+}
+
+/// A step on `b` writes the tensors' storage, which their clones share.
 fn check_updates_are_shared(b: &dyn Backend) {
-    let mut ema = up(b, &[3], &[1.0, 2.0, 3.0]);
-    let alias = ema.clone();
-    b.ema_update(&mut ema, &up(b, &[3], &[3.0, 2.0, 1.0]), 0.5)
+    let mut s = State::new(b, &[3], &[1.0, 2.0, 3.0]);
+    let alias = s.ema.clone();
+    s.step(b, &up(b, &[3], &[0.0; 3]), 0.0, &hyper(1), 0.5)
         .unwrap();
-    assert_eq!(down(b, &alias), vec![2.0, 2.0, 2.0], "{}", b.name());
+    let p = down(b, &s.p);
+    let want: Vec<f32> = [1.0f32, 2.0, 3.0]
+        .iter()
+        .zip(&p)
+        .map(|(e, p)| 0.5 * e + 0.5 * p)
+        .collect();
+    assert_close(
+        &format!("{} ema alias", b.name()),
+        &down(b, &alias),
+        &want,
+        1e-7,
+        1e-7,
+    );
 }
 
 fn updates_are_seen_by_every_clone_on_cpu() {
@@ -131,97 +232,86 @@ fn updates_are_seen_by_every_clone_on_gpu(g: &Gpu) {
     check_updates_are_shared(g);
 }
 
-/// Every bad call must be an `Err` naming the op and change nothing, on both backends.
+/// Every bad call must be an `Err` naming the op and change nothing, on `b`.
 fn check_bad_input(b: &dyn Backend) {
-    let mut p = up(b, &[2, 3], &[0.5; 6]);
+    let mut s = State::new(b, &[2, 3], &[0.5; 6]);
     let g = up(b, &[2, 3], &[0.1; 6]);
-    let mut m = b.zeros(&[2, 3]).unwrap();
-    let mut v = b.zeros(&[2, 3]).unwrap();
+    let norm2 = up(b, &[1], &[1.0]);
+    let op = "adamw_ema_step";
+    let is_shape =
+        |r: diffwgpu::Result<()>| matches!(r, Err(Error::Shape { op: o, .. }) if o == op);
+    let is_invalid =
+        |r: diffwgpu::Result<()>| matches!(r, Err(Error::Invalid { op: o, .. }) if o == op);
     let mut wrong = b.zeros(&[3, 2]).unwrap();
-    let shape_err = |r| {
-        matches!(
-            r,
-            Err(Error::Shape {
-                op: "adamw_step",
-                ..
-            })
-        )
+    let call = |s: &mut State, g: &Tensor, n2: &Tensor, h: &AdamWParams, d: f32| {
+        let t = StepTensors {
+            params: &mut s.p,
+            grads: g,
+            adam_m: &mut s.m,
+            adam_v: &mut s.v,
+            ema: &mut s.ema,
+            norm2: n2,
+        };
+        b.adamw_ema_step(t, h, d)
     };
-    assert!(shape_err(b.adamw_step(
-        &mut p,
+    assert!(is_shape(call(
+        &mut s,
         &up(b, &[6], &[0.1; 6]),
-        &mut m,
-        &mut v,
-        &hyper(1)
+        &norm2,
+        &hyper(1),
+        0.9
     )));
-    assert!(shape_err(b.adamw_step(
-        &mut p,
+    assert!(is_shape(call(
+        &mut s,
         &g,
-        &mut wrong,
-        &mut v,
-        &hyper(1)
+        &up(b, &[2], &[1.0; 2]),
+        &hyper(1),
+        0.9
     )));
-    assert!(shape_err(b.adamw_step(
-        &mut p,
-        &g,
-        &mut m,
-        &mut wrong,
-        &hyper(1)
-    )));
-    let invalid = |r: diffwgpu::Result<()>| {
-        matches!(
-            r,
-            Err(Error::Invalid {
-                op: "adamw_step",
-                ..
-            })
-        )
+    assert!(is_invalid(call(&mut s, &g, &norm2, &hyper(0), 0.9)));
+    for bad in [
+        AdamWParams {
+            beta2: 1.0,
+            ..hyper(1)
+        },
+        AdamWParams {
+            eps: 0.0,
+            ..hyper(1)
+        },
+        AdamWParams {
+            max_grad_norm: Some(0.0),
+            ..hyper(1)
+        },
+    ] {
+        assert!(is_invalid(call(&mut s, &g, &norm2, &bad, 0.9)), "{bad:?}");
+    }
+    assert!(
+        is_invalid(call(&mut s, &g, &norm2, &hyper(1), 1.5)),
+        "decay 1.5"
+    );
+    // A moment with the wrong shape, and the same storage under two names.
+    let t = StepTensors {
+        params: &mut s.p,
+        grads: &g,
+        adam_m: &mut wrong,
+        adam_v: &mut s.v,
+        ema: &mut s.ema,
+        norm2: &norm2,
     };
-    assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &hyper(0))));
-    let bad_beta = AdamWParams {
-        beta2: 1.0,
-        ..hyper(1)
+    assert!(is_shape(b.adamw_ema_step(t, &hyper(1), 0.9)));
+    let mut m_alias = s.m.clone();
+    let t = StepTensors {
+        params: &mut s.p,
+        grads: &g,
+        adam_m: &mut s.m,
+        adam_v: &mut m_alias,
+        ema: &mut s.ema,
+        norm2: &norm2,
     };
-    assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &bad_beta)));
-    let bad_eps = AdamWParams {
-        eps: 0.0,
-        ..hyper(1)
-    };
-    assert!(invalid(b.adamw_step(&mut p, &g, &mut m, &mut v, &bad_eps)));
-    // The same storage under two names.
-    let mut m_alias = m.clone();
-    assert!(invalid(b.adamw_step(
-        &mut p,
-        &g,
-        &mut m,
-        &mut m_alias,
-        &hyper(1)
-    )));
-    let p_alias = p.clone();
-    assert!(matches!(
-        b.ema_update(&mut p, &p_alias, 0.9),
-        Err(Error::Invalid {
-            op: "ema_update",
-            ..
-        })
-    ));
-    assert!(matches!(
-        b.ema_update(&mut p, &g, 1.5),
-        Err(Error::Invalid {
-            op: "ema_update",
-            ..
-        })
-    ));
-    assert!(matches!(
-        b.ema_update(&mut wrong, &g, 0.9),
-        Err(Error::Shape {
-            op: "ema_update",
-            ..
-        })
-    ));
+    assert!(is_invalid(b.adamw_ema_step(t, &hyper(1), 0.9)));
     // Nothing was changed by the rejected calls.
-    assert_eq!(down(b, &p), vec![0.5; 6]);
-    assert_eq!(down(b, &m), vec![0.0; 6]);
+    assert_eq!(down(b, &s.p), vec![0.5; 6]);
+    assert_eq!(down(b, &s.m), vec![0.0; 6]);
 }
 
 fn bad_input_is_an_error_on_cpu() {
@@ -230,9 +320,9 @@ fn bad_input_is_an_error_on_cpu() {
 
 fn bad_input_is_an_error_on_gpu(gpu: &Gpu) {
     check_bad_input(gpu);
-    let mut p = up(gpu, &[2], &[0.5; 2]);
-    let cpu = up(&Cpu, &[2], &[0.5; 2]);
-    let r = gpu.ema_update(&mut p, &cpu, 0.9);
+    let mut s = State::new(gpu, &[2], &[0.5; 2]);
+    let cpu_grad = up(&Cpu, &[2], &[0.5; 2]);
+    let r = s.step(gpu, &cpu_grad, 1.0, &hyper(1), 0.9);
     assert!(matches!(
         r,
         Err(Error::WrongBackend {
@@ -244,12 +334,14 @@ fn bad_input_is_an_error_on_gpu(gpu: &Gpu) {
 
 tests! {
     cpu: [
-        cpu_adamw_matches_torch_formulas_in_f64,
+        cpu_step_matches_torch_formulas_in_f64,
+        non_finite_norm_skips_the_step_on_cpu,
         updates_are_seen_by_every_clone_on_cpu,
         bad_input_is_an_error_on_cpu,
     ],
     gpu: [
-        adamw_and_ema_match_cpu_over_several_steps,
+        step_matches_cpu_over_several_steps,
+        non_finite_norm_skips_the_step_on_gpu,
         updates_are_seen_by_every_clone_on_gpu,
         bad_input_is_an_error_on_gpu,
     ],

@@ -1,17 +1,17 @@
 //! Training: the tiny model overfits a fixed batch on both backends, the trainer's update is
 //! AdamW with clipping, the learning-rate schedule and the EMA by their formulas, whole
 //! training steps give the same updates, moments and EMA on both backends, a resumed run
-//! continues exactly, and the schedules.
+//! continues exactly on each backend, and the schedules.
 
 mod common;
 
-use common::{assert_close, seeded};
+use common::{assert_close, down, seeded};
 use diffwgpu::autodiff::Tape;
 use diffwgpu::diffusion::NoiseSchedule;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
-use diffwgpu::ops::optim::AdamWParams;
-use diffwgpu::train::{LrSchedule, TrainHyper, TrainState, Trainer};
-use diffwgpu::{Backend, Cpu, Gpu, Tensor};
+use diffwgpu::ops::optim::{AdamWParams, StepTensors};
+use diffwgpu::train::{HostState, LrSchedule, TrainHyper, TrainState, Trainer};
+use diffwgpu::{Backend, Cpu, Gpu};
 
 fn tiny() -> UNet2D {
     UNet2D::new(&UNet2DConfig::preset("tiny").unwrap()).unwrap()
@@ -30,15 +30,20 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend) {
     let xt = be.upload(&shape, &x).unwrap();
     let t = be.upload(&[2], &[10.0, 500.0]).unwrap();
     let target = be.upload(&shape, &target).unwrap();
+    let mut grads = be.zeros(&[state.layout.total]).unwrap();
+    let mut plan = None;
     let mut losses = Vec::new();
     for step in 1..=STEPS {
         let mut tape = Tape::new(be);
-        let p = tape.leaves(&state.params, true);
+        let p = tape.params(&state.param_views().unwrap());
         let xv = tape.leaf(xt.clone(), false);
         let out = model.forward(&mut tape, &p, xv, &t).unwrap();
         let loss = be.mse_loss(tape.value(out), &target).unwrap();
         let d = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
-        let mut grads = tape.backward(out, d).unwrap();
+        let layout = state.layout.clone();
+        let norm2 = tape
+            .backward_params(out, d, &layout, &mut plan, &mut grads)
+            .unwrap();
         let h = AdamWParams {
             lr: 3e-3,
             beta1: 0.9,
@@ -46,13 +51,17 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend) {
             eps: 1e-8,
             weight_decay: 0.0,
             step,
-            grad_scale: 1.0,
+            max_grad_norm: None,
         };
-        for (i, v) in p.iter().enumerate() {
-            let g = grads.take(*v).unwrap();
-            let (m, vv) = (&mut state.adam_m[i], &mut state.adam_v[i]);
-            be.adamw_step(&mut state.params[i], &g, m, vv, &h).unwrap();
-        }
+        let tensors = StepTensors {
+            params: &mut state.params,
+            grads: &grads,
+            adam_m: &mut state.adam_m,
+            adam_v: &mut state.adam_v,
+            ema: &mut state.ema,
+            norm2: &norm2,
+        };
+        be.adamw_ema_step(tensors, &h, 0.0).unwrap();
         losses.push(be.to_vec(&loss).unwrap()[0]);
     }
     let (first, last) = (losses[0], *losses.last().unwrap());
@@ -101,26 +110,9 @@ fn trainer_from<'b>(
     Trainer::new(be, model, schedule, hyper, state).unwrap()
 }
 
-fn read_all(be: &dyn Backend, ts: &[Tensor]) -> Vec<Vec<f32>> {
-    ts.iter().map(|t| be.to_vec(t).unwrap()).collect()
-}
-
 /// Everything a step changes, read to the host: weights, both moments, EMA weights.
-struct HostState {
-    params: Vec<Vec<f32>>,
-    adam_m: Vec<Vec<f32>>,
-    adam_v: Vec<Vec<f32>>,
-    ema: Vec<Vec<f32>>,
-}
-
 fn host_state(t: &Trainer) -> HostState {
-    let (be, s) = (t.backend(), &t.state);
-    HostState {
-        params: read_all(be, &s.params),
-        adam_m: read_all(be, &s.adam_m),
-        adam_v: read_all(be, &s.adam_v),
-        ema: read_all(be, &s.ema),
-    }
+    t.state.to_host(t.backend()).unwrap()
 }
 
 /// `got` against `want`, every tensor of a group: `|got - want| <= rtol (|want| + 0.01 M)`
@@ -243,7 +235,7 @@ fn trainer_update_is_adamw_by_its_formula() {
     for k in 0..3u64 {
         let before = host_state(&t);
         let sg = t.gradients(&seeded(2 * 256, 60 + k)).unwrap();
-        let grads = read_all(&Cpu, &sg.grads);
+        let grads = t.state.layout.split(&down(&Cpu, &sg.grads));
         let stats = t.apply(sg).unwrap();
         let after = host_state(&t);
 
@@ -271,6 +263,7 @@ fn trainer_update_is_adamw_by_its_formula() {
             adam_m: Vec::new(),
             adam_v: Vec::new(),
             ema: Vec::new(),
+            step: k + 1,
         };
         for (i, grad) in grads.iter().enumerate() {
             let mut tensors = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
@@ -312,43 +305,38 @@ fn trainer_update_is_adamw_by_its_formula() {
 
 /// Stopping after two steps, moving the state through host memory into a new trainer and
 /// taking two more gives exactly what four uninterrupted steps give.
-fn resumed_training_continues_exactly() {
+fn check_resumed_training_continues_exactly(be: &dyn Backend) {
     let values = tiny().params.initial_values(9);
     let batch: Vec<Vec<f32>> = (0..4).map(|s| seeded(3 * 256, 30 + s)).collect();
-    let mut straight = trainer(&Cpu, &values);
+    let mut straight = trainer(be, &values);
     let straight_losses: Vec<f32> = batch
         .iter()
         .map(|x| straight.step(x).unwrap().loss)
         .collect();
 
-    let mut first = trainer(&Cpu, &values);
+    let mut first = trainer(be, &values);
     let mut losses: Vec<f32> = batch[..2]
         .iter()
         .map(|x| first.step(x).unwrap().loss)
         .collect();
-    let s = &first.state;
-    let copy = |ts: &[Tensor]| -> Vec<Tensor> {
-        read_all(&Cpu, ts)
-            .iter()
-            .zip(ts)
-            .map(|(v, t)| Cpu.upload(t.shape(), v).unwrap())
-            .collect()
-    };
-    let state = TrainState {
-        params: copy(&s.params),
-        adam_m: copy(&s.adam_m),
-        adam_v: copy(&s.adam_v),
-        ema: copy(&s.ema),
-        step: s.step,
-    };
-    let mut second = trainer(&Cpu, &values);
-    second.state = state;
+    let saved = host_state(&first);
+    let mut second = trainer(be, &values);
+    second.state = TrainState::from_host(be, &second.model, &saved).unwrap();
     losses.extend(batch[2..].iter().map(|x| second.step(x).unwrap().loss));
-    assert_eq!(losses, straight_losses);
-    assert_eq!(
-        read_all(&Cpu, &second.state.ema),
-        read_all(&Cpu, &straight.state.ema)
+    assert_eq!(losses, straight_losses, "{}", be.name());
+    assert!(
+        host_state(&second) == host_state(&straight),
+        "{}: the resumed state differs",
+        be.name()
     );
+}
+
+fn resumed_training_continues_exactly_on_cpu() {
+    check_resumed_training_continues_exactly(&Cpu);
+}
+
+fn resumed_training_continues_exactly_on_gpu(g: &Gpu) {
+    check_resumed_training_continues_exactly(g);
 }
 
 /// A trainer on `be` of the tiny model with dropout 0.2.
@@ -410,11 +398,12 @@ tests! {
     cpu: [
         trainer_update_is_adamw_by_its_formula,
         tiny_model_overfits_one_fixed_batch_on_cpu,
-        resumed_training_continues_exactly,
+        resumed_training_continues_exactly_on_cpu,
         dropout_changes_the_step,
         learning_rate_and_ema_schedules,
     ],
     gpu: [
+        resumed_training_continues_exactly_on_gpu,
         tiny_model_overfits_one_fixed_batch_on_gpu,
         whole_training_steps_match_across_backends,
         dropout_steps_match_across_backends,

@@ -1,5 +1,6 @@
 //! The whole U-Net: the parameter list of the presets, forward and every parameter gradient
-//! on the GPU against the CPU, and parameter gradients against finite differences.
+//! on the GPU against the CPU, parameter gradients against finite differences, and the flat
+//! gradient buffer of training against the per-parameter gradients.
 
 mod common;
 
@@ -202,6 +203,68 @@ fn check_tiny_model_matches_diffusers(be: &dyn Backend) {
     }
 }
 
+/// The gradients `backward_params` gathers into the flat buffer (from each op's partial
+/// sums) equal, bit for bit, those `backward` returns per parameter (from the same parts,
+/// summed per tensor), and the squared norm it returns is that of all of them, on `be`.
+fn check_flat_gradients_equal_per_tensor_gradients(be: &dyn Backend) {
+    let c = tiny_case();
+    let (_, _, per_tensor) = loss_and_grads(be, &c.model, &c.values, &c.x, &c.t, &c.target);
+    let layout = c.model.params.layout();
+    let flat_params = be
+        .upload(&[layout.total], &layout.flatten(&c.values).unwrap())
+        .unwrap();
+    let mut tape = Tape::new(be);
+    let p = tape.params(&layout.views(&flat_params).unwrap());
+    let n = c.t.len();
+    let x = tape.leaf(be.upload(&[n, 1, 16, 16], &c.x).unwrap(), false);
+    let t = be.upload(&[n], &c.t).unwrap();
+    let out = c.model.forward(&mut tape, &p, x, &t).unwrap();
+    let target = be.upload(&[n, 1, 16, 16], &c.target).unwrap();
+    let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
+    let mut grads = be.zeros(&[layout.total]).unwrap();
+    let mut plan = None;
+    let norm2 = tape
+        .backward_params(out, d_out, &layout, &mut plan, &mut grads)
+        .unwrap();
+    let flat = be.to_vec(&grads).unwrap();
+    for (spec, (got, want)) in c
+        .model
+        .params
+        .specs
+        .iter()
+        .zip(layout.split(&flat).iter().zip(&per_tensor))
+    {
+        assert!(got == want, "{}: {} differs", be.name(), spec.name);
+    }
+    let padding = (0..layout.total).filter(|i| {
+        !layout
+            .offsets
+            .iter()
+            .zip(&layout.shapes)
+            .any(|(&o, s)| (o..o + s.iter().product::<usize>()).contains(i))
+    });
+    assert!(padding.clone().count() > 0 && padding.into_iter().all(|i| flat[i] == 0.0));
+    let want: f64 = per_tensor
+        .iter()
+        .flatten()
+        .map(|&g| g as f64 * g as f64)
+        .sum();
+    let got = be.to_vec(&norm2).unwrap()[0] as f64;
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "{}: |g|^2 {got} vs {want}",
+        be.name()
+    );
+}
+
+fn flat_gradients_equal_per_tensor_gradients_on_cpu() {
+    check_flat_gradients_equal_per_tensor_gradients(&Cpu);
+}
+
+fn flat_gradients_equal_per_tensor_gradients_on_gpu(g: &Gpu) {
+    check_flat_gradients_equal_per_tensor_gradients(g);
+}
+
 fn tiny_model_matches_diffusers_on_cpu() {
     check_tiny_model_matches_diffusers(&Cpu);
 }
@@ -215,6 +278,11 @@ tests! {
         presets_have_diffusers_parameter_names_and_shapes,
         parameter_gradients_match_finite_differences,
         tiny_model_matches_diffusers_on_cpu,
+        flat_gradients_equal_per_tensor_gradients_on_cpu,
     ],
-    gpu: [gpu_forward_and_gradients_match_cpu, tiny_model_matches_diffusers_on_gpu],
+    gpu: [
+        gpu_forward_and_gradients_match_cpu,
+        tiny_model_matches_diffusers_on_gpu,
+        flat_gradients_equal_per_tensor_gradients_on_gpu,
+    ],
 }

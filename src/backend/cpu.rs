@@ -4,12 +4,13 @@
 use super::Backend;
 use crate::error::Result;
 use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
-use crate::ops::conv2d::{self, Conv2dGrads, Conv2dParams};
+use crate::ops::conv2d::{self, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
-use crate::ops::group_norm::{self, GroupNormGrads, GroupNormOutput, GroupNormParams};
-use crate::ops::linear::{self, LinearGrads};
-use crate::ops::optim::{self, AdamWParams};
+use crate::ops::grads::{self, GradPlan, Partials};
+use crate::ops::group_norm::{self, GroupNormOutput, GroupNormParams};
+use crate::ops::linear;
+use crate::ops::optim::{self, AdamWParams, StepTensors};
 use crate::ops::{broadcast, elementwise, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
 
@@ -43,7 +44,7 @@ impl Backend for Cpu {
     }
 
     fn to_vec(&self, t: &Tensor) -> Result<Vec<f32>> {
-        Ok(t.cpu_read("to_vec")?.clone())
+        Ok(t.cpu_read("to_vec")?.to_vec())
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -108,29 +109,41 @@ impl Backend for Cpu {
         conv2d::cpu::forward(x, w, b, p)
     }
 
-    fn conv2d_backward(
+    fn conv2d_grad_splits(&self, x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize> {
+        conv2d::cpu::grad_splits(x, w, p)
+    }
+
+    fn conv2d_backward_into(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         p: &Conv2dParams,
-        with_bias: bool,
-    ) -> Result<Conv2dGrads> {
-        conv2d::cpu::backward(x, w, dy, p, with_bias)
+        need_dx: bool,
+        dw: &Partials,
+        db: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
+        conv2d::cpu::backward_into(x, w, dy, p, need_dx, dw, db)
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         linear::cpu::forward(x, w, b)
     }
 
-    fn linear_backward(
+    fn linear_grad_splits(&self, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+        linear::cpu::grad_splits(x, w)
+    }
+
+    fn linear_backward_into(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
-        with_bias: bool,
-    ) -> Result<LinearGrads> {
-        linear::cpu::backward(x, w, dy, with_bias)
+        need_dx: bool,
+        dw: &Partials,
+        db: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
+        linear::cpu::backward_into(x, w, dy, need_dx, dw, db)
     }
 
     fn group_norm(
@@ -143,15 +156,27 @@ impl Backend for Cpu {
         group_norm::cpu::forward(x, gamma, beta, p)
     }
 
-    fn group_norm_backward(
+    fn group_norm_grad_splits(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<usize> {
+        group_norm::cpu::grad_splits(x, gamma, p)
+    }
+
+    fn group_norm_backward_into(
         &self,
         x: &Tensor,
         gamma: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
-    ) -> Result<GroupNormGrads> {
-        group_norm::cpu::backward(x, gamma, saved, dy, p)
+        need_dx: bool,
+        dgamma: &Partials,
+        dbeta: &Partials,
+    ) -> Result<Option<Tensor>> {
+        group_norm::cpu::backward_into(x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
     fn attention(
@@ -230,19 +255,16 @@ impl Backend for Cpu {
         diffusion::cpu::ddim_step(x_t, model_output, noise, c)
     }
 
-    fn adamw_step(
-        &self,
-        param: &mut Tensor,
-        grad: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        h: &AdamWParams,
-    ) -> Result<()> {
-        optim::cpu::adamw_step(param, grad, m, v, h)
+    fn reduce_partials(&self, p: &Partials, n: usize) -> Result<Tensor> {
+        grads::cpu::reduce_partials(p, n)
     }
 
-    fn ema_update(&self, ema: &mut Tensor, param: &Tensor, decay: f32) -> Result<()> {
-        optim::cpu::ema_update(ema, param, decay)
+    fn gather_grads(&self, arena: &Tensor, plan: &GradPlan, grads: &mut Tensor) -> Result<Tensor> {
+        grads::cpu::gather_grads(arena, plan, grads)
+    }
+
+    fn adamw_ema_step(&self, t: StepTensors, h: &AdamWParams, ema_decay: f32) -> Result<()> {
+        optim::cpu::adamw_ema_step(t, h, ema_decay)
     }
 
     fn randn(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor> {

@@ -5,12 +5,13 @@ use super::Backend;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
-use crate::ops::conv2d::{self, Conv2dGrads, Conv2dParams};
+use crate::ops::conv2d::{self, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
-use crate::ops::group_norm::{self, GroupNormGrads, GroupNormOutput, GroupNormParams};
-use crate::ops::linear::{self, LinearGrads};
-use crate::ops::optim::{self, AdamWParams};
+use crate::ops::grads::{self, GradPlan, Partials};
+use crate::ops::group_norm::{self, GroupNormOutput, GroupNormParams};
+use crate::ops::linear;
+use crate::ops::optim::{self, AdamWParams, StepTensors};
 use crate::ops::{broadcast, elementwise, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
 
@@ -99,29 +100,41 @@ impl Backend for Gpu {
         conv2d::gpu::forward(self, x, w, b, p)
     }
 
-    fn conv2d_backward(
+    fn conv2d_grad_splits(&self, x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize> {
+        conv2d::gpu::grad_splits(x, w, p)
+    }
+
+    fn conv2d_backward_into(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         p: &Conv2dParams,
-        with_bias: bool,
-    ) -> Result<Conv2dGrads> {
-        conv2d::gpu::backward(self, x, w, dy, p, with_bias)
+        need_dx: bool,
+        dw: &Partials,
+        db: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
+        conv2d::gpu::backward_into(self, x, w, dy, p, need_dx, dw, db)
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         linear::gpu::forward(self, x, w, b)
     }
 
-    fn linear_backward(
+    fn linear_grad_splits(&self, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+        linear::gpu::grad_splits(x, w)
+    }
+
+    fn linear_backward_into(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
-        with_bias: bool,
-    ) -> Result<LinearGrads> {
-        linear::gpu::backward(self, x, w, dy, with_bias)
+        need_dx: bool,
+        dw: &Partials,
+        db: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
+        linear::gpu::backward_into(self, x, w, dy, need_dx, dw, db)
     }
 
     fn group_norm(
@@ -134,15 +147,27 @@ impl Backend for Gpu {
         group_norm::gpu::forward(self, x, gamma, beta, p)
     }
 
-    fn group_norm_backward(
+    fn group_norm_grad_splits(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<usize> {
+        group_norm::gpu::grad_splits(x, gamma, p)
+    }
+
+    fn group_norm_backward_into(
         &self,
         x: &Tensor,
         gamma: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
-    ) -> Result<GroupNormGrads> {
-        group_norm::gpu::backward(self, x, gamma, saved, dy, p)
+        need_dx: bool,
+        dgamma: &Partials,
+        dbeta: &Partials,
+    ) -> Result<Option<Tensor>> {
+        group_norm::gpu::backward_into(self, x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
     fn attention(
@@ -221,19 +246,16 @@ impl Backend for Gpu {
         diffusion::gpu::ddim_step(self, x_t, model_output, noise, c)
     }
 
-    fn adamw_step(
-        &self,
-        param: &mut Tensor,
-        grad: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        h: &AdamWParams,
-    ) -> Result<()> {
-        optim::gpu::adamw_step(self, param, grad, m, v, h)
+    fn reduce_partials(&self, p: &Partials, n: usize) -> Result<Tensor> {
+        grads::gpu::reduce_partials(self, p, n)
     }
 
-    fn ema_update(&self, ema: &mut Tensor, param: &Tensor, decay: f32) -> Result<()> {
-        optim::gpu::ema_update(self, ema, param, decay)
+    fn gather_grads(&self, arena: &Tensor, plan: &GradPlan, grads: &mut Tensor) -> Result<Tensor> {
+        grads::gpu::gather_grads(self, arena, plan, grads)
+    }
+
+    fn adamw_ema_step(&self, t: StepTensors, h: &AdamWParams, ema_decay: f32) -> Result<()> {
+        optim::gpu::adamw_ema_step(self, t, h, ema_decay)
     }
 
     fn randn(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor> {

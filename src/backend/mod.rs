@@ -2,18 +2,21 @@
 //! by calling the op modules in `ops/`, which hold the math, the reference loops and the
 //! kernel launchers side by side. The trait is object safe, so code can take `&dyn Backend`.
 //!
-//! Conventions: inputs are never modified, except by the in-place optimizer ops that take
-//! `&mut Tensor`; backward methods return fresh gradient tensors (the caller sums them where a
-//! tensor has several consumers); every shape is checked before any work is done.
+//! Conventions: inputs are never modified, except by the in-place optimizer op that takes
+//! `&mut Tensor`; backward methods return fresh gradient tensors for activations (the caller
+//! sums them where a tensor has several consumers) and write parameter gradients as partial
+//! sums into a step's arena (`ops/grads.rs`), which `gather_grads` assembles for every
+//! parameter at once; every shape is checked before any work is done.
 
 use crate::error::Result;
 use crate::ops::attention::{AttentionGrads, AttentionOutput};
 use crate::ops::conv2d::{Conv2dGrads, Conv2dParams};
 use crate::ops::diffusion::{DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::TimestepEmbeddingParams;
+use crate::ops::grads::{GradPlan, Partials};
 use crate::ops::group_norm::{GroupNormGrads, GroupNormOutput, GroupNormParams};
 use crate::ops::linear::LinearGrads;
-use crate::ops::optim::AdamWParams;
+use crate::ops::optim::{AdamWParams, StepTensors};
 use crate::tensor::{Device, Tensor};
 
 pub trait Backend: Send + Sync {
@@ -69,7 +72,22 @@ pub trait Backend: Send + Sync {
         b: Option<&Tensor>,
         p: &Conv2dParams,
     ) -> Result<Tensor>;
-    /// Gradients w.r.t. input, weight and (when `with_bias`) bias.
+    /// How many parts this backend splits a convolution's weight and bias gradients into.
+    fn conv2d_grad_splits(&self, x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize>;
+    /// The gradient w.r.t. the input when `need_dx`; the parts of the weight gradient (and of
+    /// the bias gradient) into the arena, `conv2d_grad_splits` of each.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward_into(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        need_dx: bool,
+        dw: &Partials,
+        db: Option<&Partials>,
+    ) -> Result<Option<Tensor>>;
+    /// Gradients w.r.t. input, weight and (when `with_bias`) bias, each a tensor.
     fn conv2d_backward(
         &self,
         x: &Tensor,
@@ -77,18 +95,74 @@ pub trait Backend: Send + Sync {
         dy: &Tensor,
         p: &Conv2dParams,
         with_bias: bool,
-    ) -> Result<Conv2dGrads>;
+    ) -> Result<Conv2dGrads> {
+        let splits = self.conv2d_grad_splits(x, w, p)?;
+        let (nw, cout) = (w.numel(), w.shape()[0]);
+        let arena = self.zeros(&[splits * (nw + cout)])?;
+        let part = |offset| Partials {
+            arena: &arena,
+            offset,
+            splits,
+        };
+        let (dw, db) = (part(0), part(splits * nw));
+        let dx = self.conv2d_backward_into(x, w, dy, p, true, &dw, with_bias.then_some(&db))?;
+        Ok(Conv2dGrads {
+            dx: dx.expect("dx was asked for"),
+            dw: self.reduce_partials(&dw, nw)?.reshape(w.shape())?,
+            db: if with_bias {
+                Some(self.reduce_partials(&db, cout)?)
+            } else {
+                None
+            },
+        })
+    }
 
     // ---- linear (ops/linear.rs) -------------------------------------------------------------
     /// `y = x w^T + b`: `x [M, K]`, `w [N, K]`, optional `b [N]`, `y [M, N]`.
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
+    /// How many parts this backend splits a linear layer's weight and bias gradients into.
+    fn linear_grad_splits(&self, x: &Tensor, w: &Tensor) -> Result<(usize, usize)>;
+    /// `dx` when `need_dx`; the parts of `dw` (and `db`) into the arena.
+    fn linear_backward_into(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        dw: &Partials,
+        db: Option<&Partials>,
+    ) -> Result<Option<Tensor>>;
     fn linear_backward(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         with_bias: bool,
-    ) -> Result<LinearGrads>;
+    ) -> Result<LinearGrads> {
+        let (sw, sb) = self.linear_grad_splits(x, w)?;
+        let (nw, n) = (w.numel(), w.shape()[0]);
+        let arena = self.zeros(&[sw * nw + sb * n])?;
+        let dw = Partials {
+            arena: &arena,
+            offset: 0,
+            splits: sw,
+        };
+        let db = Partials {
+            arena: &arena,
+            offset: sw * nw,
+            splits: sb,
+        };
+        let dx = self.linear_backward_into(x, w, dy, true, &dw, with_bias.then_some(&db))?;
+        Ok(LinearGrads {
+            dx: dx.expect("dx was asked for"),
+            dw: self.reduce_partials(&dw, nw)?.reshape(w.shape())?,
+            db: if with_bias {
+                Some(self.reduce_partials(&db, n)?)
+            } else {
+                None
+            },
+        })
+    }
 
     // ---- group norm (ops/group_norm.rs) -----------------------------------------------------
     /// `x [B, C, H, W]` (any trailing dims), affine `gamma, beta [C]`.
@@ -99,6 +173,26 @@ pub trait Backend: Send + Sync {
         beta: &Tensor,
         p: &GroupNormParams,
     ) -> Result<GroupNormOutput>;
+    /// How many parts this backend splits dgamma and dbeta into.
+    fn group_norm_grad_splits(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        p: &GroupNormParams,
+    ) -> Result<usize>;
+    /// `dx` when `need_dx`; the parts of dgamma and dbeta into one arena.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_backward_into(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &GroupNormOutput,
+        dy: &Tensor,
+        p: &GroupNormParams,
+        need_dx: bool,
+        dgamma: &Partials,
+        dbeta: &Partials,
+    ) -> Result<Option<Tensor>>;
     fn group_norm_backward(
         &self,
         x: &Tensor,
@@ -106,7 +200,23 @@ pub trait Backend: Send + Sync {
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
-    ) -> Result<GroupNormGrads>;
+    ) -> Result<GroupNormGrads> {
+        let splits = self.group_norm_grad_splits(x, gamma, p)?;
+        let c = gamma.numel();
+        let arena = self.zeros(&[2 * splits * c])?;
+        let part = |offset| Partials {
+            arena: &arena,
+            offset,
+            splits,
+        };
+        let (dgamma, dbeta) = (part(0), part(splits * c));
+        let dx = self.group_norm_backward_into(x, gamma, saved, dy, p, true, &dgamma, &dbeta)?;
+        Ok(GroupNormGrads {
+            dx: dx.expect("dx was asked for"),
+            dgamma: self.reduce_partials(&dgamma, c)?,
+            dbeta: self.reduce_partials(&dbeta, c)?,
+        })
+    }
 
     // ---- attention (ops/attention.rs) -------------------------------------------------------
     /// `softmax(q k^T / sqrt(d)) v` per head: `q, k, v [B, L, C]`, `C = heads * d`.
@@ -170,18 +280,16 @@ pub trait Backend: Send + Sync {
         c: &DdimStepCoefficients,
     ) -> Result<Tensor>;
 
+    // ---- parameter gradients (ops/grads.rs) -------------------------------------------------
+    /// The sum of the `p.splits` parts of a gradient of `n` values, shape `[n]`.
+    fn reduce_partials(&self, p: &Partials, n: usize) -> Result<Tensor>;
+    /// Every gradient of `plan` summed from its parts into its region of `grads`; returns the
+    /// squared norm of all of them, shape `[1]`.
+    fn gather_grads(&self, arena: &Tensor, plan: &GradPlan, grads: &mut Tensor) -> Result<Tensor>;
+
     // ---- optimizer (ops/optim.rs), in place --------------------------------------------------
-    /// Fused AdamW: moments, bias correction and decoupled weight decay in one pass.
-    fn adamw_step(
-        &self,
-        param: &mut Tensor,
-        grad: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        h: &AdamWParams,
-    ) -> Result<()>;
-    /// `ema = decay * ema + (1 - decay) * param`.
-    fn ema_update(&self, ema: &mut Tensor, param: &Tensor, decay: f32) -> Result<()>;
+    /// Clipping by the global norm, AdamW and the EMA update in one pass.
+    fn adamw_ema_step(&self, t: StepTensors, h: &AdamWParams, ema_decay: f32) -> Result<()>;
 
     // ---- random numbers (ops/random.rs, src/rng.rs) -----------------------------------------
     /// Standard normal values; element `i` depends only on `(seed, offset + i)`.

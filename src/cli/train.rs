@@ -20,8 +20,8 @@ use diffwgpu::diffusion::{
 };
 use diffwgpu::images;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
-use diffwgpu::train::{LrSchedule, TrainHyper, TrainState, Trainer};
-use diffwgpu::{Backend, Tensor};
+use diffwgpu::train::{HostState, LrSchedule, TrainHyper, TrainState, Trainer};
+use diffwgpu::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -446,38 +446,31 @@ fn restore(
     saved: &TrainingState,
     path: &Path,
 ) -> Result<TrainState> {
-    let group = |what: &str, ts: &[NamedTensor]| -> Result<Vec<Tensor>> {
-        let values = unet_weights(model, ts, path)
-            .with_context(|| format!("the training state's {what} tensors do not fit the model"))?;
-        let specs = &model.params.specs;
-        Ok(specs
-            .iter()
-            .zip(&values)
-            .map(|(s, v)| be.upload(&s.shape, v))
-            .collect::<diffwgpu::Result<_>>()?)
+    let group = |what: &str, ts: &[NamedTensor]| -> Result<Vec<Vec<f32>>> {
+        unet_weights(model, ts, path)
+            .with_context(|| format!("the training state's {what} tensors do not fit the model"))
     };
-    Ok(TrainState {
+    let host = HostState {
         params: group("param", &saved.params)?,
         adam_m: group("adam_m", &saved.adam_m)?,
         adam_v: group("adam_v", &saved.adam_v)?,
         ema: group("ema", &saved.ema)?,
         step: saved.step,
-    })
+    };
+    Ok(TrainState::from_host(be, model, &host)?)
 }
 
-/// Reads tensors back under the model's parameter names.
-fn named(be: &dyn Backend, model: &UNet2D, ts: &[Tensor]) -> Result<Vec<NamedTensor>> {
+/// Tensors under the model's parameter names.
+fn named(model: &UNet2D, values: Vec<Vec<f32>>) -> Vec<NamedTensor> {
     model
         .params
         .specs
         .iter()
-        .zip(ts)
-        .map(|(s, t)| {
-            Ok(NamedTensor {
-                name: s.name.clone(),
-                shape: s.shape.clone(),
-                data: be.to_vec(t)?,
-            })
+        .zip(values)
+        .map(|(s, data)| NamedTensor {
+            name: s.name.clone(),
+            shape: s.shape.clone(),
+            data,
         })
         .collect()
 }
@@ -490,15 +483,15 @@ fn save_checkpoint(
     scheduler: &SchedulerConfig,
     record_json: &str,
 ) -> Result<()> {
-    let be = trainer.backend();
-    let (model, s) = (&trainer.model, &trainer.state);
-    let ema = named(be, model, &s.ema)?;
+    let model = &trainer.model;
+    let host = trainer.state.to_host(trainer.backend())?;
+    let ema = named(model, host.ema);
     save_pipeline(out, &record.unet, &ema, scheduler)?;
     let state = TrainingState {
-        step: s.step,
-        params: named(be, model, &s.params)?,
-        adam_m: named(be, model, &s.adam_m)?,
-        adam_v: named(be, model, &s.adam_v)?,
+        step: host.step,
+        params: named(model, host.params),
+        adam_m: named(model, host.adam_m),
+        adam_v: named(model, host.adam_v),
         ema,
         meta: BTreeMap::from([(RUN_KEY.to_string(), record_json.to_string())]),
     };
@@ -530,7 +523,7 @@ fn sample_grid(
     let x0 = sample(
         be,
         &trainer.model,
-        &trainer.state.ema,
+        &trainer.state.ema_views()?,
         &trainer.schedule,
         trainer.hyper.prediction_type,
         &sampler,

@@ -374,8 +374,8 @@ impl Gpu {
 
     /// Submits the recorded work and reads a GPU tensor back to the host.
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
-        let buffer = t.gpu_buffer("read")?;
-        let size = (t.numel().max(1) * 4) as u64;
+        let slice = t.gpu_buffer("read")?;
+        let size = slice.size;
         let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size,
@@ -384,7 +384,7 @@ impl Gpu {
         });
         {
             let mut rec = self.ctx.recorder.lock().unwrap();
-            rec.copy_raw(&self.ctx, buffer.raw(), &staging, size);
+            rec.copy_raw(&self.ctx, slice.buffer.raw(), slice.offset, &staging, size);
             rec.flush(&self.ctx);
         }
         let (tx, rx) = std::sync::mpsc::channel();

@@ -8,8 +8,10 @@ mod buffer;
 mod context;
 mod pipeline;
 mod recorder;
+mod slice;
 
 pub use buffer::GpuBuffer;
 pub use context::{adapters, kernel_limits, AdapterSummary, Gpu, GpuStats};
 pub use pipeline::{Access, Kernel};
 pub use recorder::{grid, Arg};
+pub use slice::GpuSlice;

@@ -11,6 +11,7 @@ use bytemuck::Pod;
 use super::buffer::GpuBuffer;
 use super::context::{Context, Gpu};
 use super::pipeline::{Access, Kernel};
+use super::slice::GpuSlice;
 use crate::error::{Error, Result};
 
 /// Offset alignment of one dispatch's parameters inside the arena (the largest
@@ -21,23 +22,23 @@ const ARENA_SLOTS: usize = 4096;
 
 /// A storage buffer argument of a dispatch, bound at binding `index + 1`.
 pub struct Arg<'a> {
-    buffer: &'a GpuBuffer,
+    slice: GpuSlice<'a>,
     access: Access,
 }
 
 impl<'a> Arg<'a> {
     /// Bound as `var<storage, read>`.
-    pub fn read(buffer: &'a GpuBuffer) -> Self {
+    pub fn read(slice: impl Into<GpuSlice<'a>>) -> Self {
         Arg {
-            buffer,
+            slice: slice.into(),
             access: Access::Read,
         }
     }
 
     /// Bound as `var<storage, read_write>`.
-    pub fn write(buffer: &'a GpuBuffer) -> Self {
+    pub fn write(slice: impl Into<GpuSlice<'a>>) -> Self {
         Arg {
-            buffer,
+            slice: slice.into(),
             access: Access::ReadWrite,
         }
     }
@@ -112,11 +113,12 @@ impl Recorder {
         &mut self,
         ctx: &Context,
         src: &wgpu::Buffer,
+        src_offset: u64,
         dst: &wgpu::Buffer,
         size: u64,
     ) {
         self.encoder(ctx)
-            .copy_buffer_to_buffer(src, 0, dst, 0, Some(size));
+            .copy_buffer_to_buffer(src, src_offset, dst, 0, Some(size));
     }
 
     /// Submits the recorded commands (and the uniform arena they read).
@@ -179,6 +181,14 @@ impl Gpu {
                 kernel.storage
             )));
         }
+        let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+        if let Some(a) = args.iter().find(|a| a.slice.offset % align != 0) {
+            return Err(fail(format!(
+                "a tensor view at byte {} is bound, but views must start at a multiple of \
+                 {align} bytes",
+                a.slice.offset
+            )));
+        }
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > max) {
             return Err(fail(format!(
@@ -199,7 +209,7 @@ impl Gpu {
         for (i, arg) in args.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32 + 1,
-                resource: arg.buffer.raw().as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(arg.slice.binding()),
             });
         }
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);

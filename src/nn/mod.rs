@@ -9,5 +9,5 @@ pub mod resnet;
 pub mod unet;
 
 pub use config::UNet2DConfig;
-pub use params::{Init, ParamList, ParamSpec};
+pub use params::{Init, ParamLayout, ParamList, ParamSpec, PARAM_ALIGN};
 pub use unet::UNet2D;

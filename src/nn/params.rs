@@ -1,7 +1,9 @@
 //! Parameter declarations: every layer registers its tensors here by their diffusers name, with
 //! the initialisation PyTorch gives them by default.
 
+use crate::error::{Error, Result};
 use crate::rng;
+use crate::tensor::Tensor;
 
 /// How a parameter starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,6 +69,87 @@ impl ParamList {
                     u.iter().map(|&u| (2.0 * u - 1.0) * bound).collect()
                 }
             })
+            .collect()
+    }
+}
+
+/// The least distance, in elements, between the starts of two parameters in a flat buffer:
+/// 64 f32 = 256 bytes, the largest storage-buffer offset alignment WebGPU allows an adapter to
+/// require, so that every parameter can be bound as a view of the flat buffer.
+pub const PARAM_ALIGN: usize = 64;
+
+/// Where each parameter of a list lives in one flat buffer: the parameters in declaration
+/// order, each starting at a multiple of [`PARAM_ALIGN`], zeros between them. The weights,
+/// their gradients, AdamW's moments and the EMA weights of a model are each one such buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamLayout {
+    pub offsets: Vec<usize>,
+    pub shapes: Vec<Vec<usize>>,
+    /// Elements of the flat buffer.
+    pub total: usize,
+}
+
+impl ParamList {
+    pub fn layout(&self) -> ParamLayout {
+        let mut offsets = Vec::with_capacity(self.specs.len());
+        let mut total = 0;
+        for spec in &self.specs {
+            offsets.push(total);
+            total = (total + spec.numel()).next_multiple_of(PARAM_ALIGN);
+        }
+        ParamLayout {
+            offsets,
+            shapes: self.specs.iter().map(|s| s.shape.clone()).collect(),
+            total: total.max(1),
+        }
+    }
+}
+
+impl ParamLayout {
+    /// Elements of parameter `i`.
+    pub fn numel(&self, i: usize) -> usize {
+        self.shapes[i].iter().product()
+    }
+
+    /// One flat buffer from one vector per parameter.
+    pub fn flatten(&self, values: &[Vec<f32>]) -> Result<Vec<f32>> {
+        if values.len() != self.shapes.len() {
+            return Err(Error::invalid(
+                "flatten",
+                format!(
+                    "{} tensors for {} parameters",
+                    values.len(),
+                    self.shapes.len()
+                ),
+            ));
+        }
+        let mut flat = vec![0.0; self.total];
+        for (i, v) in values.iter().enumerate() {
+            if v.len() != self.numel(i) {
+                return Err(Error::shape(
+                    "flatten",
+                    format!("{:?} (parameter {i})", self.shapes[i]),
+                    &[v.len()],
+                ));
+            }
+            flat[self.offsets[i]..][..v.len()].copy_from_slice(v);
+        }
+        Ok(flat)
+    }
+
+    /// One vector per parameter from a flat buffer.
+    pub fn split(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        (0..self.shapes.len())
+            .map(|i| flat[self.offsets[i]..][..self.numel(i)].to_vec())
+            .collect()
+    }
+
+    /// Every parameter as a view of the flat tensor `flat`.
+    pub fn views(&self, flat: &Tensor) -> Result<Vec<Tensor>> {
+        self.offsets
+            .iter()
+            .zip(&self.shapes)
+            .map(|(&o, s)| flat.view(o, s))
             .collect()
     }
 }

@@ -18,6 +18,10 @@
 //! db[co] = sum_{b, oy, ox} dy[b, co, oy, ox]                                    (4)
 //! ```
 //!
+//! The weight and bias gradients (2) and (4) are written as partial sums into a step's arena
+//! (see `ops/grads.rs`): the GPU splits the reduction over `B Ho Wo` into parts, the CPU
+//! computes each sum whole (one part).
+//!
 //! The CPU runs (1)-(4) literally. The GPU never builds `X`: its kernels read the input through
 //! the index map above while they fill their tiles (implicit GEMM), and (3) is computed in
 //! gather form, `dx[b, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] dy[b, co, oy, ox]` over
@@ -26,6 +30,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::check_rank;
+use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -151,6 +156,21 @@ impl Geometry {
         Ok(())
     }
 
+    /// The parts of the weight gradient and of the bias gradient fit their arenas.
+    fn check_partials(&self, op: &'static str, dw: &Partials, db: Option<&Partials>) -> Result<()> {
+        dw.check(op, self.cout * self.k())?;
+        if let Some(db) = db {
+            db.check(op, self.cout)?;
+            if db.splits != dw.splits {
+                return Err(Error::invalid(
+                    op,
+                    "the weight and bias gradients must have as many parts",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn check_dy(&self, op: &'static str, dy: &Tensor) -> Result<()> {
         if dy.shape() != self.out_shape() {
             return Err(Error::shape(
@@ -184,8 +204,8 @@ struct Params {
     split_len: u32,
     /// Number of splits of a split-K pass.
     splits: u32,
-    /// Elements of the result of a split-sum pass.
-    n: u32,
+    /// Where a split-K pass writes its first part in the arena.
+    out_offset: u32,
 }
 
 pub(crate) mod cpu {
@@ -435,21 +455,41 @@ pub(crate) mod cpu {
         ))
     }
 
+    /// The CPU computes each parameter gradient whole: one part.
+    pub fn grad_splits(x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize> {
+        Geometry::new("conv2d_backward", x, w, p)?;
+        Ok(1)
+    }
+
+    /// Writes `value` as the first part of `dst` and zeros as the others.
+    fn write_parts(op: &'static str, dst: &Partials, value: &[f32]) -> Result<()> {
+        let mut arena = dst.arena.clone();
+        let mut a = arena.cpu_write(op)?;
+        let n = value.len();
+        a[dst.offset..dst.offset + n].copy_from_slice(value);
+        a[dst.offset + n..dst.offset + dst.splits * n].fill(0.0);
+        Ok(())
+    }
+
     /// Backward pass: (2) summed per thread then across threads, (3) per image, (4). At
     /// stride 1, (3) is the forward pass of the transposed convolution (one GEMM of the
-    /// forward's shape per image instead of a thin GEMM and a col2im scatter).
-    pub fn backward(
+    /// forward's shape per image instead of a thin GEMM and a col2im scatter). Returns dx
+    /// when `need_dx`; writes dW (and db) to their parts.
+    pub fn backward_into(
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         p: &Conv2dParams,
-        with_bias: bool,
-    ) -> Result<Conv2dGrads> {
+        need_dx: bool,
+        dw_out: &Partials,
+        db_out: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
         const OP: &str = "conv2d_backward";
         let g = Geometry::new(OP, x, w, p)?;
         g.check_dy(OP, dy)?;
+        g.check_partials(OP, dw_out, db_out)?;
         let pointwise = g.is_pointwise(p);
-        let transposed = if pointwise {
+        let transposed = if pointwise || !need_dx {
             None
         } else {
             transposed_conv(&g, p, &w.cpu_read(OP)?)
@@ -469,7 +509,7 @@ pub(crate) mod cpu {
         } else {
             scratch_len
         };
-        let need_dx = dx_by_forward.is_none();
+        let need_dx = need_dx && dx_by_forward.is_none();
         let mut dx = vec![0.0f32; if need_dx { g.batch * chw } else { 0 }];
         let dw = if chw == 0 || ohw == 0 || g.cout == 0 {
             vec![0.0f32; g.cout * k]
@@ -530,7 +570,7 @@ pub(crate) mod cpu {
                     },
                 )
         };
-        let db = with_bias.then(|| {
+        if let Some(db_out) = db_out {
             let sums: Vec<f32> = (0..g.cout)
                 .into_par_iter()
                 .map(|co| {
@@ -539,22 +579,18 @@ pub(crate) mod cpu {
                         .sum()
                 })
                 .collect();
-            Tensor::from_cpu(&[g.cout], sums)
-        });
-        let dx = match dx_by_forward {
-            Some(dx) => dx,
-            None => Tensor::from_cpu(x.shape(), dx),
-        };
+            write_parts(OP, db_out, &sums)?;
+        }
         let mut dw_rows = vec![0.0f32; dw.len()];
         for (kk, row) in dw.chunks(g.cout.max(1)).enumerate() {
             for (co, &v) in row.iter().enumerate() {
                 dw_rows[co * k + kk] = v;
             }
         }
-        Ok(Conv2dGrads {
-            dx,
-            dw: Tensor::from_cpu(w.shape(), dw_rows),
-            db,
+        write_parts(OP, dw_out, &dw_rows)?;
+        Ok(match dx_by_forward {
+            Some(dx) => Some(dx),
+            None => need_dx.then(|| Tensor::from_cpu(x.shape(), dx)),
         })
     }
 }
@@ -563,7 +599,7 @@ pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{grid, Access, Arg, Gpu, Kernel};
-    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
+    use crate::ops::ELEMENTWISE_WG;
 
     const SOURCE: &str = include_str!("../../shaders/conv2d.wgsl");
 
@@ -603,13 +639,11 @@ pub(crate) mod gpu {
     const BACKWARD_INPUT: Kernel = kernel("conv2d_bwd_input", &[R, R, W]);
     const BACKWARD_WEIGHT_PARTIAL: Kernel = kernel("conv2d_bwd_weight_partial", &[R, R, W]);
     const BACKWARD_BIAS_PARTIAL: Kernel = kernel("conv2d_bwd_bias_partial", &[R, W]);
-    const SUM_SPLITS: Kernel = kernel("sum_splits", &[R, W]);
     pub(crate) const KERNELS: &[Kernel] = &[
         FORWARD,
         BACKWARD_INPUT,
         BACKWARD_WEIGHT_PARTIAL,
         BACKWARD_BIAS_PARTIAL,
-        SUM_SPLITS,
     ];
 
     fn params(g: &Geometry) -> Params {
@@ -630,7 +664,7 @@ pub(crate) mod gpu {
             has_bias: 0,
             split_len: 0,
             splits: 0,
-            n: 0,
+            out_offset: 0,
         }
     }
 
@@ -639,12 +673,31 @@ pub(crate) mod gpu {
         grid((m.div_ceil(TM) * n.div_ceil(TN) * splits) as u32)
     }
 
-    /// Splits of a reduction of length `r`: (splits, indices per split), the latter a
-    /// multiple of `step`.
-    fn split(r: usize, step: usize) -> (usize, usize) {
-        let splits = r.div_ceil(MIN_SPLIT).clamp(1, MAX_SPLITS);
-        let len = r.div_ceil(splits).next_multiple_of(step).max(step);
-        (r.div_ceil(len).max(1), len)
+    /// Workgroups a weight-gradient pass aims for: enough to fill a large GPU.
+    const TARGET_WORKGROUPS: usize = 512;
+
+    /// Parts of the weight and bias gradients: the reduction over `B Ho Wo` pixels split so
+    /// that the pass has about `TARGET_WORKGROUPS` workgroups, each part at least
+    /// `MIN_SPLIT` pixels long, at most `MAX_SPLITS` parts.
+    pub fn grad_splits(x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize> {
+        let g = Geometry::new("conv2d_backward", x, w, p)?;
+        let tiles = g.cout.div_ceil(TM) * g.k().div_ceil(TN);
+        let r = g.batch * g.out_hw();
+        Ok(r.div_ceil(MIN_SPLIT)
+            .min(TARGET_WORKGROUPS.div_ceil(tiles.max(1)))
+            .clamp(1, MAX_SPLITS))
+    }
+
+    /// Indices of a reduction of length `r` per part of `splits`, a multiple of `step`. Parts
+    /// past the end are empty (and written as zeros).
+    fn split_len(r: usize, splits: usize, step: usize) -> usize {
+        r.div_ceil(splits).next_multiple_of(step).max(step)
+    }
+
+    fn offset_u32(op: &'static str, p: &Partials, n: usize) -> Result<u32> {
+        u32::try_from(p.offset + p.splits * n)
+            .map(|_| p.offset as u32)
+            .map_err(|_| Error::invalid(op, "the arena exceeds 2^32 elements"))
     }
 
     /// Forward pass: the implicit GEMM (1), 64x64 output tiles, plus the bias.
@@ -679,86 +732,63 @@ pub(crate) mod gpu {
         Ok(Tensor::from_gpu(&g.out_shape(), y))
     }
 
-    /// `out[i] = sum_s partial[s n + i]`: the second pass of a split reduction.
-    fn sum_splits(
-        g_: &Gpu,
-        op: &'static str,
-        partial: &crate::gpu::GpuBuffer,
-        splits: usize,
-        n: usize,
-    ) -> Result<crate::gpu::GpuBuffer> {
-        let out = g_.alloc(op, n)?;
-        let u = Params {
-            splits: splits as u32,
-            n: n as u32,
-            ..Zeroable::zeroed()
-        };
-        let args = [Arg::read(partial), Arg::write(&out)];
-        g_.dispatch(&SUM_SPLITS, &u, &args, elementwise_grid(n))?;
-        Ok(out)
-    }
-
-    /// Backward pass: dx by the gather-form implicit GEMM (3), dW by split-K partial tiles of
-    /// (2) and their sum, db by split partial channel sums of (4) and their sum.
-    pub fn backward(
+    /// Backward pass: dx by the gather-form implicit GEMM (3) when `need_dx`; the parts of
+    /// dW by split-K tiles of (2) and of db by split channel sums of (4), into the arena.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into(
         g_: &Gpu,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         p: &Conv2dParams,
-        with_bias: bool,
-    ) -> Result<Conv2dGrads> {
+        need_dx: bool,
+        dw_out: &Partials,
+        db_out: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
         const OP: &str = "conv2d_backward";
         let g = Geometry::new(OP, x, w, p)?;
         g.check_dy(OP, dy)?;
+        g.check_partials(OP, dw_out, db_out)?;
         let (xb, wb, dyb) = (x.gpu_buffer(OP)?, w.gpu_buffer(OP)?, dy.gpu_buffer(OP)?);
         let (k, r) = (g.k(), g.batch * g.out_hw());
         let empty = x.numel() == 0 || w.numel() == 0 || r == 0;
+        let splits = dw_out.splits;
 
-        let dx = if empty {
-            g_.alloc_zeros(OP, x.numel())?
+        let dx = if !need_dx {
+            None
+        } else if empty {
+            Some(g_.alloc_zeros(OP, x.numel())?)
         } else {
             let dx = g_.alloc(OP, x.numel())?;
             let args = [Arg::read(dyb), Arg::read(wb), Arg::write(&dx)];
             let workgroups = tile_grid(g.cin, g.batch * g.hw(), 1);
             g_.dispatch(&BACKWARD_INPUT, &params(&g), &args, workgroups)?;
-            dx
+            Some(dx)
         };
 
-        let dw = if empty {
-            g_.alloc_zeros(OP, w.numel())?
-        } else {
-            let (splits, split_len) = split(r, TK as usize);
-            let partial = g_.alloc(OP, splits * g.cout * k)?;
+        if g.cout * k > 0 {
             let mut u = params(&g);
             u.splits = splits as u32;
-            u.split_len = split_len as u32;
-            let args = [Arg::read(xb), Arg::read(dyb), Arg::write(&partial)];
+            u.split_len = split_len(r, splits, TK as usize) as u32;
+            u.out_offset = offset_u32(OP, dw_out, g.cout * k)?;
+            let args = [
+                Arg::read(xb),
+                Arg::read(dyb),
+                Arg::write(dw_out.arena.gpu_buffer(OP)?),
+            ];
             let workgroups = tile_grid(g.cout, k, splits);
             g_.dispatch(&BACKWARD_WEIGHT_PARTIAL, &u, &args, workgroups)?;
-            sum_splits(g_, OP, &partial, splits, g.cout * k)?
-        };
+        }
 
-        let db = if !with_bias {
-            None
-        } else if r == 0 || g.cout == 0 {
-            Some(g_.alloc_zeros(OP, g.cout)?)
-        } else {
-            let (splits, split_len) = split(r, 1);
-            let partial = g_.alloc(OP, splits * g.cout)?;
+        if let Some(db_out) = db_out.filter(|_| g.cout > 0) {
             let mut u = params(&g);
             u.splits = splits as u32;
-            u.split_len = split_len as u32;
-            let args = [Arg::read(dyb), Arg::write(&partial)];
+            u.split_len = split_len(r, splits, 1) as u32;
+            u.out_offset = offset_u32(OP, db_out, g.cout)?;
+            let args = [Arg::read(dyb), Arg::write(db_out.arena.gpu_buffer(OP)?)];
             let workgroups = grid((g.cout * splits) as u32);
             g_.dispatch(&BACKWARD_BIAS_PARTIAL, &u, &args, workgroups)?;
-            Some(sum_splits(g_, OP, &partial, splits, g.cout)?)
-        };
-
-        Ok(Conv2dGrads {
-            dx: Tensor::from_gpu(x.shape(), dx),
-            dw: Tensor::from_gpu(w.shape(), dw),
-            db: db.map(|b| Tensor::from_gpu(&[g.cout], b)),
-        })
+        }
+        Ok(dx.map(|dx| Tensor::from_gpu(x.shape(), dx)))
     }
 }

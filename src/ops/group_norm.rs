@@ -12,6 +12,9 @@
 //!   dx = rstd * (u - mean(u) - xhat * mean(u * xhat))
 //!   dgamma_c = sum_{b, spatial} dy * xhat,   dbeta_c = sum_{b, spatial} dy
 //!
+//! dgamma and dbeta are written as partial sums into a step's arena (`ops/grads.rs`): one part
+//! per sample on the GPU, the whole sum on the CPU.
+//!
 //! The variance is computed in two passes over shifted data: `K` = the group's first value,
 //! `m = mean(x - K)`, `var = mean(((x - K) - m)^2)`, `mean = K + m`. Subtracting `K` first keeps
 //! the sums small when the group's mean is large against its spread (e.g. 1e3 + noise), where
@@ -19,6 +22,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -132,6 +136,19 @@ fn check_backward(
     Ok(d)
 }
 
+/// The parts of dgamma and dbeta fit their arena, as many of each.
+fn check_partials(op: &'static str, d: &Dims, dgamma: &Partials, dbeta: &Partials) -> Result<()> {
+    dgamma.check(op, d.channels)?;
+    dbeta.check(op, d.channels)?;
+    if dgamma.splits != dbeta.splits {
+        return Err(Error::invalid(
+            op,
+            "dgamma and dbeta must have as many parts",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) mod cpu {
     use rayon::prelude::*;
 
@@ -200,15 +217,37 @@ pub(crate) mod cpu {
 
     /// dx per (sample, group); the per-(sample, channel) sums of `dy * xhat` and `dy` on the
     /// way, then summed over the batch for dgamma and dbeta. All sums in f64.
-    pub fn backward(
+    /// The CPU computes dgamma and dbeta whole: one part each.
+    pub fn grad_splits(x: &Tensor, gamma: &Tensor, p: &GroupNormParams) -> Result<usize> {
+        check_forward("group_norm_backward", x, gamma, None, p)?;
+        Ok(1)
+    }
+
+    /// Writes `value` as the first part of `dst` and zeros as the others.
+    fn write_parts(dst: &Partials, value: &[f32]) -> Result<()> {
+        let mut arena = dst.arena.clone();
+        let mut a = arena.cpu_write("group_norm_backward")?;
+        let n = value.len();
+        a[dst.offset..dst.offset + n].copy_from_slice(value);
+        a[dst.offset + n..dst.offset + dst.splits * n].fill(0.0);
+        Ok(())
+    }
+
+    /// dx when `need_dx`; dgamma and dbeta into their parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into(
         x: &Tensor,
         gamma: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
-    ) -> Result<GroupNormGrads> {
+        need_dx: bool,
+        dgamma_out: &Partials,
+        dbeta_out: &Partials,
+    ) -> Result<Option<Tensor>> {
         const OP: &str = "group_norm_backward";
         let d = check_backward(OP, x, gamma, saved, dy, p)?;
+        check_partials(OP, &d, dgamma_out, dbeta_out)?;
         let (xs, gs, ds) = (x.cpu_read(OP)?, gamma.cpu_read(OP)?, dy.cpu_read(OP)?);
         let (mean, rstd) = (saved.mean.cpu_read(OP)?, saved.rstd.cpu_read(OP)?);
         let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
@@ -261,11 +300,9 @@ pub(crate) mod cpu {
             dgamma[c] = dg as f32;
             dbeta[c] = db as f32;
         }
-        Ok(GroupNormGrads {
-            dx: Tensor::from_cpu(x.shape(), dx),
-            dgamma: Tensor::from_cpu(&[d.channels], dgamma),
-            dbeta: Tensor::from_cpu(&[d.channels], dbeta),
-        })
+        write_parts(dgamma_out, &dgamma)?;
+        write_parts(dbeta_out, &dbeta)?;
+        Ok(need_dx.then(|| Tensor::from_cpu(x.shape(), dx)))
     }
 }
 
@@ -277,13 +314,16 @@ struct Params {
     groups: u32,
     spatial: u32,
     eps: f32,
+    /// Where the parts of dgamma and of dbeta start in the arena.
+    gamma_offset: u32,
+    beta_offset: u32,
 }
 
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{grid, Access, Arg, Gpu, Kernel};
-    use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
+    use crate::ops::ELEMENTWISE_CONSTANTS;
 
     const SOURCE: &str = include_str!("../../shaders/group_norm.wgsl");
 
@@ -302,13 +342,13 @@ pub(crate) mod gpu {
     const BACKWARD_INPUT: Kernel = kernel("group_norm_backward_input", &[R, R, R, R, R, W]);
     const BACKWARD_AFFINE_PARTIALS: Kernel =
         kernel("group_norm_backward_affine_partials", &[R, R, R, R, W]);
-    const BACKWARD_AFFINE: Kernel = kernel("group_norm_backward_affine", &[R, W, W]);
-    pub(crate) const KERNELS: &[Kernel] = &[
-        FORWARD,
-        BACKWARD_INPUT,
-        BACKWARD_AFFINE_PARTIALS,
-        BACKWARD_AFFINE,
-    ];
+    pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_INPUT, BACKWARD_AFFINE_PARTIALS];
+
+    /// One part of dgamma and of dbeta per sample.
+    pub fn grad_splits(x: &Tensor, gamma: &Tensor, p: &GroupNormParams) -> Result<usize> {
+        let d = check_forward("group_norm_backward", x, gamma, None, p)?;
+        Ok(d.batch.max(1))
+    }
 
     fn params(d: &Dims, eps: f32) -> Params {
         Params {
@@ -317,6 +357,8 @@ pub(crate) mod gpu {
             groups: d.groups as u32,
             spatial: d.spatial as u32,
             eps,
+            gamma_offset: 0,
+            beta_offset: 0,
         }
     }
 
@@ -355,70 +397,74 @@ pub(crate) mod gpu {
         })
     }
 
-    /// Three dispatches: dx (one workgroup per (sample, group)); the per-(sample, channel)
-    /// partials of dgamma and dbeta (one workgroup per (sample, channel)); their sum over the
-    /// batch (one invocation per channel).
-    pub fn backward(
+    /// dx (one workgroup per (sample, group)) when `need_dx`; the per-(sample, channel) sums
+    /// of dgamma and dbeta (one workgroup per (sample, channel)) as their parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into(
         g: &Gpu,
         x: &Tensor,
         gamma: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
-    ) -> Result<GroupNormGrads> {
+        need_dx: bool,
+        dgamma_out: &Partials,
+        dbeta_out: &Partials,
+    ) -> Result<Option<Tensor>> {
         const OP: &str = "group_norm_backward";
         let d = check_backward(OP, x, gamma, saved, dy, p)?;
-        let u = params(&d, p.eps);
+        check_partials(OP, &d, dgamma_out, dbeta_out)?;
+        if dgamma_out.splits != d.batch.max(1) || !dgamma_out.arena.shares_storage(dbeta_out.arena)
+        {
+            return Err(Error::invalid(
+                OP,
+                "dgamma and dbeta need one part per sample, in one arena",
+            ));
+        }
+        let mut u = params(&d, p.eps);
+        let end = dbeta_out.offset.max(dgamma_out.offset) + d.batch * d.channels;
+        u32::try_from(end).map_err(|_| Error::invalid(OP, "the arena exceeds 2^32 elements"))?;
+        u.gamma_offset = dgamma_out.offset as u32;
+        u.beta_offset = dbeta_out.offset as u32;
         let (xb, gb, db) = (x.gpu_buffer(OP)?, gamma.gpu_buffer(OP)?, dy.gpu_buffer(OP)?);
         let mean = saved.mean.gpu_buffer(OP)?;
         let rstd = saved.rstd.gpu_buffer(OP)?;
 
-        let dx = g.alloc(OP, x.numel())?;
-        g.dispatch(
-            &BACKWARD_INPUT,
-            &u,
-            &[
-                Arg::read(xb),
-                Arg::read(gb),
-                Arg::read(mean),
-                Arg::read(rstd),
-                Arg::read(db),
-                Arg::write(&dx),
-            ],
-            grid((d.batch * d.groups) as u32),
-        )?;
+        let dx = if need_dx {
+            let dx = g.alloc(OP, x.numel())?;
+            g.dispatch(
+                &BACKWARD_INPUT,
+                &u,
+                &[
+                    Arg::read(xb),
+                    Arg::read(gb),
+                    Arg::read(mean),
+                    Arg::read(rstd),
+                    Arg::read(db),
+                    Arg::write(&dx),
+                ],
+                grid((d.batch * d.groups) as u32),
+            )?;
+            Some(Tensor::from_gpu(x.shape(), dx))
+        } else {
+            None
+        };
 
         let rows = d.batch * d.channels;
-        let partials = g.alloc(OP, 2 * rows)?;
-        g.dispatch(
-            &BACKWARD_AFFINE_PARTIALS,
-            &u,
-            &[
-                Arg::read(xb),
-                Arg::read(mean),
-                Arg::read(rstd),
-                Arg::read(db),
-                Arg::write(&partials),
-            ],
-            grid(rows as u32),
-        )?;
-
-        let dgamma = g.alloc(OP, d.channels)?;
-        let dbeta = g.alloc(OP, d.channels)?;
-        g.dispatch(
-            &BACKWARD_AFFINE,
-            &u,
-            &[
-                Arg::read(&partials),
-                Arg::write(&dgamma),
-                Arg::write(&dbeta),
-            ],
-            elementwise_grid(d.channels),
-        )?;
-        Ok(GroupNormGrads {
-            dx: Tensor::from_gpu(x.shape(), dx),
-            dgamma: Tensor::from_gpu(&[d.channels], dgamma),
-            dbeta: Tensor::from_gpu(&[d.channels], dbeta),
-        })
+        if rows > 0 {
+            g.dispatch(
+                &BACKWARD_AFFINE_PARTIALS,
+                &u,
+                &[
+                    Arg::read(xb),
+                    Arg::read(mean),
+                    Arg::read(rstd),
+                    Arg::read(db),
+                    Arg::write(dgamma_out.arena.gpu_buffer(OP)?),
+                ],
+                grid(rows as u32),
+            )?;
+        }
+        Ok(dx)
     }
 }

@@ -7,11 +7,13 @@
 //!
 //! All three products are one matrix product `C = A B` with `A` and `B` read through (row,
 //! column) strides, so a transpose costs nothing: on the CPU through the `gemm` crate, on the
-//! GPU through one tiled kernel.
+//! GPU through one tiled kernel. dw and db are written as partial sums into a step's arena
+//! (see `ops/grads.rs`): the GPU splits their reductions over the M rows, the CPU does not.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::check_rank;
+use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -58,11 +60,21 @@ fn check_bias(op: &'static str, b: &Tensor, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(usize, usize, usize)> {
+fn check_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    dw: &Partials,
+    db: Option<&Partials>,
+) -> Result<(usize, usize, usize)> {
     let op = "linear_backward";
     let (m, k, n) = check_forward(op, x, w)?;
     if dy.shape() != [m, n] {
         return Err(Error::shape(op, format!("dy [{m}, {n}]"), dy.shape()));
+    }
+    dw.check(op, n * k)?;
+    if let Some(db) = db {
+        db.check(op, n)?;
     }
     Ok((m, k, n))
 }
@@ -175,24 +187,50 @@ pub(crate) mod cpu {
         Ok(Tensor::from_cpu(&[m, n], y))
     }
 
-    /// dx = dy w, dw = dy^T x, db = column sums of dy.
-    pub fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, with_bias: bool) -> Result<LinearGrads> {
+    /// The CPU computes each parameter gradient whole: one part each.
+    pub fn grad_splits(x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+        check_forward("linear_backward", x, w)?;
+        Ok((1, 1))
+    }
+
+    /// Writes `value` as the first part of `dst` and zeros as the others.
+    fn write_parts(dst: &Partials, value: &[f32]) -> Result<()> {
+        let mut arena = dst.arena.clone();
+        let mut a = arena.cpu_write("linear_backward")?;
+        let n = value.len();
+        a[dst.offset..dst.offset + n].copy_from_slice(value);
+        a[dst.offset + n..dst.offset + dst.splits * n].fill(0.0);
+        Ok(())
+    }
+
+    /// dx = dy w (when `need_dx`), dw = dy^T x, db = column sums of dy.
+    pub fn backward_into(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        dw_out: &Partials,
+        db_out: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
         let op = "linear_backward";
-        let (m, k, n) = check_backward(x, w, dy)?;
+        let (m, k, n) = check_backward(x, w, dy, dw_out, db_out)?;
         let (xd, wd, dyd) = (x.cpu_read(op)?, w.cpu_read(op)?, dy.cpu_read(op)?);
         let threads = rayon::current_num_threads();
-        let mut dx = vec![0.0; m * k];
-        matmul(
-            (m, n, k),
-            &dyd,
-            row_major(n),
-            &wd,
-            row_major(k),
-            &mut dx,
-            k,
-            false,
-            threads,
-        );
+        let dx = need_dx.then(|| {
+            let mut dx = vec![0.0; m * k];
+            matmul(
+                (m, n, k),
+                &dyd,
+                row_major(n),
+                &wd,
+                row_major(k),
+                &mut dx,
+                k,
+                false,
+                threads,
+            );
+            Tensor::from_cpu(&[m, k], dx)
+        });
         let mut dw = vec![0.0; n * k];
         matmul(
             (n, m, k),
@@ -205,12 +243,11 @@ pub(crate) mod cpu {
             false,
             threads,
         );
-        let db = with_bias.then(|| Tensor::from_cpu(&[n], column_sums(&dyd, m, n)));
-        Ok(LinearGrads {
-            dx: Tensor::from_cpu(&[m, k], dx),
-            dw: Tensor::from_cpu(&[n, k], dw),
-            db,
-        })
+        write_parts(dw_out, &dw)?;
+        if let Some(db_out) = db_out {
+            write_parts(db_out, &column_sums(&dyd, m, n))?;
+        }
+        Ok(dx)
     }
 
     /// db[j] = sum_i dy[i, j] over the rows of a row-major `[m, n]` matrix, summed in row
@@ -253,15 +290,17 @@ struct Params {
     a_cs: u32,
     b_rs: u32,
     b_cs: u32,
-    /// Splits of the reduction (`sum_splits`, `column_sums_partial`).
+    /// Splits of the reduction (`column_sums_partial`).
     splits: u32,
+    /// Where the product (or part 0 of a split product) starts in `c`.
+    c_offset: u32,
 }
 
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Access::{Read as R, ReadWrite as W};
-    use crate::gpu::{Access, Arg, Gpu, GpuBuffer, Kernel};
-    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
+    use crate::gpu::{Access, Arg, Gpu, GpuBuffer, GpuSlice, Kernel};
+    use crate::ops::ELEMENTWISE_WG;
 
     const SOURCE: &str = include_str!("../../shaders/linear.wgsl");
 
@@ -301,11 +340,20 @@ pub(crate) mod gpu {
 
     const MATMUL: Kernel = kernel("matmul", &[R, R, W]);
     const MATMUL_BIAS: Kernel = kernel("matmul_bias", &[R, R, R, W]);
-    const SUM_SPLITS: Kernel = kernel("sum_splits", &[R, W]);
     const COLUMN_SUMS_PARTIAL: Kernel = kernel("column_sums_partial", &[R, W]);
-    pub(crate) const KERNELS: &[Kernel] = &[MATMUL, MATMUL_BIAS, SUM_SPLITS, COLUMN_SUMS_PARTIAL];
+    pub(crate) const KERNELS: &[Kernel] = &[MATMUL, MATMUL_BIAS, COLUMN_SUMS_PARTIAL];
 
-    fn params(m: u32, n: u32, k: u32, k_chunk: u32, a: Strided, b: Strided, splits: u32) -> Params {
+    #[allow(clippy::too_many_arguments)]
+    fn params(
+        m: u32,
+        n: u32,
+        k: u32,
+        k_chunk: u32,
+        a: Strided,
+        b: Strided,
+        splits: u32,
+        c_offset: u32,
+    ) -> Params {
         Params {
             m,
             n,
@@ -316,6 +364,7 @@ pub(crate) mod gpu {
             b_rs: b.rs as u32,
             b_cs: b.cs as u32,
             splits,
+            c_offset,
         }
     }
 
@@ -325,24 +374,9 @@ pub(crate) mod gpu {
             .map_err(|_| Error::invalid(op, format!("{elements} elements exceed 2^32")))
     }
 
-    /// `C [m, n] = A [m, k] B [k, n] (+ bias[n])` into a fresh buffer. A long reduction over a
-    /// small output is split into `S` parts whose partial products land in `[S, m, n]` and are
-    /// summed by a second pass (only without a bias, which the single pass adds).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        g: &Gpu,
-        op: &'static str,
-        (m, k, n): (usize, usize, usize),
-        a: &GpuBuffer,
-        sa: Strided,
-        b: &GpuBuffer,
-        sb: Strided,
-        bias: Option<&GpuBuffer>,
-    ) -> Result<GpuBuffer> {
-        let (m32, k32, n32) = (check_u32(op, m)?, check_u32(op, k)?, check_u32(op, n)?);
-        check_u32(op, m * n)?;
-        check_u32(op, m * k.max(1) + k * n)?;
-        let tiles = [n32.div_ceil(BN), m32.div_ceil(BM)];
+    /// The output tiles of an `[m, n]` product, checked against the grid limit.
+    fn tiles(g: &Gpu, op: &'static str, m: usize, n: usize) -> Result<[u32; 2]> {
+        let tiles = [(n as u32).div_ceil(BN), (m as u32).div_ceil(BM)];
         let max = g.limits().max_compute_workgroups_per_dimension;
         if tiles[0] > max || tiles[1] > max {
             return Err(Error::invalid(
@@ -350,59 +384,122 @@ pub(crate) mod gpu {
                 format!("a [{m}, {n}] output needs {tiles:?} tiles; the adapter allows {max}"),
             ));
         }
-        let n_tiles = tiles[0] * tiles[1];
-        let splits = if bias.is_none() && k32 >= SPLIT_MIN_K && n_tiles < TARGET_WORKGROUPS {
+        Ok(tiles)
+    }
+
+    /// Parts of the reduction of an `[m, n]` product over `k`: a long reduction over a small
+    /// output splits so that the pass has about `TARGET_WORKGROUPS` workgroups.
+    fn k_splits(m: usize, k: usize, n: usize) -> usize {
+        let n_tiles = ((n as u32).div_ceil(BN) * (m as u32).div_ceil(BM)).max(1);
+        let k = k as u32;
+        if k >= SPLIT_MIN_K && n_tiles < TARGET_WORKGROUPS {
             (TARGET_WORKGROUPS / n_tiles)
-                .min(k32 / (SPLIT_MIN_K / 4))
-                .clamp(1, max)
+                .min(k / (SPLIT_MIN_K / 4))
+                .max(1) as usize
         } else {
             1
-        };
-        let k_chunk = k32.div_ceil(splits).div_ceil(BK) * BK;
-        let splits = k32.div_ceil(k_chunk.max(1)).max(1);
-        let p = params(m32, n32, k32, k_chunk, sa, sb, splits);
-        let grid = [tiles[0].max(1), tiles[1].max(1), splits];
-        let c = g.alloc(op, m * n)?;
+        }
+    }
+
+    /// Parts of dw (the `[N, K]` product reduced over the M rows) and of db (row blocks of
+    /// `ROWS_PER_SPLIT`).
+    pub fn grad_splits(x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+        let (m, k, n) = check_forward("linear_backward", x, w)?;
+        let db = (m as u32).div_ceil(ROWS_PER_SPLIT).max(1) as usize;
+        Ok((k_splits(n, m, k), db))
+    }
+
+    /// `C = A [m, k] B [k, n] (+ bias[n])`, `splits` parts of the reduction over k, part `s`
+    /// into `c[c_offset + s m n ..]`. Trailing parts past the end of k are written as zeros.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_into(
+        g: &Gpu,
+        op: &'static str,
+        (m, k, n): (usize, usize, usize),
+        (a, sa): (GpuSlice, Strided),
+        (b, sb): (GpuSlice, Strided),
+        bias: Option<GpuSlice>,
+        (c, c_offset, splits): (GpuSlice, usize, usize),
+    ) -> Result<()> {
+        let (m32, k32, n32) = (check_u32(op, m)?, check_u32(op, k)?, check_u32(op, n)?);
+        check_u32(op, c_offset + m * n * splits)?;
+        check_u32(op, m * k.max(1) + k * n)?;
+        let tiles = tiles(g, op, m, n)?;
+        let k_chunk = k32.div_ceil(splits as u32).div_ceil(BK) * BK;
+        let p = params(
+            m32,
+            n32,
+            k32,
+            k_chunk.max(BK),
+            sa,
+            sb,
+            splits as u32,
+            c_offset as u32,
+        );
+        let grid = [tiles[0].max(1), tiles[1].max(1), splits as u32];
         match bias {
             Some(bias) => {
-                let args = [Arg::read(a), Arg::read(b), Arg::read(bias), Arg::write(&c)];
-                g.dispatch(&MATMUL_BIAS, &p, &args, grid)?;
-            }
-            None if splits == 1 => {
-                let args = [Arg::read(a), Arg::read(b), Arg::write(&c)];
-                g.dispatch(&MATMUL, &p, &args, grid)?;
+                let args = [Arg::read(a), Arg::read(b), Arg::read(bias), Arg::write(c)];
+                g.dispatch(&MATMUL_BIAS, &p, &args, grid)
             }
             None => {
-                check_u32(op, m * n * splits as usize)?;
-                let partial = g.alloc(op, m * n * splits as usize)?;
-                let args = [Arg::read(a), Arg::read(b), Arg::write(&partial)];
-                g.dispatch(&MATMUL, &p, &args, grid)?;
-                sum_splits(g, &partial, &c, m * n, splits)?;
+                let args = [Arg::read(a), Arg::read(b), Arg::write(c)];
+                g.dispatch(&MATMUL, &p, &args, grid)
             }
         }
-        Ok(c)
     }
 
-    /// `out[i] = sum_s partial[s * len + i]`.
-    fn sum_splits(
+    /// `C [m, n] = A B (+ bias)` into a fresh buffer; a long reduction over a small output runs
+    /// in parts (without a bias) summed by `reduce_partials`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
         g: &Gpu,
-        partial: &GpuBuffer,
-        out: &GpuBuffer,
-        len: usize,
-        splits: u32,
-    ) -> Result<()> {
-        let p = params(len as u32, 0, 0, 0, row_major(0), row_major(0), splits);
-        let args = [Arg::read(partial), Arg::write(out)];
-        g.dispatch(&SUM_SPLITS, &p, &args, elementwise_grid(len))
+        op: &'static str,
+        (m, k, n): (usize, usize, usize),
+        a: (GpuSlice, Strided),
+        b: (GpuSlice, Strided),
+        bias: Option<GpuSlice>,
+    ) -> Result<GpuBuffer> {
+        let splits = if bias.is_none() { k_splits(m, k, n) } else { 1 };
+        if splits == 1 {
+            let c = g.alloc(op, m * n)?;
+            if m * n > 0 {
+                matmul_into(g, op, (m, k, n), a, b, bias, ((&c).into(), 0, 1))?;
+            }
+            return Ok(c);
+        }
+        let arena = Tensor::from_gpu(&[splits * m * n], g.alloc(op, splits * m * n)?);
+        matmul_into(
+            g,
+            op,
+            (m, k, n),
+            a,
+            b,
+            None,
+            (arena.gpu_buffer(op)?, 0, splits),
+        )?;
+        let parts = Partials {
+            arena: &arena,
+            offset: 0,
+            splits,
+        };
+        let sum = crate::ops::grads::gpu::reduce_partials(g, &parts, m * n)?;
+        Ok(sum.gpu_buffer(op)?.buffer.clone())
     }
 
-    /// db[j] = sum_i dy[i, j]: partial sums of row blocks, then `sum_splits` when there is
-    /// more than one block.
-    fn column_sums(g: &Gpu, dy: &GpuBuffer, m: usize, n: usize) -> Result<GpuBuffer> {
+    /// db[j] = sum_i dy[i, j]: part s sums the rows of block s.
+    fn column_sums_into(g: &Gpu, dy: GpuSlice, m: usize, n: usize, out: &Partials) -> Result<()> {
         let op = "linear_backward";
+        let splits = out.splits as u32;
         let max = g.limits().max_compute_workgroups_per_dimension;
-        let splits = (m as u32).div_ceil(ROWS_PER_SPLIT).clamp(1, max);
-        let rows = (m as u32).div_ceil(splits);
+        if splits > max {
+            return Err(Error::invalid(
+                op,
+                format!("{splits} row blocks exceed {max}"),
+            ));
+        }
+        check_u32(op, out.offset + n * out.splits)?;
+        let rows = (m as u32).div_ceil(splits).max(1);
         let p = params(
             m as u32,
             n as u32,
@@ -411,19 +508,11 @@ pub(crate) mod gpu {
             row_major(0),
             row_major(0),
             splits,
+            out.offset as u32,
         );
         let grid = [(n as u32).div_ceil(ELEMENTWISE_WG).max(1), splits, 1];
-        let db = g.alloc(op, n)?;
-        if splits == 1 {
-            let args = [Arg::read(dy), Arg::write(&db)];
-            g.dispatch(&COLUMN_SUMS_PARTIAL, &p, &args, grid)?;
-        } else {
-            let partial = g.alloc(op, n * splits as usize)?;
-            let args = [Arg::read(dy), Arg::write(&partial)];
-            g.dispatch(&COLUMN_SUMS_PARTIAL, &p, &args, grid)?;
-            sum_splits(g, &partial, &db, n, splits)?;
-        }
-        Ok(db)
+        let args = [Arg::read(dy), Arg::write(out.arena.gpu_buffer(op)?)];
+        g.dispatch(&COLUMN_SUMS_PARTIAL, &p, &args, grid)
     }
 
     pub fn forward(g: &Gpu, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -434,31 +523,58 @@ pub(crate) mod gpu {
         }
         let (xb, wb) = (x.gpu_buffer(op)?, w.gpu_buffer(op)?);
         let bias = b.map(|b| b.gpu_buffer(op)).transpose()?;
-        let y = matmul(g, op, (m, k, n), xb, row_major(k), wb, transposed(k), bias)?;
+        let y = matmul(
+            g,
+            op,
+            (m, k, n),
+            (xb, row_major(k)),
+            (wb, transposed(k)),
+            bias,
+        )?;
         Ok(Tensor::from_gpu(&[m, n], y))
     }
 
-    pub fn backward(
+    /// dx = dy w (when `need_dx`) into a fresh buffer; the parts of dw = dy^T x and of the
+    /// column sums of dy into the arena.
+    pub fn backward_into(
         g: &Gpu,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
-        with_bias: bool,
-    ) -> Result<LinearGrads> {
+        need_dx: bool,
+        dw_out: &Partials,
+        db_out: Option<&Partials>,
+    ) -> Result<Option<Tensor>> {
         let op = "linear_backward";
-        let (m, k, n) = check_backward(x, w, dy)?;
+        let (m, k, n) = check_backward(x, w, dy, dw_out, db_out)?;
         let (xb, wb, dyb) = (x.gpu_buffer(op)?, w.gpu_buffer(op)?, dy.gpu_buffer(op)?);
-        let dx = matmul(g, op, (m, n, k), dyb, row_major(n), wb, row_major(k), None)?;
-        let dw = matmul(g, op, (n, m, k), dyb, transposed(n), xb, row_major(k), None)?;
-        let db = if with_bias {
-            Some(Tensor::from_gpu(&[n], column_sums(g, dyb, m, n)?))
+        let dx = if need_dx {
+            let dx = matmul(
+                g,
+                op,
+                (m, n, k),
+                (dyb, row_major(n)),
+                (wb, row_major(k)),
+                None,
+            )?;
+            Some(Tensor::from_gpu(&[m, k], dx))
         } else {
             None
         };
-        Ok(LinearGrads {
-            dx: Tensor::from_gpu(&[m, k], dx),
-            dw: Tensor::from_gpu(&[n, k], dw),
-            db,
-        })
+        if n * k > 0 {
+            matmul_into(
+                g,
+                op,
+                (n, m, k),
+                (dyb, transposed(n)),
+                (xb, row_major(k)),
+                None,
+                (dw_out.arena.gpu_buffer(op)?, dw_out.offset, dw_out.splits),
+            )?;
+        }
+        if let Some(db_out) = db_out.filter(|_| n > 0) {
+            column_sums_into(g, dyb, m, n, db_out)?;
+        }
+        Ok(dx)
     }
 }

@@ -7,6 +7,7 @@ pub mod conv2d;
 pub mod diffusion;
 pub mod elementwise;
 pub mod embedding;
+pub mod grads;
 pub mod group_norm;
 pub mod layout;
 pub mod linear;
@@ -28,6 +29,7 @@ pub fn gpu_kernels() -> Vec<crate::gpu::Kernel> {
         diffusion::gpu::KERNELS,
         elementwise::gpu::KERNELS,
         embedding::gpu::KERNELS,
+        grads::gpu::KERNELS,
         group_norm::gpu::KERNELS,
         layout::gpu::KERNELS,
         linear::gpu::KERNELS,

@@ -1,12 +1,18 @@
-//! Fused AdamW and the EMA update, both in place and one pass over the elements.
+//! The optimizer step: global-norm clipping, AdamW and the EMA update, fused into one pass over
+//! the elements, in place. Run over a model's flat buffers it updates every parameter at once.
 //!
-//! AdamW (Loshchilov and Hutter 2019) with the semantics of `torch.optim.AdamW`, on the gradient
-//! scaled by `c` (global-norm clipping, `torch.nn.utils.clip_grad_norm_`, folded in):
+//! With `n2 = |g|^2` the squared global gradient norm (computed on the device, so the host never
+//! waits for it) and `c = min(1, max_norm / (sqrt(n2) + 1e-6))` the clipping factor of
+//! `torch.nn.utils.clip_grad_norm_` (`c = 1` without clipping), AdamW (Loshchilov and Hutter
+//! 2019) with the semantics of `torch.optim.AdamW`, then the EMA of the weights:
 //!   g <- c g
 //!   p <- p - lr wd p                          (decoupled weight decay)
 //!   m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
 //!   p <- p - (lr / (1 - b1^k)) m / (sqrt(v) / sqrt(1 - b2^k) + eps)     (step k >= 1)
-//! The bias corrections are computed on the host in f64. EMA: `ema <- d ema + (1 - d) p`.
+//!   ema <- d ema + (1 - d) p
+//! The bias corrections are computed on the host in f64. When `n2` is not finite (an overflow
+//! or a NaN anywhere in the gradients) the step changes nothing: the caller sees the norm and
+//! reports it.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -23,14 +29,15 @@ pub struct AdamWParams {
     pub weight_decay: f32,
     /// 1-based step count, for bias correction.
     pub step: u32,
-    /// Factor applied to the gradient first (1 without clipping).
-    pub grad_scale: f32,
+    /// Clip the gradient to this global L2 norm (`None`: no clipping).
+    pub max_grad_norm: Option<f32>,
 }
 
-/// The per-step scalars of AdamW, the uniform block of `adamw_step` in `shaders/optim.wgsl`.
+/// The per-step scalars of the fused step, the uniform block of `adamw_ema_step` in
+/// `shaders/optim.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct AdamWScalars {
+struct StepScalars {
     n: u32,
     beta1: f32,
     beta2: f32,
@@ -43,22 +50,29 @@ struct AdamWScalars {
     step_size: f32,
     /// `sqrt(1 - b2^k)`.
     sqrt_bias_correction2: f32,
-    grad_scale: f32,
+    /// The clipping norm, 0 without clipping.
+    max_grad_norm: f32,
+    /// The EMA decay `d`.
+    ema_decay: f32,
+    one_minus_ema_decay: f32,
 }
 
-/// The uniform block of `ema_update`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct EmaParams {
-    n: u32,
-    decay: f32,
-    one_minus_decay: f32,
+/// The clipping factor `c` from the squared norm, in f32 as the kernel computes it; `None`
+/// when `n2` is not finite (the step is skipped).
+pub fn clip_factor(n2: f32, max_grad_norm: Option<f32>) -> Option<f32> {
+    if !n2.is_finite() {
+        return None;
+    }
+    Some(match max_grad_norm {
+        Some(max) => (max / (n2.sqrt() + 1e-6)).min(1.0),
+        None => 1.0,
+    })
 }
 
-impl AdamWScalars {
+impl StepScalars {
     /// Checks the hyperparameters and folds them into the per-step scalars (f64 on the host).
-    fn new(n: usize, h: &AdamWParams) -> Result<Self> {
-        const OP: &str = "adamw_step";
+    fn new(n: usize, h: &AdamWParams, ema_decay: f32) -> Result<Self> {
+        const OP: &str = "adamw_ema_step";
         if h.step == 0 {
             return Err(Error::invalid(
                 OP,
@@ -73,26 +87,36 @@ impl AdamWScalars {
                 ));
             }
         }
+        let max_norm = h.max_grad_norm.unwrap_or(0.0);
         if !(h.eps > 0.0
             && h.lr >= 0.0
             && h.weight_decay >= 0.0
             && h.lr.is_finite()
             && h.weight_decay.is_finite()
-            && h.grad_scale.is_finite())
+            && max_norm.is_finite()
+            && max_norm >= 0.0
+            && h.max_grad_norm != Some(0.0))
         {
             return Err(Error::invalid(
                 OP,
                 format!(
-                    "need eps > 0, lr >= 0, weight_decay >= 0 and a finite grad_scale, \
-                     got {}, {}, {} and {}",
-                    h.eps, h.lr, h.weight_decay, h.grad_scale
+                    "need eps > 0, lr >= 0, weight_decay >= 0 and a finite positive clipping \
+                     norm, got {}, {}, {} and {:?}",
+                    h.eps, h.lr, h.weight_decay, h.max_grad_norm
                 ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&ema_decay) {
+            return Err(Error::invalid(
+                OP,
+                format!("the EMA decay must be in [0, 1], got {ema_decay}"),
             ));
         }
         let (lr, b1, b2) = (h.lr as f64, h.beta1 as f64, h.beta2 as f64);
         let step = h.step as i32;
-        Ok(AdamWScalars {
-            n: n as u32,
+        Ok(StepScalars {
+            n: u32::try_from(n)
+                .map_err(|_| Error::invalid(OP, format!("{n} elements exceed 2^32")))?,
             beta1: h.beta1,
             beta2: h.beta2,
             one_minus_beta1: (1.0 - b1) as f32,
@@ -101,33 +125,22 @@ impl AdamWScalars {
             decay_factor: (1.0 - lr * h.weight_decay as f64) as f32,
             step_size: (lr / (1.0 - b1.powi(step))) as f32,
             sqrt_bias_correction2: (1.0 - b2.powi(step)).sqrt() as f32,
-            grad_scale: h.grad_scale,
+            max_grad_norm: max_norm,
+            ema_decay,
+            one_minus_ema_decay: 1.0 - ema_decay,
         })
     }
 
-    /// One element of the fused update; returns the new `(p, m, v)`.
-    fn update(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
-        let g = g * self.grad_scale;
+    /// One element of the fused step with clipping factor `c`; returns `(p, m, v, ema)`.
+    fn update(&self, c: f32, p: f32, g: f32, m: f32, v: f32, ema: f32) -> (f32, f32, f32, f32) {
+        let g = g * c;
         let p = p * self.decay_factor;
         let m = self.beta1 * m + self.one_minus_beta1 * g;
         let v = self.beta2 * v + self.one_minus_beta2 * g * g;
         let p = p - self.step_size * m / (v.sqrt() / self.sqrt_bias_correction2 + self.eps);
-        (p, m, v)
+        let ema = self.ema_decay * ema + self.one_minus_ema_decay * p;
+        (p, m, v, ema)
     }
-}
-
-fn ema_params(n: usize, decay: f32) -> Result<EmaParams> {
-    if !(0.0..=1.0).contains(&decay) {
-        return Err(Error::invalid(
-            "ema_update",
-            format!("decay must be in [0, 1], got {decay}"),
-        ));
-    }
-    Ok(EmaParams {
-        n: n as u32,
-        decay,
-        one_minus_decay: 1.0 - decay,
-    })
 }
 
 /// Shapes alike and storages distinct.
@@ -146,45 +159,70 @@ fn check_distinct(op: &'static str, tensors: &[(&str, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
+fn check_norm(op: &'static str, norm2: &Tensor) -> Result<()> {
+    if norm2.shape() != [1] {
+        return Err(Error::shape(op, "norm2 [1]", norm2.shape()));
+    }
+    Ok(())
+}
+
+/// The arguments of one fused step.
+pub struct StepTensors<'a> {
+    pub params: &'a mut Tensor,
+    pub grads: &'a Tensor,
+    pub adam_m: &'a mut Tensor,
+    pub adam_v: &'a mut Tensor,
+    pub ema: &'a mut Tensor,
+    /// The squared global gradient norm, `[1]`.
+    pub norm2: &'a Tensor,
+}
+
+impl StepTensors<'_> {
+    fn check(&self, op: &'static str) -> Result<()> {
+        check_norm(op, self.norm2)?;
+        check_distinct(
+            op,
+            &[
+                ("param", self.params),
+                ("grad", self.grads),
+                ("m", self.adam_m),
+                ("v", self.adam_v),
+                ("ema", self.ema),
+            ],
+        )
+    }
+}
+
 pub(crate) mod cpu {
     use rayon::prelude::*;
 
     use super::*;
 
-    /// Elements per rayon task at least: optimizer steps touch many small tensors.
+    /// Elements per rayon task at least.
     const MIN_LEN: usize = 1 << 12;
 
-    pub fn adamw_step(
-        p: &mut Tensor,
-        g: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        h: &AdamWParams,
-    ) -> Result<()> {
-        const OP: &str = "adamw_step";
-        check_distinct(OP, &[("param", p), ("grad", g), ("m", m), ("v", v)])?;
-        let s = AdamWScalars::new(p.numel(), h)?;
-        let g = g.cpu_read(OP)?;
-        let (mut p, mut m, mut v) = (p.cpu_write(OP)?, m.cpu_write(OP)?, v.cpu_write(OP)?);
+    pub fn adamw_ema_step(t: StepTensors, h: &AdamWParams, ema_decay: f32) -> Result<()> {
+        const OP: &str = "adamw_ema_step";
+        t.check(OP)?;
+        let s = StepScalars::new(t.params.numel(), h, ema_decay)?;
+        let n2 = t.norm2.cpu_read(OP)?[0];
+        let Some(c) = clip_factor(n2, h.max_grad_norm) else {
+            return Ok(());
+        };
+        let g = t.grads.cpu_read(OP)?;
+        let mut p = t.params.cpu_write(OP)?;
+        let mut m = t.adam_m.cpu_write(OP)?;
+        let mut v = t.adam_v.cpu_write(OP)?;
+        let mut ema = t.ema.cpu_write(OP)?;
         p.par_iter_mut()
             .zip(m.par_iter_mut())
             .zip(v.par_iter_mut())
+            .zip(ema.par_iter_mut())
             .zip(g.par_iter())
             .with_min_len(MIN_LEN)
-            .for_each(|(((p, m), v), &g)| (*p, *m, *v) = s.update(*p, g, *m, *v));
-        Ok(())
-    }
-
-    pub fn ema_update(ema: &mut Tensor, p: &Tensor, decay: f32) -> Result<()> {
-        const OP: &str = "ema_update";
-        check_distinct(OP, &[("ema", ema), ("param", p)])?;
-        let e = ema_params(p.numel(), decay)?;
-        let p = p.cpu_read(OP)?;
-        let mut ema = ema.cpu_write(OP)?;
-        ema.par_iter_mut()
-            .zip(p.par_iter())
-            .with_min_len(MIN_LEN)
-            .for_each(|(a, &x)| *a = e.decay * *a + e.one_minus_decay * x);
+            .for_each(|((((p, m), v), e), &g)| {
+                (*p, *m, *v, *e) = s.update(c, *p, g, *m, *v, *e);
+            });
         Ok(())
     }
 }
@@ -195,57 +233,30 @@ pub(crate) mod gpu {
     use crate::gpu::{Arg, Gpu, Kernel};
     use crate::ops::{elementwise_grid, ELEMENTWISE_CONSTANTS};
 
-    const SOURCE: &str = include_str!("../../shaders/optim.wgsl");
-
-    const ADAMW_STEP: Kernel = Kernel {
+    const ADAMW_EMA_STEP: Kernel = Kernel {
         shader: "optim",
-        source: SOURCE,
-        entry: "adamw_step",
-        params: size_of::<AdamWScalars>(),
-        storage: &[W, R, W, W],
+        source: include_str!("../../shaders/optim.wgsl"),
+        entry: "adamw_ema_step",
+        params: size_of::<StepScalars>(),
+        storage: &[W, R, W, W, W, R],
         constants: ELEMENTWISE_CONSTANTS,
     };
-    const EMA_UPDATE: Kernel = Kernel {
-        shader: "optim",
-        source: SOURCE,
-        entry: "ema_update",
-        params: size_of::<EmaParams>(),
-        storage: &[W, R],
-        constants: ELEMENTWISE_CONSTANTS,
-    };
-    pub(crate) const KERNELS: &[Kernel] = &[ADAMW_STEP, EMA_UPDATE];
+    pub(crate) const KERNELS: &[Kernel] = &[ADAMW_EMA_STEP];
 
-    /// One thread per element; `param`, `m` and `v` are bound read-write and updated in place.
-    pub fn adamw_step(
-        g: &Gpu,
-        p: &mut Tensor,
-        gr: &Tensor,
-        m: &mut Tensor,
-        v: &mut Tensor,
-        h: &AdamWParams,
-    ) -> Result<()> {
-        const OP: &str = "adamw_step";
-        check_distinct(OP, &[("param", p), ("grad", gr), ("m", m), ("v", v)])?;
-        let n = p.numel();
-        let s = AdamWScalars::new(n, h)?;
+    /// One thread per element; the clipping factor is computed in each thread from `norm2`.
+    pub fn adamw_ema_step(g: &Gpu, t: StepTensors, h: &AdamWParams, ema_decay: f32) -> Result<()> {
+        const OP: &str = "adamw_ema_step";
+        t.check(OP)?;
+        let n = t.params.numel();
+        let s = StepScalars::new(n, h, ema_decay)?;
         let args = [
-            Arg::write(p.gpu_buffer(OP)?),
-            Arg::read(gr.gpu_buffer(OP)?),
-            Arg::write(m.gpu_buffer(OP)?),
-            Arg::write(v.gpu_buffer(OP)?),
+            Arg::write(t.params.gpu_buffer(OP)?),
+            Arg::read(t.grads.gpu_buffer(OP)?),
+            Arg::write(t.adam_m.gpu_buffer(OP)?),
+            Arg::write(t.adam_v.gpu_buffer(OP)?),
+            Arg::write(t.ema.gpu_buffer(OP)?),
+            Arg::read(t.norm2.gpu_buffer(OP)?),
         ];
-        g.dispatch(&ADAMW_STEP, &s, &args, elementwise_grid(n))
-    }
-
-    pub fn ema_update(g: &Gpu, ema: &mut Tensor, p: &Tensor, decay: f32) -> Result<()> {
-        const OP: &str = "ema_update";
-        check_distinct(OP, &[("ema", ema), ("param", p)])?;
-        let n = p.numel();
-        let e = ema_params(n, decay)?;
-        let args = [
-            Arg::write(ema.gpu_buffer(OP)?),
-            Arg::read(p.gpu_buffer(OP)?),
-        ];
-        g.dispatch(&EMA_UPDATE, &e, &args, elementwise_grid(n))
+        g.dispatch(&ADAMW_EMA_STEP, &s, &args, elementwise_grid(n))
     }
 }

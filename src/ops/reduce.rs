@@ -140,10 +140,10 @@ pub(crate) mod gpu {
     /// value remains. The last pass multiplies by `scale`.
     fn reduce(g: &Gpu, first: &Kernel, inputs: &[&Tensor], scale: f32) -> Result<Tensor> {
         let entry = first.entry;
-        let mut n = inputs[0].numel();
-        let mut workgroups = n.div_ceil(GPU_CHUNK).max(1);
+        let n = inputs[0].numel();
+        let workgroups = n.div_ceil(GPU_CHUNK).max(1);
         let last_scale = |wg: usize| if wg == 1 { scale } else { 1.0 };
-        let mut partials = g.alloc(entry, workgroups)?;
+        let partials = g.alloc(entry, workgroups)?;
         let mut args: Vec<Arg> = Vec::with_capacity(3);
         for t in inputs {
             args.push(Arg::read(t.gpu_buffer(entry)?));
@@ -151,17 +151,30 @@ pub(crate) mod gpu {
         args.push(Arg::write(&partials));
         let p = params(n, last_scale(workgroups));
         g.dispatch(first, &p, &args, grid(workgroups as u32))?;
-        while workgroups > 1 {
-            n = workgroups;
-            workgroups = n.div_ceil(GPU_CHUNK);
-            let next: GpuBuffer = g.alloc(entry, workgroups)?;
+        sum_to_one(g, entry, partials, workgroups, scale)
+    }
+
+    /// `scale * sum(partials[..n])` as shape `[1]`, by `sum_partials` passes (none when `n`
+    /// is 1: the partial is then the result, already scaled by the pass that wrote it).
+    pub(crate) fn sum_to_one(
+        g: &Gpu,
+        op: &'static str,
+        mut partials: GpuBuffer,
+        mut n: usize,
+        scale: f32,
+    ) -> Result<Tensor> {
+        while n > 1 {
+            let workgroups = n.div_ceil(GPU_CHUNK);
+            let pass_scale = if workgroups == 1 { scale } else { 1.0 };
+            let next: GpuBuffer = g.alloc(op, workgroups)?;
             g.dispatch(
                 &SUM_PARTIALS,
-                &params(n, last_scale(workgroups)),
+                &params(n, pass_scale),
                 &[Arg::read(&partials), Arg::write(&next)],
                 grid(workgroups as u32),
             )?;
             partials = next;
+            n = workgroups;
         }
         Ok(Tensor::from_gpu(&[1], partials))
     }

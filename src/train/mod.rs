@@ -4,4 +4,4 @@ pub mod hyper;
 pub mod trainer;
 
 pub use hyper::{LrSchedule, TrainHyper};
-pub use trainer::{StepGradients, StepStats, TrainState, Trainer};
+pub use trainer::{HostState, StepGradients, StepStats, TrainState, Trainer};

@@ -3,6 +3,12 @@
 //!   loss = mean((target - model(x_t, t))^2),  target = eps | v | x_0
 //! then backward through the tape, global-norm clipping, fused AdamW and the EMA update.
 //!
+//! The weights, their gradients, AdamW's moments and the EMA weights each live in one flat
+//! buffer (`nn::ParamLayout`): the backward pass writes every parameter gradient into the flat
+//! gradient buffer with one gather, which also yields the squared global norm, and one fused
+//! kernel clips, steps AdamW and updates the EMA over all of them. The host reads back only
+//! the loss and the norm, once per step, after the update has been recorded.
+//!
 //! Every random number of step `k` is a pure function of `(seed, k)`: a run resumed from a
 //! checkpoint at step `k` continues exactly as the uninterrupted run would have.
 
@@ -11,8 +17,9 @@ use crate::autodiff::Tape;
 use crate::backend::Backend;
 use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::error::{Error, Result};
-use crate::nn::UNet2D;
-use crate::ops::optim::AdamWParams;
+use crate::nn::{ParamLayout, UNet2D};
+use crate::ops::grads::GradPlan;
+use crate::ops::optim::{AdamWParams, StepTensors};
 use crate::rng;
 use crate::tensor::Tensor;
 
@@ -42,18 +49,35 @@ pub struct StepStats {
 pub struct StepGradients {
     /// Shape `[1]`, on the backend.
     pub loss: Tensor,
-    /// One per parameter, in the model's order.
-    pub grads: Vec<Tensor>,
+    /// Every parameter's gradient in the flat layout of the trainer's state. It is the
+    /// trainer's gradient buffer: the next step overwrites it.
+    pub grads: Tensor,
+    /// The squared global norm of the gradient, `[1]`.
+    pub norm2: Tensor,
     /// Host time spent issuing the forward and backward passes.
     host_time: std::time::Duration,
 }
 
-/// The weights, the AdamW moments and the EMA weights of a model on one backend.
+/// One vector per parameter, in the model's order, of each part of a training state: what a
+/// checkpoint holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostState {
+    pub params: Vec<Vec<f32>>,
+    pub adam_m: Vec<Vec<f32>>,
+    pub adam_v: Vec<Vec<f32>>,
+    pub ema: Vec<Vec<f32>>,
+    /// Optimizer steps taken.
+    pub step: u64,
+}
+
+/// The weights, the AdamW moments and the EMA weights of a model on one backend, each one flat
+/// buffer in the model's [`ParamLayout`].
 pub struct TrainState {
-    pub params: Vec<Tensor>,
-    pub adam_m: Vec<Tensor>,
-    pub adam_v: Vec<Tensor>,
-    pub ema: Vec<Tensor>,
+    pub layout: ParamLayout,
+    pub params: Tensor,
+    pub adam_m: Tensor,
+    pub adam_v: Tensor,
+    pub ema: Tensor,
     /// Optimizer steps taken.
     pub step: u64,
 }
@@ -61,29 +85,54 @@ pub struct TrainState {
 impl TrainState {
     /// A fresh state: the given initial weights, zero moments, the EMA a copy of the weights.
     pub fn new(be: &dyn Backend, model: &UNet2D, values: &[Vec<f32>]) -> Result<Self> {
-        let specs = &model.params.specs;
-        if values.len() != specs.len() {
-            return Err(Error::invalid(
-                "TrainState::new",
-                format!("{} tensors for {} parameters", values.len(), specs.len()),
-            ));
-        }
-        let upload = |vs: &[Vec<f32>]| -> Result<Vec<Tensor>> {
-            specs
-                .iter()
-                .zip(vs)
-                .map(|(s, v)| be.upload(&s.shape, v))
-                .collect()
-        };
-        let zeros =
-            || -> Result<Vec<Tensor>> { specs.iter().map(|s| be.zeros(&s.shape)).collect() };
+        let zeros: Vec<Vec<f32>> = values.iter().map(|v| vec![0.0; v.len()]).collect();
+        Self::from_host(
+            be,
+            model,
+            &HostState {
+                params: values.to_vec(),
+                adam_m: zeros.clone(),
+                adam_v: zeros,
+                ema: values.to_vec(),
+                step: 0,
+            },
+        )
+    }
+
+    /// Uploads a state, each part flattened into one buffer.
+    pub fn from_host(be: &dyn Backend, model: &UNet2D, host: &HostState) -> Result<Self> {
+        let layout = model.params.layout();
+        let upload = |vs: &[Vec<f32>]| be.upload(&[layout.total], &layout.flatten(vs)?);
         Ok(TrainState {
-            params: upload(values)?,
-            adam_m: zeros()?,
-            adam_v: zeros()?,
-            ema: upload(values)?,
-            step: 0,
+            params: upload(&host.params)?,
+            adam_m: upload(&host.adam_m)?,
+            adam_v: upload(&host.adam_v)?,
+            ema: upload(&host.ema)?,
+            step: host.step,
+            layout,
         })
+    }
+
+    /// Reads the state back, one readback per part.
+    pub fn to_host(&self, be: &dyn Backend) -> Result<HostState> {
+        let read = |t: &Tensor| -> Result<Vec<Vec<f32>>> { Ok(self.layout.split(&be.to_vec(t)?)) };
+        Ok(HostState {
+            params: read(&self.params)?,
+            adam_m: read(&self.adam_m)?,
+            adam_v: read(&self.adam_v)?,
+            ema: read(&self.ema)?,
+            step: self.step,
+        })
+    }
+
+    /// Every parameter, a view of the flat weights.
+    pub fn param_views(&self) -> Result<Vec<Tensor>> {
+        self.layout.views(&self.params)
+    }
+
+    /// Every EMA weight, a view of the flat EMA buffer (what sampling uses).
+    pub fn ema_views(&self) -> Result<Vec<Tensor>> {
+        self.layout.views(&self.ema)
     }
 }
 
@@ -95,6 +144,10 @@ pub struct Trainer<'b> {
     pub hyper: TrainHyper,
     pub state: TrainState,
     alphas_cumprod: Tensor,
+    /// The flat gradient buffer, zeros between the parameters.
+    grads: Tensor,
+    /// Where the backward pass puts each parameter's partial gradients, kept across steps.
+    plan: Option<GradPlan>,
 }
 
 impl<'b> Trainer<'b> {
@@ -108,8 +161,15 @@ impl<'b> Trainer<'b> {
         if hyper.batch_size == 0 {
             return Err(Error::invalid("train", "batch size must be at least 1"));
         }
+        if state.layout != model.params.layout() {
+            return Err(Error::invalid(
+                "train",
+                "the training state was made for another model",
+            ));
+        }
         let alphas_cumprod =
             be.upload(&[schedule.num_train_timesteps()], &schedule.alphas_cumprod)?;
+        let grads = be.zeros(&[state.layout.total])?;
         Ok(Trainer {
             be,
             model,
@@ -117,6 +177,8 @@ impl<'b> Trainer<'b> {
             hyper,
             state,
             alphas_cumprod,
+            grads,
+            plan: None,
         })
     }
 
@@ -152,7 +214,7 @@ impl<'b> Trainer<'b> {
 
     /// The loss and the parameter gradients of the next step on the clean batch `x0`; the
     /// state does not change.
-    pub fn gradients(&self, x0: &[f32]) -> Result<StepGradients> {
+    pub fn gradients(&mut self, x0: &[f32]) -> Result<StepGradients> {
         let be = self.be;
         let shape = self.batch_shape();
         let numel: usize = shape.iter().product();
@@ -183,29 +245,24 @@ impl<'b> Trainer<'b> {
 
         let dropout_seed = stream_seed(stream_seed(self.hyper.seed, DROPOUT_STREAM), k);
         let mut tape = Tape::new(be).with_dropout(dropout_seed);
-        let p = tape.leaves(&self.state.params, true);
+        let p = tape.params(&self.state.param_views()?);
         let x = tape.leaf(x_t, false);
         let out = self.model.forward(&mut tape, &p, x, &t)?;
         let loss = be.mse_loss(tape.value(out), &target)?;
         let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0)?;
-        let mut grads = tape.backward(out, d_out)?;
-        let grads: Vec<Tensor> = p
-            .iter()
-            .map(|&v| {
-                grads
-                    .take(v)
-                    .ok_or_else(|| Error::invalid("train step", "a parameter got no gradient"))
-            })
-            .collect::<Result<_>>()?;
+        let layout = &self.state.layout;
+        let norm2 = tape.backward_params(out, d_out, layout, &mut self.plan, &mut self.grads)?;
         Ok(StepGradients {
             loss,
-            grads,
+            grads: self.grads.clone(),
+            norm2,
             host_time: started.elapsed(),
         })
     }
 
-    /// The update of one step from its gradients: the global gradient norm, clipping, fused
-    /// AdamW at the step's learning rate and the EMA at the step's decay.
+    /// The update of one step from its gradients: clipping by the global norm, fused AdamW at
+    /// the step's learning rate and the EMA at the step's decay, in one kernel; then one
+    /// readback of the loss and the norm.
     pub fn apply(&mut self, g: StepGradients) -> Result<StepStats> {
         let be = self.be;
         let k = self.state.step;
@@ -213,31 +270,9 @@ impl<'b> Trainer<'b> {
         let StepGradients {
             loss,
             grads,
+            norm2,
             host_time: recording,
         } = g;
-        let mut norm2 = be.sum_squares(&grads[0])?;
-        for g in &grads[1..] {
-            norm2 = be.add(&norm2, &be.sum_squares(g)?)?;
-        }
-        // One readback (one wait on the GPU) for both scalars: [loss, |g|^2].
-        let scalar = |t: &Tensor| t.reshape(&[1, 1, 1, 1]);
-        let both = be.concat_channels(&scalar(&loss)?, &scalar(&norm2)?)?;
-        let mut host_time = recording + started.elapsed();
-        let both = be.to_vec(&both)?;
-        let (loss, grad_norm) = (both[0], both[1].sqrt());
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(Error::invalid(
-                "train step",
-                format!(
-                    "the loss ({loss}) or the gradient norm ({grad_norm}) is not finite at step \
-                     {k}; lower the learning rate or keep gradient clipping on"
-                ),
-            ));
-        }
-        let grad_scale = match self.hyper.max_grad_norm {
-            Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
-            None => 1.0,
-        };
         let lr = self.hyper.lr_at(k);
         let h = AdamWParams {
             lr,
@@ -246,17 +281,35 @@ impl<'b> Trainer<'b> {
             eps: self.hyper.adam_eps,
             weight_decay: self.hyper.weight_decay,
             step: (k + 1) as u32,
-            grad_scale,
+            max_grad_norm: self.hyper.max_grad_norm,
         };
-        let decay = self.hyper.ema_decay_at(k + 1);
-        let optimizer_started = std::time::Instant::now();
         let s = &mut self.state;
-        for (i, g) in grads.iter().enumerate() {
-            be.adamw_step(&mut s.params[i], g, &mut s.adam_m[i], &mut s.adam_v[i], &h)?;
-            be.ema_update(&mut s.ema[i], &s.params[i], decay)?;
+        let tensors = StepTensors {
+            params: &mut s.params,
+            grads: &grads,
+            adam_m: &mut s.adam_m,
+            adam_v: &mut s.adam_v,
+            ema: &mut s.ema,
+            norm2: &norm2,
+        };
+        be.adamw_ema_step(tensors, &h, self.hyper.ema_decay_at(k + 1))?;
+        // One readback (one wait on the GPU) for both scalars: [loss, |g|^2].
+        let scalar = |t: &Tensor| t.reshape(&[1, 1, 1, 1]);
+        let both = be.concat_channels(&scalar(&loss)?, &scalar(&norm2)?)?;
+        let host_time = recording + started.elapsed();
+        let both = be.to_vec(&both)?;
+        let (loss, grad_norm) = (both[0], both[1].sqrt());
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            // The update kernel skips a step whose norm is not finite: the state is unchanged.
+            return Err(Error::invalid(
+                "train step",
+                format!(
+                    "the loss ({loss}) or the gradient norm ({grad_norm}) is not finite at step \
+                     {k}; lower the learning rate or keep gradient clipping on"
+                ),
+            ));
         }
         s.step += 1;
-        host_time += optimizer_started.elapsed();
         Ok(StepStats {
             loss,
             grad_norm,

@@ -293,44 +293,69 @@ impl Gpu {
         Err(Error::Gpu { op, msg })
     }
 
-    /// A buffer for `numel` f32 values with unspecified contents, from the pool if it can be.
-    pub(crate) fn alloc(&self, op: &'static str, numel: usize) -> Result<GpuBuffer> {
-        let size = (numel.max(1) * 4) as u64;
-        if let Some(buffer) = self.ctx.pool.take(size) {
-            return Ok(GpuBuffer::new(buffer, size, &self.ctx.pool));
-        }
-        let max = self
-            .ctx
-            .limits
+    /// The largest tensor buffer the device can bind, in bytes.
+    fn max_tensor_bytes(&self) -> u64 {
+        let limits = &self.ctx.limits;
+        limits
             .max_buffer_size
-            .min(self.ctx.limits.max_storage_buffer_binding_size);
-        if size > max {
-            return Err(Error::Gpu {
+            .min(limits.max_storage_buffer_binding_size)
+    }
+
+    /// Creates the buffer `desc` describes for a request of `bytes` (what an error names). Out
+    /// of memory when `bytes` exceeds `limit` or the device has no memory left for the buffer;
+    /// the device stays usable.
+    fn create_buffer(
+        &self,
+        op: &'static str,
+        bytes: u64,
+        limit: u64,
+        desc: &wgpu::BufferDescriptor<'_>,
+    ) -> Result<wgpu::Buffer> {
+        if bytes > limit {
+            return Err(Error::OutOfMemory {
                 op,
-                msg: format!(
-                    "a tensor of {numel} elements ({size} bytes) exceeds the adapter's largest \
-                     storage buffer ({max} bytes); use a smaller batch or image size"
-                ),
+                bytes,
+                limit: Some(limit),
+                msg: if desc.usage.contains(wgpu::BufferUsages::STORAGE) {
+                    "this adapter binds no larger storage buffer".into()
+                } else {
+                    "this adapter creates no larger buffer".into()
+                },
             });
         }
         let scope = self
             .ctx
             .device
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(op),
-            size,
-            usage: TENSOR_USAGE,
-            mapped_at_creation: false,
-        });
+        let buffer = self.ctx.device.create_buffer(desc);
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu {
+            return Err(Error::OutOfMemory {
                 op,
-                msg: format!(
-                    "out of GPU memory allocating {size} bytes ({e}); use a smaller batch or model"
-                ),
+                bytes,
+                limit: None,
+                msg: e.to_string(),
             });
         }
+        Ok(buffer)
+    }
+
+    /// A buffer for `numel` f32 values with unspecified contents, from the pool if it can be.
+    pub(crate) fn alloc(&self, op: &'static str, numel: usize) -> Result<GpuBuffer> {
+        let size = tensor_bytes(numel);
+        let buffer = match self.ctx.pool.take(size) {
+            Some(buffer) => buffer,
+            None => self.create_buffer(
+                op,
+                size,
+                self.max_tensor_bytes(),
+                &wgpu::BufferDescriptor {
+                    label: Some(op),
+                    size,
+                    usage: TENSOR_USAGE,
+                    mapped_at_creation: false,
+                },
+            )?,
+        };
         Ok(GpuBuffer::new(buffer, size, &self.ctx.pool))
     }
 
@@ -352,20 +377,24 @@ impl Gpu {
             ));
         }
         // A fresh buffer, written at creation: a pooled one may still be read by recorded work.
-        let mut bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
-        if bytes.is_empty() {
-            bytes.extend_from_slice(&[0; 4]);
-        }
-        use wgpu::util::DeviceExt;
-        let buffer = self
-            .ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        let size = tensor_bytes(numel);
+        let buffer = self.create_buffer(
+            "upload",
+            size,
+            self.max_tensor_bytes(),
+            &wgpu::BufferDescriptor {
                 label: Some("upload"),
-                contents: &bytes,
+                size,
                 usage: TENSOR_USAGE,
-            });
-        let size = bytes.len() as u64;
+                mapped_at_creation: true,
+            },
+        )?;
+        buffer
+            .get_mapped_range_mut(..)
+            .map_err(|e| Error::Device(format!("writing an upload buffer failed: {e}")))?
+            .slice(..data.len() * 4)
+            .copy_from_slice(bytemuck::cast_slice(data));
+        buffer.unmap();
         Ok(Tensor::from_gpu(
             shape,
             GpuBuffer::new(buffer, size, &self.ctx.pool),
@@ -375,13 +404,18 @@ impl Gpu {
     /// Submits the recorded work and reads a GPU tensor back to the host.
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
         let buffer = t.gpu_buffer("read")?;
-        let size = (t.numel().max(1) * 4) as u64;
-        let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
+        let size = tensor_bytes(t.numel());
+        let staging = self.create_buffer(
+            "read",
             size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+            self.ctx.limits.max_buffer_size,
+            &wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            },
+        )?;
         {
             let mut rec = self.ctx.recorder.lock().unwrap();
             rec.copy_raw(&self.ctx, buffer.raw(), &staging, size);
@@ -402,4 +436,9 @@ impl Gpu {
         out.truncate(t.numel());
         Ok(out)
     }
+}
+
+/// Bytes of a tensor of `numel` f32 values (an empty one still takes 4).
+fn tensor_bytes(numel: usize) -> u64 {
+    (numel as u64).max(1).saturating_mul(4)
 }

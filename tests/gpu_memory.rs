@@ -1,10 +1,54 @@
-//! GPU memory: an allocation the device cannot make is an `Error::OutOfMemory` that leaves the
-//! device working.
+//! GPU memory: the bytes held in buffers are counted with a resettable peak, and an
+//! allocation the device cannot make is an `Error::OutOfMemory` that leaves the device working.
+//!
+//! The counting tests run on a device of their own: the pool and its counters are per device,
+//! and the tests of a binary run in parallel.
 
 mod common;
 
 use common::*;
 use diffwgpu::{Backend, Error, Gpu};
+
+/// A device of its own on the harness's adapter.
+fn own_device(g: &Gpu) -> Gpu {
+    Gpu::with_adapter(Some(&g.adapter_info().name)).unwrap()
+}
+
+/// `peak_bytes` is the high-water mark of `allocated_bytes`, which includes a readback's
+/// staging buffer while the read runs; `reset_peak` starts it again from what is allocated.
+fn peak_bytes_is_the_high_water_mark_until_reset(g: &Gpu) {
+    let g = own_device(g);
+    let big = g.zeros(&[100_000]).unwrap();
+    let big_bytes = g.stats().allocated_bytes;
+    assert!(
+        big_bytes >= 400_000 && big_bytes * 4 < 400_000 * 5,
+        "{big_bytes}"
+    );
+    drop(big);
+    g.trim_pool();
+    let stats = g.stats();
+    assert_eq!(stats.allocated_bytes, 0);
+    assert_eq!(
+        stats.peak_bytes, big_bytes,
+        "the peak fell with the allocation"
+    );
+
+    g.reset_peak();
+    assert_eq!(g.stats().peak_bytes, 0, "reset_peak did not reset the peak");
+    let small = g.zeros(&[1000]).unwrap();
+    down(&g, &small);
+    let stats = g.stats();
+    assert_eq!(
+        stats.allocated_bytes, 4000,
+        "the staging buffer outlived the read"
+    );
+    assert_eq!(
+        stats.peak_bytes,
+        4000 + 4000,
+        "the peak is the tensor's buffer and the read's 4,000-byte staging buffer"
+    );
+    assert!(stats.peak_bytes >= stats.allocated_bytes);
+}
 
 /// A tensor one element larger than the largest storage buffer the adapter binds is an
 /// `OutOfMemory` error naming the bytes and the limit, for an op's output and for an upload,
@@ -41,5 +85,8 @@ fn a_tensor_beyond_the_largest_buffer_is_out_of_memory(g: &Gpu) {
 
 tests! {
     cpu: [],
-    gpu: [a_tensor_beyond_the_largest_buffer_is_out_of_memory],
+    gpu: [
+        peak_bytes_is_the_high_water_mark_until_reset,
+        a_tensor_beyond_the_largest_buffer_is_out_of_memory,
+    ],
 }

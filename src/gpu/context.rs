@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::buffer::{BufferPool, GpuBuffer};
+use super::buffer::{BufferPool, Counted, GpuBuffer};
 use super::pipeline::{Kernel, PipelineCache};
 use super::recorder::Recorder;
 use crate::error::{Error, Result};
@@ -43,6 +43,13 @@ pub struct GpuStats {
     pub pipelines: usize,
     /// Bytes held by free pooled buffers.
     pub pooled_free_bytes: u64,
+    /// Bytes of every live buffer the backend created: tensors' buffers, free pooled buffers,
+    /// and a readback's staging buffer while the read runs. Not counted: the command
+    /// recorder's uniform arena, a fixed buffer created with the device.
+    pub allocated_bytes: u64,
+    /// The high-water mark of `allocated_bytes` since the device was created or
+    /// [`Gpu::reset_peak`].
+    pub peak_bytes: u64,
     /// Dispatches per kernel entry point since the device was created.
     pub by_kernel: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -250,6 +257,8 @@ impl Gpu {
             submits: rec.submits,
             pipelines: self.ctx.pipelines.len(),
             pooled_free_bytes: self.ctx.pool.free_bytes(),
+            allocated_bytes: self.ctx.pool.allocated_bytes(),
+            peak_bytes: self.ctx.pool.peak_bytes(),
             by_kernel: rec.by_kernel.clone(),
         }
     }
@@ -266,6 +275,12 @@ impl Gpu {
     /// Frees the pooled buffers no tensor uses.
     pub fn trim_pool(&self) {
         self.ctx.pool.trim();
+    }
+
+    /// Starts a new high-water mark for [`GpuStats::peak_bytes`] at the bytes allocated now,
+    /// so that the peak of the work that follows (one training step, say) can be read.
+    pub fn reset_peak(&self) {
+        self.ctx.pool.reset_peak();
     }
 
     /// Submits everything recorded so far and waits for the device to finish it.
@@ -301,16 +316,16 @@ impl Gpu {
             .min(limits.max_storage_buffer_binding_size)
     }
 
-    /// Creates the buffer `desc` describes for a request of `bytes` (what an error names). Out
-    /// of memory when `bytes` exceeds `limit` or the device has no memory left for the buffer;
-    /// the device stays usable.
+    /// Creates the buffer `desc` describes for a request of `bytes` (what an error names),
+    /// counted until dropped. Out of memory when `bytes` exceeds `limit` or the device has no
+    /// memory left for the buffer; the device stays usable.
     fn create_buffer(
         &self,
         op: &'static str,
         bytes: u64,
         limit: u64,
         desc: &wgpu::BufferDescriptor<'_>,
-    ) -> Result<wgpu::Buffer> {
+    ) -> Result<Counted> {
         if bytes > limit {
             return Err(Error::OutOfMemory {
                 op,
@@ -336,7 +351,7 @@ impl Gpu {
                 msg: e.to_string(),
             });
         }
-        Ok(buffer)
+        Ok(self.ctx.pool.count(buffer))
     }
 
     /// A buffer for `numel` f32 values with unspecified contents, from the pool if it can be.
@@ -390,11 +405,12 @@ impl Gpu {
             },
         )?;
         buffer
+            .raw()
             .get_mapped_range_mut(..)
             .map_err(|e| Error::Device(format!("writing an upload buffer failed: {e}")))?
             .slice(..data.len() * 4)
             .copy_from_slice(bytemuck::cast_slice(data));
-        buffer.unmap();
+        buffer.raw().unmap();
         Ok(Tensor::from_gpu(
             shape,
             GpuBuffer::new(buffer, size, &self.ctx.pool),
@@ -405,6 +421,7 @@ impl Gpu {
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
         let buffer = t.gpu_buffer("read")?;
         let size = tensor_bytes(t.numel());
+        // Counted while the read runs, so that a step's peak includes it.
         let staging = self.create_buffer(
             "read",
             size,
@@ -418,11 +435,12 @@ impl Gpu {
         )?;
         {
             let mut rec = self.ctx.recorder.lock().unwrap();
-            rec.copy_raw(&self.ctx, buffer.raw(), &staging, size);
+            rec.copy_raw(&self.ctx, buffer.raw(), staging.raw(), size);
             rec.flush(&self.ctx);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         staging
+            .raw()
             .slice(..)
             .map_async(wgpu::MapMode::Read, move |r| tx.send(r).unwrap_or(()));
         self.wait()?;
@@ -430,6 +448,7 @@ impl Gpu {
             .map_err(|e| Error::Device(e.to_string()))?
             .map_err(|e| Error::Device(format!("mapping a readback buffer failed: {e}")))?;
         let view = staging
+            .raw()
             .get_mapped_range(..)
             .map_err(|e| Error::Device(e.to_string()))?;
         let mut out: Vec<f32> = bytemuck::cast_slice(&view[..]).to_vec();

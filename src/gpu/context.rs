@@ -1,9 +1,9 @@
 //! The GPU context: adapter choice, device creation with deliberately requested limits, and the
 //! public face of the GPU backend (`Gpu`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use super::buffer::{BufferPool, Counted, GpuBuffer};
+use super::buffer::{size_class, BufferPool, Counted, GpuBuffer};
 use super::pipeline::{Kernel, PipelineCache};
 use super::recorder::Recorder;
 use crate::error::{Error, Result};
@@ -13,6 +13,10 @@ use crate::tensor::Tensor;
 const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
+
+/// The most bytes free pooled buffers hold unless `DIFFWGPU_POOL_CAP_MB` says otherwise; on an
+/// adapter whose largest buffer is under 4 GiB, a quarter of that buffer instead.
+const DEFAULT_POOL_CAP: u64 = 1 << 30;
 
 pub(crate) struct Context {
     pub(crate) device: wgpu::Device,
@@ -43,9 +47,11 @@ pub struct GpuStats {
     pub pipelines: usize,
     /// Bytes held by free pooled buffers.
     pub pooled_free_bytes: u64,
-    /// Bytes of every live buffer the backend created: tensors' buffers, free pooled buffers,
-    /// and a readback's staging buffer while the read runs. Not counted: the command
-    /// recorder's uniform arena, a fixed buffer created with the device.
+    /// The most bytes free pooled buffers may hold ([`Gpu::set_pool_cap`]).
+    pub pool_cap_bytes: u64,
+    /// Bytes of every live buffer the backend created: tensors' buffers (at their size class),
+    /// free pooled buffers, and a readback's staging buffer while the read runs. Not counted:
+    /// the command recorder's uniform arena, a fixed buffer created with the device.
     pub allocated_bytes: u64,
     /// The high-water mark of `allocated_bytes` since the device was created or
     /// [`Gpu::reset_peak`].
@@ -221,6 +227,10 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             sink.lock().unwrap().push(e.to_string());
         }));
+        let pool_cap = match pool_cap_from_env()? {
+            Some(cap) => cap,
+            None => DEFAULT_POOL_CAP.min(limits.max_buffer_size / 4),
+        };
         let recorder = Recorder::new(&device);
         Ok(Gpu {
             ctx: Arc::new(Context {
@@ -229,7 +239,7 @@ impl Gpu {
                 info,
                 limits,
                 pipelines: PipelineCache::default(),
-                pool: Arc::new(BufferPool::default()),
+                pool: Arc::new(BufferPool::new(pool_cap)),
                 recorder: Mutex::new(recorder),
                 errors,
             }),
@@ -257,6 +267,7 @@ impl Gpu {
             submits: rec.submits,
             pipelines: self.ctx.pipelines.len(),
             pooled_free_bytes: self.ctx.pool.free_bytes(),
+            pool_cap_bytes: self.ctx.pool.cap(),
             allocated_bytes: self.ctx.pool.allocated_bytes(),
             peak_bytes: self.ctx.pool.peak_bytes(),
             by_kernel: rec.by_kernel.clone(),
@@ -275,6 +286,14 @@ impl Gpu {
     /// Frees the pooled buffers no tensor uses.
     pub fn trim_pool(&self) {
         self.ctx.pool.trim();
+    }
+
+    /// Sets the most bytes free pooled buffers may hold, freeing the largest at once until
+    /// they fit; a buffer that comes back to a full pool evicts the largest too. The default
+    /// is 1 GiB (at most a quarter of the adapter's largest buffer), or
+    /// `DIFFWGPU_POOL_CAP_MB` MiB when that variable is set.
+    pub fn set_pool_cap(&self, bytes: u64) {
+        self.ctx.pool.set_cap(bytes);
     }
 
     /// Starts a new high-water mark for [`GpuStats::peak_bytes`] at the bytes allocated now,
@@ -316,9 +335,16 @@ impl Gpu {
             .min(limits.max_storage_buffer_binding_size)
     }
 
-    /// Creates the buffer `desc` describes for a request of `bytes` (what an error names),
-    /// counted until dropped. Out of memory when `bytes` exceeds `limit` or the device has no
-    /// memory left for the buffer; the device stays usable.
+    /// The capacity of the buffer for a tensor of `bytes`: its size class, clamped to the
+    /// largest tensor buffer, so that every request between the last class below that limit
+    /// and the limit shares one capacity.
+    fn tensor_capacity(&self, bytes: u64) -> u64 {
+        size_class(bytes).min(self.max_tensor_bytes() & !3)
+    }
+
+    /// Creates the buffer `desc` describes for a request of `bytes` (what an error names; the
+    /// buffer may be larger), counted until dropped. Out of memory when `bytes` exceeds `limit`
+    /// or the device has no memory left for the buffer; the device stays usable.
     fn create_buffer(
         &self,
         op: &'static str,
@@ -354,10 +380,12 @@ impl Gpu {
         Ok(self.ctx.pool.count(buffer))
     }
 
-    /// A buffer for `numel` f32 values with unspecified contents, from the pool if it can be.
+    /// A buffer for `numel` f32 values with unspecified contents, from the pool if it holds
+    /// one of the size class.
     pub(crate) fn alloc(&self, op: &'static str, numel: usize) -> Result<GpuBuffer> {
         let size = tensor_bytes(numel);
-        let buffer = match self.ctx.pool.take(size) {
+        let capacity = self.tensor_capacity(size);
+        let buffer = match self.ctx.pool.take(capacity) {
             Some(buffer) => buffer,
             None => self.create_buffer(
                 op,
@@ -365,7 +393,7 @@ impl Gpu {
                 self.max_tensor_bytes(),
                 &wgpu::BufferDescriptor {
                     label: Some(op),
-                    size,
+                    size: capacity,
                     usage: TENSOR_USAGE,
                     mapped_at_creation: false,
                 },
@@ -392,6 +420,7 @@ impl Gpu {
             ));
         }
         // A fresh buffer, written at creation: a pooled one may still be read by recorded work.
+        // It is created in its size class so that it can join the pool when dropped.
         let size = tensor_bytes(numel);
         let buffer = self.create_buffer(
             "upload",
@@ -399,7 +428,7 @@ impl Gpu {
             self.max_tensor_bytes(),
             &wgpu::BufferDescriptor {
                 label: Some("upload"),
-                size,
+                size: self.tensor_capacity(size),
                 usage: TENSOR_USAGE,
                 mapped_at_creation: true,
             },
@@ -460,4 +489,21 @@ impl Gpu {
 /// Bytes of a tensor of `numel` f32 values (an empty one still takes 4).
 fn tensor_bytes(numel: usize) -> u64 {
     (numel as u64).max(1).saturating_mul(4)
+}
+
+/// The pool cap `DIFFWGPU_POOL_CAP_MB` asks for, in bytes; the variable is read once per
+/// process.
+fn pool_cap_from_env() -> Result<Option<u64>> {
+    const VAR: &str = "DIFFWGPU_POOL_CAP_MB";
+    static VALUE: OnceLock<Option<String>> = OnceLock::new();
+    let Some(value) = VALUE.get_or_init(|| std::env::var(VAR).ok()) else {
+        return Ok(None);
+    };
+    let mib: u64 = value.trim().parse().map_err(|_| {
+        Error::invalid(
+            VAR,
+            format!("{value:?} is not a whole number of MiB (0 keeps no free buffers)"),
+        )
+    })?;
+    Ok(Some(mib.saturating_mul(1 << 20)))
 }

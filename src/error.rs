@@ -40,9 +40,27 @@ pub enum Error {
         found: &'static str,
     },
 
-    /// A GPU allocation or dispatch failed (out of memory, validation error).
+    /// A GPU dispatch or pipeline failed, or wgpu reported an error asynchronously (buffers
+    /// that cannot be created are [`Error::OutOfMemory`]).
     #[error("GPU error in {op}: {msg}")]
     Gpu { op: &'static str, msg: String },
+
+    /// A GPU buffer of `bytes` could not be created: it exceeds the adapter's `limit` on one
+    /// buffer, or (`limit: None`) the device has no memory left for it. The device stays usable;
+    /// callers that know what the bytes were for (a batch size, a model) add it to `msg`.
+    #[error(
+        "{op}: out of GPU memory: {bytes} bytes ({}) requested{}: {msg}; \
+         use a smaller batch size (or model or image size)",
+        mib(*.bytes),
+        .limit.map(|l| format!(", over the limit of {l} bytes ({}) per buffer", mib(l)))
+            .unwrap_or_default()
+    )]
+    OutOfMemory {
+        op: &'static str,
+        bytes: u64,
+        limit: Option<u64>,
+        msg: String,
+    },
 
     /// A model configuration that diffwgpu cannot build (bad numbers, or keys it does not
     /// support); the message names the key and what to change.
@@ -81,4 +99,9 @@ impl Error {
             msg: msg.into(),
         }
     }
+}
+
+/// `bytes` in MiB, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }

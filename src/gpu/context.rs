@@ -1,9 +1,9 @@
 //! The GPU context: adapter choice, device creation with deliberately requested limits, and the
 //! public face of the GPU backend (`Gpu`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use super::buffer::{BufferPool, GpuBuffer};
+use super::buffer::{size_class, BufferPool, Counted, GpuBuffer};
 use super::pipeline::{Kernel, PipelineCache};
 use super::recorder::Recorder;
 use crate::error::{Error, Result};
@@ -13,6 +13,10 @@ use crate::tensor::Tensor;
 const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
+
+/// The most bytes free pooled buffers hold unless `DIFFWGPU_POOL_CAP_MB` says otherwise; on an
+/// adapter whose largest buffer is under 4 GiB, a quarter of that buffer instead.
+const DEFAULT_POOL_CAP: u64 = 1 << 30;
 
 pub(crate) struct Context {
     pub(crate) device: wgpu::Device,
@@ -43,6 +47,15 @@ pub struct GpuStats {
     pub pipelines: usize,
     /// Bytes held by free pooled buffers.
     pub pooled_free_bytes: u64,
+    /// The most bytes free pooled buffers may hold ([`Gpu::set_pool_cap`]).
+    pub pool_cap_bytes: u64,
+    /// Bytes of every live buffer the backend created: tensors' buffers (at their size class),
+    /// free pooled buffers, and a readback's staging buffer while the read runs. Not counted:
+    /// the command recorder's uniform arena, a fixed buffer created with the device.
+    pub allocated_bytes: u64,
+    /// The high-water mark of `allocated_bytes` since the device was created or
+    /// [`Gpu::reset_peak`].
+    pub peak_bytes: u64,
     /// Dispatches per kernel entry point since the device was created.
     pub by_kernel: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -214,6 +227,10 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             sink.lock().unwrap().push(e.to_string());
         }));
+        let pool_cap = match pool_cap_from_env()? {
+            Some(cap) => cap,
+            None => DEFAULT_POOL_CAP.min(limits.max_buffer_size / 4),
+        };
         let recorder = Recorder::new(&device);
         Ok(Gpu {
             ctx: Arc::new(Context {
@@ -222,7 +239,7 @@ impl Gpu {
                 info,
                 limits,
                 pipelines: PipelineCache::default(),
-                pool: Arc::new(BufferPool::default()),
+                pool: Arc::new(BufferPool::new(pool_cap)),
                 recorder: Mutex::new(recorder),
                 errors,
             }),
@@ -250,6 +267,9 @@ impl Gpu {
             submits: rec.submits,
             pipelines: self.ctx.pipelines.len(),
             pooled_free_bytes: self.ctx.pool.free_bytes(),
+            pool_cap_bytes: self.ctx.pool.cap(),
+            allocated_bytes: self.ctx.pool.allocated_bytes(),
+            peak_bytes: self.ctx.pool.peak_bytes(),
             by_kernel: rec.by_kernel.clone(),
         }
     }
@@ -266,6 +286,20 @@ impl Gpu {
     /// Frees the pooled buffers no tensor uses.
     pub fn trim_pool(&self) {
         self.ctx.pool.trim();
+    }
+
+    /// Sets the most bytes free pooled buffers may hold, freeing the largest at once until
+    /// they fit; a buffer that comes back to a full pool evicts the largest too. The default
+    /// is 1 GiB (at most a quarter of the adapter's largest buffer), or
+    /// `DIFFWGPU_POOL_CAP_MB` MiB when that variable is set.
+    pub fn set_pool_cap(&self, bytes: u64) {
+        self.ctx.pool.set_cap(bytes);
+    }
+
+    /// Starts a new high-water mark for [`GpuStats::peak_bytes`] at the bytes allocated now,
+    /// so that the peak of the work that follows (one training step, say) can be read.
+    pub fn reset_peak(&self) {
+        self.ctx.pool.reset_peak();
     }
 
     /// Submits everything recorded so far and waits for the device to finish it.
@@ -293,44 +327,78 @@ impl Gpu {
         Err(Error::Gpu { op, msg })
     }
 
-    /// A buffer for `numel` f32 values with unspecified contents, from the pool if it can be.
-    pub(crate) fn alloc(&self, op: &'static str, numel: usize) -> Result<GpuBuffer> {
-        let size = (numel.max(1) * 4) as u64;
-        if let Some(buffer) = self.ctx.pool.take(size) {
-            return Ok(GpuBuffer::new(buffer, size, &self.ctx.pool));
-        }
-        let max = self
-            .ctx
-            .limits
+    /// The largest tensor buffer the device can bind, in bytes.
+    fn max_tensor_bytes(&self) -> u64 {
+        let limits = &self.ctx.limits;
+        limits
             .max_buffer_size
-            .min(self.ctx.limits.max_storage_buffer_binding_size);
-        if size > max {
-            return Err(Error::Gpu {
+            .min(limits.max_storage_buffer_binding_size)
+    }
+
+    /// The capacity of the buffer for a tensor of `bytes`: its size class, clamped to the
+    /// largest tensor buffer, so that every request between the last class below that limit
+    /// and the limit shares one capacity.
+    fn tensor_capacity(&self, bytes: u64) -> u64 {
+        size_class(bytes).min(self.max_tensor_bytes() & !3)
+    }
+
+    /// Creates the buffer `desc` describes for a request of `bytes` (what an error names; the
+    /// buffer may be larger), counted until dropped. Out of memory when `bytes` exceeds `limit`
+    /// or the device has no memory left for the buffer; the device stays usable.
+    fn create_buffer(
+        &self,
+        op: &'static str,
+        bytes: u64,
+        limit: u64,
+        desc: &wgpu::BufferDescriptor<'_>,
+    ) -> Result<Counted> {
+        if bytes > limit {
+            return Err(Error::OutOfMemory {
                 op,
-                msg: format!(
-                    "a tensor of {numel} elements ({size} bytes) exceeds the adapter's largest \
-                     storage buffer ({max} bytes); use a smaller batch or image size"
-                ),
+                bytes,
+                limit: Some(limit),
+                msg: if desc.usage.contains(wgpu::BufferUsages::STORAGE) {
+                    "this adapter binds no larger storage buffer".into()
+                } else {
+                    "this adapter creates no larger buffer".into()
+                },
             });
         }
         let scope = self
             .ctx
             .device
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(op),
-            size,
-            usage: TENSOR_USAGE,
-            mapped_at_creation: false,
-        });
+        let buffer = self.ctx.device.create_buffer(desc);
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu {
+            return Err(Error::OutOfMemory {
                 op,
-                msg: format!(
-                    "out of GPU memory allocating {size} bytes ({e}); use a smaller batch or model"
-                ),
+                bytes,
+                limit: None,
+                msg: e.to_string(),
             });
         }
+        Ok(self.ctx.pool.count(buffer))
+    }
+
+    /// A buffer for `numel` f32 values with unspecified contents, from the pool if it holds
+    /// one of the size class.
+    pub(crate) fn alloc(&self, op: &'static str, numel: usize) -> Result<GpuBuffer> {
+        let size = tensor_bytes(numel);
+        let capacity = self.tensor_capacity(size);
+        let buffer = match self.ctx.pool.take(capacity) {
+            Some(buffer) => buffer,
+            None => self.create_buffer(
+                op,
+                size,
+                self.max_tensor_bytes(),
+                &wgpu::BufferDescriptor {
+                    label: Some(op),
+                    size: capacity,
+                    usage: TENSOR_USAGE,
+                    mapped_at_creation: false,
+                },
+            )?,
+        };
         Ok(GpuBuffer::new(buffer, size, &self.ctx.pool))
     }
 
@@ -352,20 +420,26 @@ impl Gpu {
             ));
         }
         // A fresh buffer, written at creation: a pooled one may still be read by recorded work.
-        let mut bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
-        if bytes.is_empty() {
-            bytes.extend_from_slice(&[0; 4]);
-        }
-        use wgpu::util::DeviceExt;
-        let buffer = self
-            .ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        // It is created in its size class so that it can join the pool when dropped.
+        let size = tensor_bytes(numel);
+        let buffer = self.create_buffer(
+            "upload",
+            size,
+            self.max_tensor_bytes(),
+            &wgpu::BufferDescriptor {
                 label: Some("upload"),
-                contents: &bytes,
+                size: self.tensor_capacity(size),
                 usage: TENSOR_USAGE,
-            });
-        let size = bytes.len() as u64;
+                mapped_at_creation: true,
+            },
+        )?;
+        buffer
+            .raw()
+            .get_mapped_range_mut(..)
+            .map_err(|e| Error::Device(format!("writing an upload buffer failed: {e}")))?
+            .slice(..data.len() * 4)
+            .copy_from_slice(bytemuck::cast_slice(data));
+        buffer.raw().unmap();
         Ok(Tensor::from_gpu(
             shape,
             GpuBuffer::new(buffer, size, &self.ctx.pool),
@@ -376,19 +450,26 @@ impl Gpu {
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
         let slice = t.gpu_buffer("read")?;
         let size = slice.size;
-        let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
+        // Counted while the read runs, so that a step's peak includes it.
+        let staging = self.create_buffer(
+            "read",
             size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+            self.ctx.limits.max_buffer_size,
+            &wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            },
+        )?;
         {
             let mut rec = self.ctx.recorder.lock().unwrap();
-            rec.copy_raw(&self.ctx, slice.buffer.raw(), slice.offset, &staging, size);
+            rec.copy_raw(&self.ctx, slice.buffer.raw(), slice.offset, staging.raw(), size);
             rec.flush(&self.ctx);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         staging
+            .raw()
             .slice(..)
             .map_async(wgpu::MapMode::Read, move |r| tx.send(r).unwrap_or(()));
         self.wait()?;
@@ -396,10 +477,33 @@ impl Gpu {
             .map_err(|e| Error::Device(e.to_string()))?
             .map_err(|e| Error::Device(format!("mapping a readback buffer failed: {e}")))?;
         let view = staging
+            .raw()
             .get_mapped_range(..)
             .map_err(|e| Error::Device(e.to_string()))?;
         let mut out: Vec<f32> = bytemuck::cast_slice(&view[..]).to_vec();
         out.truncate(t.numel());
         Ok(out)
     }
+}
+
+/// Bytes of a tensor of `numel` f32 values (an empty one still takes 4).
+fn tensor_bytes(numel: usize) -> u64 {
+    (numel as u64).max(1).saturating_mul(4)
+}
+
+/// The pool cap `DIFFWGPU_POOL_CAP_MB` asks for, in bytes; the variable is read once per
+/// process.
+fn pool_cap_from_env() -> Result<Option<u64>> {
+    const VAR: &str = "DIFFWGPU_POOL_CAP_MB";
+    static VALUE: OnceLock<Option<String>> = OnceLock::new();
+    let Some(value) = VALUE.get_or_init(|| std::env::var(VAR).ok()) else {
+        return Ok(None);
+    };
+    let mib: u64 = value.trim().parse().map_err(|_| {
+        Error::invalid(
+            VAR,
+            format!("{value:?} is not a whole number of MiB (0 keeps no free buffers)"),
+        )
+    })?;
+    Ok(Some(mib.saturating_mul(1 << 20)))
 }

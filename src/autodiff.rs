@@ -42,6 +42,12 @@ enum Op {
         w: Var,
         b: Option<Var>,
     },
+    /// A linear layer whose weight and bias are several variables stacked.
+    LinearStacked {
+        x: Var,
+        ws: Vec<Var>,
+        bs: Vec<Var>,
+    },
     GroupNorm {
         x: Var,
         gamma: Var,
@@ -97,6 +103,7 @@ impl Op {
                 v.extend(b);
                 v
             }
+            Op::LinearStacked { x, ref ws, ref bs } => [vec![x], ws.clone(), bs.clone()].concat(),
             Op::GroupNorm { x, gamma, beta, .. } => vec![x, gamma, beta],
             Op::Silu { x }
             | Op::Upsample2x { x }
@@ -264,6 +271,47 @@ impl<'b> Tape<'b> {
         Ok(self.output(y, &inputs, || Op::Linear { x, w, b }))
     }
 
+    /// `x [M, K] W^T + b` with `W` the weights `ws` stacked row-wise and `b` the biases `bs`
+    /// concatenated: one product for several linear layers that read the same input (an
+    /// attention's query, key and value). Parameters of a group of the flat layout are
+    /// stacked as they lie; others are copied together.
+    pub fn linear_stacked(&mut self, x: Var, ws: &[Var], bs: &[Var]) -> Result<Var> {
+        let (w, b) = (self.stacked(ws)?, self.stacked(bs)?);
+        let y = self.be.linear(self.value(x), &w, Some(&b))?;
+        let inputs = [&[x], ws, bs].concat();
+        let (ws, bs) = (ws.to_vec(), bs.to_vec());
+        Ok(self.output(y, &inputs, || Op::LinearStacked { x, ws, bs }))
+    }
+
+    /// The values of `vars` stacked along their first dimension.
+    fn stacked(&self, vars: &[Var]) -> Result<Tensor> {
+        let parts: Vec<&Tensor> = vars.iter().map(|&v| self.value(v)).collect();
+        let Some(first) = parts.first() else {
+            return Err(Error::invalid("linear_stacked", "nothing to stack"));
+        };
+        let rows: usize = parts
+            .iter()
+            .map(|t| t.shape().first().copied().unwrap_or(1))
+            .sum();
+        let mut shape = first.shape().to_vec();
+        if shape.is_empty() || parts.iter().any(|t| t.shape()[1..] != shape[1..]) {
+            return Err(Error::invalid(
+                "linear_stacked",
+                "the stacked tensors differ in their trailing dimensions",
+            ));
+        }
+        shape[0] = rows;
+        if let Some(joined) = Tensor::joined(&parts, &shape) {
+            return Ok(joined);
+        }
+        let column = |t: &Tensor| t.reshape(&[1, t.numel(), 1, 1]);
+        let mut acc = column(first)?;
+        for t in &parts[1..] {
+            acc = self.be.concat_channels(&acc, &column(t)?)?;
+        }
+        acc.reshape(&shape)
+    }
+
     pub fn group_norm(&mut self, x: Var, gamma: Var, beta: Var, p: GroupNormParams) -> Result<Var> {
         let GroupNormOutput { y, mean, rstd } =
             self.be
@@ -380,68 +428,101 @@ impl<'b> Tape<'b> {
         be.gather_grads(&arena, plan, grads)
     }
 
-    /// The parts every parameter input of every node writes: regions of the arena in the
-    /// parameters' order, the parts of several uses of one parameter side by side.
+    /// The parts every parameter input of every node writes. Each lone parameter, and each
+    /// group of the layout (read whole by `linear_stacked`), is one region of the flat
+    /// buffer and of the arena; the parts of several uses of one region lie side by side.
     #[allow(clippy::type_complexity)]
     fn plan_parts(
         &self,
         layout: &ParamLayout,
     ) -> Result<(Vec<GradRegion>, HashMap<(usize, usize), (usize, usize)>)> {
         let be = self.be;
-        // Per parameter, its uses: (node, input slot, parts).
-        let mut uses: Vec<Vec<(usize, usize, usize)>> = vec![Vec::new(); layout.shapes.len()];
+        let lone = layout.shapes.len();
+        // Region `i < lone` is parameter i alone, region `lone + g` is group g.
+        let region_of = |vars: &[Var]| -> Result<Option<usize>> {
+            let params: Vec<Option<usize>> = vars.iter().map(|v| self.param_of[v.0]).collect();
+            if params.iter().all(Option::is_none) {
+                return Ok(None);
+            }
+            let params: Option<Vec<usize>> = params.into_iter().collect();
+            let region = match params.as_deref() {
+                Some(&[i]) if layout.group_of(i).is_none() => Some(i),
+                Some(ps) => layout
+                    .groups
+                    .iter()
+                    .position(|g| g.as_slice() == ps)
+                    .map(|g| lone + g),
+                None => None,
+            };
+            region.map(Some).ok_or_else(|| {
+                Error::invalid(
+                    "backward_params",
+                    "parameters must be read alone, or as exactly one group of the layout",
+                )
+            })
+        };
+        // Per region, its uses: (node, input slot, parts).
+        let mut uses: Vec<Vec<(usize, usize, usize)>> =
+            vec![Vec::new(); lone + layout.groups.len()];
         for (n, node) in self.nodes.iter().enumerate() {
-            let (inputs, splits): (Vec<Option<Var>>, Vec<usize>) = match &node.op {
+            let inputs: Vec<(Vec<Var>, usize)> = match &node.op {
                 Op::Conv2d { x, w, b, p } => {
                     let s = be.conv2d_grad_splits(self.value(*x), self.value(*w), p)?;
-                    (vec![Some(*w), *b], vec![s, s])
+                    let mut v = vec![(vec![*w], s)];
+                    v.extend(b.map(|b| (vec![b], s)));
+                    v
                 }
                 Op::Linear { x, w, b } => {
                     let (sw, sb) = be.linear_grad_splits(self.value(*x), self.value(*w))?;
-                    (vec![Some(*w), *b], vec![sw, sb])
+                    let mut v = vec![(vec![*w], sw)];
+                    v.extend(b.map(|b| (vec![b], sb)));
+                    v
+                }
+                Op::LinearStacked { x, ws, bs } => {
+                    let (sw, sb) = be.linear_grad_splits(self.value(*x), &self.stacked(ws)?)?;
+                    vec![(ws.clone(), sw), (bs.clone(), sb)]
                 }
                 Op::GroupNorm {
                     x, gamma, beta, p, ..
                 } => {
                     let s = be.group_norm_grad_splits(self.value(*x), self.value(*gamma), p)?;
-                    (vec![Some(*gamma), Some(*beta)], vec![s, s])
+                    vec![(vec![*gamma], s), (vec![*beta], s)]
                 }
                 op => {
-                    if let Some(v) = op.vars().into_iter().find(|v| self.param_of[v.0].is_some()) {
+                    if op.vars().iter().any(|v| self.param_of[v.0].is_some()) {
                         return Err(Error::invalid(
                             "backward_params",
-                            format!(
-                                "parameter {v:?} is read by an op that has no parameter gradient"
-                            ),
+                            "a parameter is read by an op that has no parameter gradient",
                         ));
                     }
                     continue;
                 }
             };
-            for (slot, (var, s)) in inputs.into_iter().zip(splits).enumerate() {
-                if let Some(i) = var.and_then(|v| self.param_of[v.0]) {
-                    if i >= uses.len() {
-                        return Err(Error::invalid(
-                            "backward_params",
-                            format!("parameter {i} is outside the layout"),
-                        ));
-                    }
-                    uses[i].push((n, slot, s));
+            for (slot, (vars, s)) in inputs.into_iter().enumerate() {
+                if let Some(r) = region_of(&vars)? {
+                    uses[r].push((n, slot, s));
                 }
             }
         }
         let mut regions = Vec::with_capacity(uses.len());
         let mut places = HashMap::new();
         let mut arena = 0;
-        for (i, uses) in uses.iter().enumerate() {
-            let len = layout.numel(i);
+        for (r, uses) in uses.iter().enumerate() {
+            let (flat, len) = if r < lone {
+                (layout.offsets[r], layout.numel(r))
+            } else {
+                layout.span(&layout.groups[r - lone])
+            };
+            if r < lone && layout.group_of(r).is_some() {
+                continue;
+            }
             let start = arena;
             for &(n, slot, s) in uses {
                 places.insert((n, slot), (arena, s));
                 arena += s * len;
             }
             regions.push(GradRegion {
-                flat: layout.offsets[i],
+                flat,
                 len,
                 arena: start,
                 splits: uses.iter().map(|u| u.2).sum(),
@@ -536,6 +617,23 @@ impl<'b> Tape<'b> {
         }
     }
 
+    /// `t`, the values of `vars` stacked, cut back into one tensor per variable.
+    fn unstacked(&self, vars: &[Var], t: &Tensor) -> Result<Vec<Tensor>> {
+        let mut rest = t.reshape(&[1, t.numel(), 1, 1])?;
+        let mut out = Vec::with_capacity(vars.len());
+        for (i, v) in vars.iter().enumerate() {
+            let shape = self.shape(*v).to_vec();
+            if i + 1 == vars.len() {
+                out.push(rest.reshape(&shape)?);
+                break;
+            }
+            let (part, tail) = self.be.split_channels(&rest, shape.iter().product())?;
+            out.push(part.reshape(&shape)?);
+            rest = tail;
+        }
+        Ok(out)
+    }
+
     fn backward_node(
         &self,
         n: usize,
@@ -581,6 +679,26 @@ impl<'b> Tape<'b> {
                 self.accumulate(g, *w, gr.dw)?;
                 if let (Some(b), Some(db)) = (b, gr.db) {
                     self.accumulate(g, *b, db)?;
+                }
+            }
+            Op::LinearStacked { x, ws, bs } => {
+                let (xv, w) = (self.value(*x), self.stacked(ws)?);
+                if let Some(parts) = self.parts(sink, n, 2)? {
+                    let need_dx = self.needs_grad[x.0];
+                    let dx =
+                        be.linear_backward_into(xv, &w, dy, need_dx, &parts[0], parts.get(1))?;
+                    if let Some(dx) = dx {
+                        self.accumulate(g, *x, dx)?;
+                    }
+                    return Ok(());
+                }
+                let gr = be.linear_backward(xv, &w, dy, true)?;
+                self.accumulate(g, *x, gr.dx)?;
+                let db = gr.db.expect("a bias gradient was asked for");
+                for (vars, grad) in [(ws, gr.dw), (bs, db)] {
+                    for (v, part) in vars.iter().zip(self.unstacked(vars, &grad)?) {
+                        self.accumulate(g, *v, part)?;
+                    }
                 }
             }
             Op::GroupNorm {

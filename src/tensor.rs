@@ -156,6 +156,21 @@ impl Tensor {
         })
     }
 
+    /// The tensors of `parts`, which lie one after another in one storage, seen as one tensor
+    /// of `shape` (no copy); `None` when they do not.
+    pub fn joined(parts: &[&Tensor], shape: &[usize]) -> Option<Tensor> {
+        let first = parts.first()?;
+        let numel: usize = parts.iter().map(|t| t.numel()).sum();
+        let adjacent = parts
+            .windows(2)
+            .all(|w| w[0].shares_storage(w[1]) && w[0].offset + w[0].numel() == w[1].offset);
+        (adjacent && shape.iter().product::<usize>() == numel).then(|| Tensor {
+            shape: shape.to_vec(),
+            storage: first.storage.clone(),
+            offset: first.offset,
+        })
+    }
+
     /// The range of the storage this tensor covers.
     fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.numel()

@@ -394,6 +394,30 @@ fn learning_rate_and_ema_schedules() {
     assert_eq!(h.ema_decay_at(u32::MAX as u64), 0.9999);
 }
 
+/// A batch too large for the adapter's largest buffer is an out-of-memory error that names
+/// the batch size and the bytes, and the device keeps working: a small step succeeds after.
+fn too_large_a_batch_is_a_clear_out_of_memory_error(g: &Gpu) {
+    // conv_in's output, [B, 16, 16, 16] floats, is the first tensor past the limit.
+    let limit = g.limits().max_storage_buffer_binding_size;
+    let batch = (limit / (16 * 16 * 16 * 4)) as usize + 1;
+    let values = tiny().params.initial_values(1);
+    let big = TrainHyper {
+        batch_size: batch,
+        ..hyper()
+    };
+    let mut t = trainer_from(g, &values, tiny(), big);
+    let err = t.step(&vec![0.1; batch * 256]).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, diffwgpu::Error::OutOfMemory { .. })
+            && msg.contains(&format!("batch size {batch}"))
+            && msg.contains("bytes"),
+        "{msg}"
+    );
+    let mut small = trainer(g, &values);
+    assert!(small.step(&seeded(3 * 256, 1)).unwrap().loss.is_finite());
+}
+
 tests! {
     cpu: [
         trainer_update_is_adamw_by_its_formula,
@@ -403,6 +427,7 @@ tests! {
         learning_rate_and_ema_schedules,
     ],
     gpu: [
+        too_large_a_batch_is_a_clear_out_of_memory_error,
         resumed_training_continues_exactly_on_gpu,
         tiny_model_overfits_one_fixed_batch_on_gpu,
         whole_training_steps_match_across_backends,

@@ -464,7 +464,13 @@ impl Gpu {
         )?;
         {
             let mut rec = self.ctx.recorder.lock().unwrap();
-            rec.copy_raw(&self.ctx, slice.buffer.raw(), slice.offset, staging.raw(), size);
+            rec.copy_raw(
+                &self.ctx,
+                slice.buffer.raw(),
+                slice.offset,
+                staging.raw(),
+                size,
+            );
             rec.flush(&self.ctx);
         }
         let (tx, rx) = std::sync::mpsc::channel();

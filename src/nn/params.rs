@@ -35,6 +35,10 @@ impl ParamSpec {
 #[derive(Debug, Default, Clone)]
 pub struct ParamList {
     pub specs: Vec<ParamSpec>,
+    /// Parameters that ops read as one tensor, stacked along their first dimension (the
+    /// attention's query, key and value weights: one matrix product): each group lies in
+    /// the flat layout as one contiguous block, its members in order.
+    pub groups: Vec<Vec<usize>>,
 }
 
 impl ParamList {
@@ -46,6 +50,41 @@ impl ParamList {
             init,
         });
         self.specs.len() - 1
+    }
+
+    /// Declares that `members` (same trailing dimensions) are read stacked as one tensor.
+    pub fn group(&mut self, members: &[usize]) {
+        self.groups.push(members.to_vec());
+    }
+
+    /// Where every parameter lives in a flat buffer.
+    pub fn layout(&self) -> ParamLayout {
+        let mut offsets = vec![0; self.specs.len()];
+        let mut placed = vec![false; self.specs.len()];
+        let mut total = 0;
+        for i in 0..self.specs.len() {
+            if placed[i] {
+                continue;
+            }
+            let members = self
+                .groups
+                .iter()
+                .find(|g| g.contains(&i))
+                .cloned()
+                .unwrap_or_else(|| vec![i]);
+            for m in members {
+                offsets[m] = total;
+                placed[m] = true;
+                total += self.specs[m].numel();
+            }
+            total = total.next_multiple_of(PARAM_ALIGN);
+        }
+        ParamLayout {
+            offsets,
+            shapes: self.specs.iter().map(|s| s.shape.clone()).collect(),
+            groups: self.groups.clone(),
+            total: total.max(1),
+        }
     }
 
     /// The total number of scalars.
@@ -79,30 +118,18 @@ impl ParamList {
 pub const PARAM_ALIGN: usize = 64;
 
 /// Where each parameter of a list lives in one flat buffer: the parameters in declaration
-/// order, each starting at a multiple of [`PARAM_ALIGN`], zeros between them. The weights,
-/// their gradients, AdamW's moments and the EMA weights of a model are each one such buffer.
+/// order, each starting at a multiple of [`PARAM_ALIGN`], zeros between them — except the
+/// members of a group, which follow each other without a gap at the place of the group's
+/// first member, so that the group is one block. The weights, their gradients, AdamW's
+/// moments and the EMA weights of a model are each one such buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamLayout {
     pub offsets: Vec<usize>,
     pub shapes: Vec<Vec<usize>>,
+    /// The groups of the list (see [`ParamList::groups`]).
+    pub groups: Vec<Vec<usize>>,
     /// Elements of the flat buffer.
     pub total: usize,
-}
-
-impl ParamList {
-    pub fn layout(&self) -> ParamLayout {
-        let mut offsets = Vec::with_capacity(self.specs.len());
-        let mut total = 0;
-        for spec in &self.specs {
-            offsets.push(total);
-            total = (total + spec.numel()).next_multiple_of(PARAM_ALIGN);
-        }
-        ParamLayout {
-            offsets,
-            shapes: self.specs.iter().map(|s| s.shape.clone()).collect(),
-            total: total.max(1),
-        }
-    }
 }
 
 impl ParamLayout {
@@ -142,6 +169,17 @@ impl ParamLayout {
         (0..self.shapes.len())
             .map(|i| flat[self.offsets[i]..][..self.numel(i)].to_vec())
             .collect()
+    }
+
+    /// The group parameter `i` belongs to, if any.
+    pub fn group_of(&self, i: usize) -> Option<usize> {
+        self.groups.iter().position(|g| g.contains(&i))
+    }
+
+    /// The block of the flat buffer a group (or a lone parameter) covers: `(offset, len)`.
+    pub fn span(&self, members: &[usize]) -> (usize, usize) {
+        let len = members.iter().map(|&m| self.numel(m)).sum();
+        (self.offsets[members[0]], len)
     }
 
     /// Every parameter as a view of the flat tensor `flat`.

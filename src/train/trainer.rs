@@ -208,8 +208,29 @@ impl<'b> Trainer<'b> {
     /// One optimizer step on the clean batch `x0` (`[B, C, S, S]` in [-1, 1], host memory):
     /// [`Self::gradients`] then [`Self::apply`].
     pub fn step(&mut self, x0: &[f32]) -> Result<StepStats> {
-        let g = self.gradients(x0)?;
-        self.apply(g)
+        let g = self.gradients(x0).map_err(|e| self.for_batch(e))?;
+        self.apply(g).map_err(|e| self.for_batch(e))
+    }
+
+    /// An out-of-memory error told which batch size needed the memory.
+    fn for_batch(&self, e: Error) -> Error {
+        match e {
+            Error::OutOfMemory {
+                op,
+                bytes,
+                limit,
+                msg,
+            } => Error::OutOfMemory {
+                op,
+                bytes,
+                limit,
+                msg: format!(
+                    "a training step of batch size {} needs it ({msg})",
+                    self.hyper.batch_size
+                ),
+            },
+            e => e,
+        }
     }
 
     /// The loss and the parameter gradients of the next step on the clean batch `x0`; the

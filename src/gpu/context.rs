@@ -231,7 +231,8 @@ impl Gpu {
             Some(cap) => cap,
             None => DEFAULT_POOL_CAP.min(limits.max_buffer_size / 4),
         };
-        let recorder = Recorder::new(&device);
+        let pool = Arc::new(BufferPool::new(pool_cap));
+        let recorder = Recorder::new(&device, &pool);
         Ok(Gpu {
             ctx: Arc::new(Context {
                 device,
@@ -239,7 +240,7 @@ impl Gpu {
                 info,
                 limits,
                 pipelines: PipelineCache::default(),
-                pool: Arc::new(BufferPool::new(pool_cap)),
+                pool,
                 recorder: Mutex::new(recorder),
                 errors,
             }),

@@ -8,7 +8,7 @@
 
 use bytemuck::Pod;
 
-use super::buffer::GpuBuffer;
+use super::buffer::{BufferPool, Counted, GpuBuffer};
 use super::context::{Context, Gpu};
 use super::pipeline::{Access, Kernel};
 use super::slice::GpuSlice;
@@ -61,7 +61,7 @@ pub(crate) struct Recorder {
     pass: Option<wgpu::ComputePass<'static>>,
     encoder: Option<wgpu::CommandEncoder>,
     uniforms: Vec<u8>,
-    arena: wgpu::Buffer,
+    arena: Counted,
     pub(crate) dispatches: u64,
     pub(crate) submits: u64,
     /// Dispatches per kernel entry point.
@@ -69,17 +69,18 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
-    pub(crate) fn new(device: &wgpu::Device) -> Self {
+    /// A recorder whose uniform arena is counted in `pool`'s allocated bytes.
+    pub(crate) fn new(device: &wgpu::Device, pool: &BufferPool) -> Self {
         Recorder {
             pass: None,
             encoder: None,
             uniforms: Vec::new(),
-            arena: device.create_buffer(&wgpu::BufferDescriptor {
+            arena: pool.count(device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("uniform arena"),
                 size: (UNIFORM_ALIGN * ARENA_SLOTS) as u64,
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
-            }),
+            })),
             dispatches: 0,
             submits: 0,
             by_kernel: Default::default(),
@@ -126,7 +127,7 @@ impl Recorder {
         self.pass = None;
         if let Some(encoder) = self.encoder.take() {
             if !self.uniforms.is_empty() {
-                ctx.queue.write_buffer(&self.arena, 0, &self.uniforms);
+                ctx.queue.write_buffer(self.arena.raw(), 0, &self.uniforms);
                 self.uniforms.clear();
             }
             ctx.queue.submit([encoder.finish()]);
@@ -136,7 +137,7 @@ impl Recorder {
 
     /// Reserves an arena slot for `params`, returning its offset and bound size.
     fn push_uniform(&mut self, ctx: &Context, params: &[u8]) -> (u64, u64) {
-        if self.uniforms.len() + UNIFORM_ALIGN > self.arena.size() as usize {
+        if self.uniforms.len() + UNIFORM_ALIGN > self.arena.raw().size() as usize {
             self.flush(ctx);
         }
         let offset = self.uniforms.len();
@@ -201,7 +202,7 @@ impl Gpu {
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &rec.arena,
+                buffer: rec.arena.raw(),
                 offset,
                 size: std::num::NonZeroU64::new(size),
             }),

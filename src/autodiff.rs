@@ -75,9 +75,7 @@ enum Op {
         x: Var,
     },
     Attention {
-        q: Var,
-        k: Var,
-        v: Var,
+        qkv: Var,
         heads: usize,
         lse: Tensor,
     },
@@ -105,7 +103,7 @@ impl Op {
             | Op::Dropout { x, .. } => vec![x],
             Op::Add { a, b } | Op::ConcatChannels { a, b } => vec![a, b],
             Op::AddPerChannel { x, v } => vec![x, v],
-            Op::Attention { q, k, v, .. } => vec![q, k, v],
+            Op::Attention { qkv, .. } => vec![qkv],
         }
     }
 }
@@ -317,19 +315,12 @@ impl<'b> Tape<'b> {
         Ok(self.output(y, &[x], || Op::Reshape { x }))
     }
 
-    /// `softmax(q k^T / sqrt(d)) v` per head over `[B, L, C]` tokens.
-    pub fn attention(&mut self, q: Var, k: Var, v: Var, heads: usize) -> Result<Var> {
-        let o = self
-            .be
-            .attention(self.value(q), self.value(k), self.value(v), heads)?;
+    /// `softmax(q k^T / sqrt(d)) v` per head over packed `qkv [B, L, 3C]` (rows q | k | v),
+    /// giving `[B, L, C]`.
+    pub fn attention(&mut self, qkv: Var, heads: usize) -> Result<Var> {
+        let o = self.be.attention(self.value(qkv), heads)?;
         let lse = o.lse;
-        Ok(self.output(o.out, &[q, k, v], || Op::Attention {
-            q,
-            k,
-            v,
-            heads,
-            lse,
-        }))
+        Ok(self.output(o.out, &[qkv], || Op::Attention { qkv, heads, lse }))
     }
 
     /// Inverted dropout with probability `p`: the identity without `with_dropout` (sampling)
@@ -649,28 +640,13 @@ impl<'b> Tape<'b> {
                 let dx = dy.reshape(self.shape(*x))?;
                 self.accumulate(g, *x, dx)?;
             }
-            Op::Attention {
-                q,
-                k,
-                v,
-                heads,
-                lse,
-            } => {
+            Op::Attention { qkv, heads, lse } => {
                 let saved = AttentionOutput {
                     out: y.clone(),
                     lse: lse.clone(),
                 };
-                let gr = be.attention_backward(
-                    self.value(*q),
-                    self.value(*k),
-                    self.value(*v),
-                    &saved,
-                    dy,
-                    *heads,
-                )?;
-                self.accumulate(g, *q, gr.dq)?;
-                self.accumulate(g, *k, gr.dk)?;
-                self.accumulate(g, *v, gr.dv)?;
+                let d_qkv = be.attention_backward(self.value(*qkv), &saved, dy, *heads)?;
+                self.accumulate(g, *qkv, d_qkv)?;
             }
             Op::Dropout { x, u, p } => {
                 let dx = be.dropout(dy, u, *p)?;

@@ -3,7 +3,7 @@
 
 use super::Backend;
 use crate::error::Result;
-use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
+use crate::ops::attention::{self, AttentionOutput};
 use crate::ops::conv2d::{self, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
@@ -179,26 +179,18 @@ impl Backend for Cpu {
         group_norm::cpu::backward_into(x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<AttentionOutput> {
-        attention::cpu::forward(q, k, v, heads)
+    fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {
+        attention::cpu::forward(qkv, heads)
     }
 
     fn attention_backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads> {
-        attention::cpu::backward(q, k, v, saved, d_out, heads)
+    ) -> Result<Tensor> {
+        attention::cpu::backward(qkv, saved, d_out, heads)
     }
 
     fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor> {

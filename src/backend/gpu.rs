@@ -4,7 +4,7 @@
 use super::Backend;
 use crate::error::Result;
 use crate::gpu::Gpu;
-use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
+use crate::ops::attention::{self, AttentionOutput};
 use crate::ops::conv2d::{self, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
@@ -170,26 +170,18 @@ impl Backend for Gpu {
         group_norm::gpu::backward_into(self, x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<AttentionOutput> {
-        attention::gpu::forward(self, q, k, v, heads)
+    fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {
+        attention::gpu::forward(self, qkv, heads)
     }
 
     fn attention_backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads> {
-        attention::gpu::backward(self, q, k, v, saved, d_out, heads)
+    ) -> Result<Tensor> {
+        attention::gpu::backward(self, qkv, saved, d_out, heads)
     }
 
     fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor> {

@@ -9,7 +9,7 @@
 //! parameter at once; every shape is checked before any work is done.
 
 use crate::error::Result;
-use crate::ops::attention::{AttentionGrads, AttentionOutput};
+use crate::ops::attention::AttentionOutput;
 use crate::ops::conv2d::{Conv2dGrads, Conv2dParams};
 use crate::ops::diffusion::{DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::TimestepEmbeddingParams;
@@ -219,23 +219,17 @@ pub trait Backend: Send + Sync {
     }
 
     // ---- attention (ops/attention.rs) -------------------------------------------------------
-    /// `softmax(q k^T / sqrt(d)) v` per head: `q, k, v [B, L, C]`, `C = heads * d`.
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<AttentionOutput>;
+    /// `softmax(q k^T / sqrt(d)) v` per head over packed projections: `qkv [B, L, 3C]`, each
+    /// row q | k | v with `C = heads * d`; the output is `[B, L, C]`.
+    fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput>;
+    /// `d_qkv [B, L, 3C] = dq | dk | dv`, packed as `qkv`, for `d_out [B, L, C]`.
     fn attention_backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads>;
+    ) -> Result<Tensor>;
 
     // ---- timestep embedding (ops/embedding.rs), forward only ---------------------------------
     /// `t [B]` (timesteps as f32) -> `[B, dim]`, as diffusers' `get_timestep_embedding`.

@@ -560,8 +560,15 @@ impl<'b> Tape<'b> {
                 let (xv, wv) = (self.value(*x), self.value(*w));
                 if let Some(parts) = self.parts(sink, n, 1 + b.is_some() as usize)? {
                     let need_dx = self.needs_grad[x.0];
-                    let dx =
-                        be.linear_backward_into(xv, wv, dy, need_dx, &parts[0], parts.get(1))?;
+                    let dx = be.linear_backward_into(
+                        xv,
+                        wv,
+                        dy,
+                        need_dx,
+                        None,
+                        &parts[0],
+                        parts.get(1),
+                    )?;
                     if let Some(dx) = dx {
                         self.accumulate(g, *x, dx)?;
                     }

@@ -140,10 +140,11 @@ impl Backend for Cpu {
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw: &Partials,
         db: Option<&Partials>,
     ) -> Result<Option<Tensor>> {
-        linear::cpu::backward_into(x, w, dy, need_dx, dw, db)
+        linear::cpu::backward_into(x, w, dy, need_dx, acc, dw, db)
     }
 
     fn group_norm(

@@ -131,10 +131,11 @@ impl Backend for Gpu {
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw: &Partials,
         db: Option<&Partials>,
     ) -> Result<Option<Tensor>> {
-        linear::gpu::backward_into(self, x, w, dy, need_dx, dw, db)
+        linear::gpu::backward_into(self, x, w, dy, need_dx, acc, dw, db)
     }
 
     fn group_norm(

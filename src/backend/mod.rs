@@ -122,13 +122,17 @@ pub trait Backend: Send + Sync {
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
     /// How many parts this backend splits a linear layer's weight and bias gradients into.
     fn linear_grad_splits(&self, x: &Tensor, w: &Tensor) -> Result<(usize, usize)>;
-    /// `dx` when `need_dx`; the parts of `dw` (and `db`) into the arena.
+    /// `dx = dy w + acc` when `need_dx` (`acc`, of x's shape, is the gradient x already has
+    /// from other consumers, added as dx is written; none adds nothing); the parts of `dw`
+    /// (and `db`) into the arena.
+    #[allow(clippy::too_many_arguments)]
     fn linear_backward_into(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw: &Partials,
         db: Option<&Partials>,
     ) -> Result<Option<Tensor>>;
@@ -152,7 +156,7 @@ pub trait Backend: Send + Sync {
             offset: sw * nw,
             splits: sb,
         };
-        let dx = self.linear_backward_into(x, w, dy, true, &dw, with_bias.then_some(&db))?;
+        let dx = self.linear_backward_into(x, w, dy, true, None, &dw, with_bias.then_some(&db))?;
         Ok(LinearGrads {
             dx: dx.expect("dx was asked for"),
             dw: self.reduce_partials(&dw, nw)?.reshape(w.shape())?,

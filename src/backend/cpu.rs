@@ -214,8 +214,13 @@ impl Backend for Cpu {
         reduce::cpu::mse_loss(pred, target)
     }
 
-    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor> {
-        reduce::cpu::mse_loss_backward(pred, target, d_loss)
+    fn mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        reduce::cpu::mse_loss_with_grad(pred, target, d_loss)
     }
 
     fn q_sample(

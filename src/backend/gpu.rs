@@ -205,8 +205,13 @@ impl Backend for Gpu {
         reduce::gpu::mse_loss(self, pred, target)
     }
 
-    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor> {
-        reduce::gpu::mse_loss_backward(self, pred, target, d_loss)
+    fn mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        reduce::gpu::mse_loss_with_grad(self, pred, target, d_loss)
     }
 
     fn q_sample(

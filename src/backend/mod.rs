@@ -248,8 +248,14 @@ pub trait Backend: Send + Sync {
     fn sum_squares(&self, x: &Tensor) -> Result<Tensor>;
     /// `mean((pred - target)^2)`, shape `[1]`.
     fn mse_loss(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor>;
-    /// `d pred = d_loss * 2 (pred - target) / N`.
-    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor>;
+    /// The loss `mse_loss(pred, target)` and its gradient
+    /// `d pred = d_loss * 2 (pred - target) / N`, made together.
+    fn mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)>;
 
     // ---- diffusion (ops/diffusion.rs) -------------------------------------------------------
     /// `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`, `t [B]` one timestep per sample,

@@ -102,20 +102,15 @@ fn bench_attention(c: &mut Criterion) {
         configure(&mut group);
         for (label, be) in &backends {
             let be = be.as_ref();
-            let shape = [b, l, ch];
-            let (q, k, v) = (
-                tensor(be, &shape, 1),
-                tensor(be, &shape, 2),
-                tensor(be, &shape, 3),
-            );
-            let d_out = tensor(be, &shape, 4);
-            let saved = be.attention(&q, &k, &v, heads).unwrap();
+            let qkv = tensor(be, &[b, l, 3 * ch], 1);
+            let d_out = tensor(be, &[b, l, ch], 4);
+            let saved = be.attention(&qkv, heads).unwrap();
             // Forward: S = Q K^T and O = P V, 2 B L^2 C each. Backward: dV, dP, dQ and dK,
             // 2 B L^2 C each (the recomputation of S the kernels do is not counted).
             group.throughput(Throughput::Elements((4 * b * l * l * ch) as u64));
             group.bench_function(format!("{label}/forward"), |it| {
                 it.iter(|| {
-                    let o = be.attention(&q, &k, &v, heads).unwrap();
+                    let o = be.attention(&qkv, heads).unwrap();
                     be.synchronize().unwrap();
                     o
                 })
@@ -123,9 +118,7 @@ fn bench_attention(c: &mut Criterion) {
             group.throughput(Throughput::Elements((8 * b * l * l * ch) as u64));
             group.bench_function(format!("{label}/backward"), |it| {
                 it.iter(|| {
-                    let g = be
-                        .attention_backward(&q, &k, &v, &saved, &d_out, heads)
-                        .unwrap();
+                    let g = be.attention_backward(&qkv, &saved, &d_out, heads).unwrap();
                     be.synchronize().unwrap();
                     g
                 })

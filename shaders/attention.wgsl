@@ -1,15 +1,22 @@
-// Multi-head scaled dot-product attention, flash-attention style: the L x L score matrix is
-// never stored; each workgroup streams blocks of keys (or queries) through workgroup memory.
+// Multi-head scaled dot-product attention over packed projections, flash-attention style: the
+// L x L score matrix is never stored; each workgroup streams blocks of keys (or queries)
+// through workgroup memory.
 //
-// Tensors are [B, L, C] with head h owning columns h*d .. (h+1)*d; lse and D are [B, heads, L].
+// qkv is [B, L, 3C]: each row is q (C values) | k (C) | v (C), and head h owns columns
+// h*d .. (h+1)*d of each, so the head's q, k and v rows are read with row stride 3C from
+// columns h*d, C + h*d and 2C + h*d. O and dO are [B, L, C]; lse and D are [B, heads, L]; the
+// gradient d_qkv = dQ | dK | dV is [B, L, 3C], laid out as qkv.
 // Per (b, h):  S = Q K^T * scale,  scale = 1/sqrt(d),  P = exp(S - lse),  O = P V.
 //
 //   attention_fwd:       O and lse = m + log(l) with the online softmax: per key block,
 //                        m' = max(m, rowmax S_blk), l' = l e^(m - m') + sum e^(S_blk - m'),
 //                        o' = o e^(m - m') + e^(S_blk - m') V_blk, and finally O = o / l.
 //   attention_bwd_delta: D_i = sum_j dO_ij O_ij.
-//   attention_bwd_dq:    dS = P * (dO V^T - D), dQ = dS K * scale, per block of query rows.
-//   attention_bwd_dkv:   dV = P^T dO, dK = dS^T Q * scale, per block of key rows.
+//   attention_bwd_dq:    dS = P * (dO V^T - D), dQ = dS K * scale, per block of query rows,
+//                        into the q columns of d_qkv.
+//   attention_bwd_dkv:   dV = P^T dO, dK = dS^T Q * scale, per block of key rows, into the
+//                        k and v columns of d_qkv.
+// The two gradient passes write disjoint columns of d_qkv, their one writable binding.
 //
 // A workgroup of ROW_WG = BR x TPR invocations owns BR rows: invocation (r, t) = (lid / TPR,
 // lid % TPR) holds row r's output columns t + TPR u (u < MAXCOL, so d <= 256) in registers, and the scores of
@@ -39,41 +46,40 @@ const DK: u32 = 16u;
 const MAXCOL: u32 = 16u;
 // Stands in for -infinity (WGSL does not promise infinities).
 const NEG_BIG: f32 = -3.0e38;
-// No element: `at` outside the head.
-const NONE: u32 = 0xffffffffu;
+
+// The operands of the score products: the column blocks of qkv (and of d_qkv), and dO.
+const Q: u32 = 0u;
+const K: u32 = 1u;
+const V: u32 = 2u;
+const DO: u32 = 3u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// Score operands. The scores of a block are x_rows . y_cols: pair a is (q, k) in the forward
-// and dQ passes and (k, q) in the dK/dV pass; pair b is (dO, v) in dQ and (v, dO) in dK/dV.
-@group(0) @binding(1) var<storage, read> xa: array<f32>;
-@group(0) @binding(2) var<storage, read> ya: array<f32>;
-@group(0) @binding(3) var<storage, read> xb: array<f32>;
-@group(0) @binding(4) var<storage, read> yb: array<f32>;
+// attention_fwd, attention_bwd_dq and attention_bwd_dkv: the packed q | k | v.
+@group(0) @binding(1) var<storage, read> qkv: array<f32>;
 
-// attention_fwd: q, k at 1, 2 (pair a), then v, out, lse.
-@group(0) @binding(3) var<storage, read> v_fwd: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
-@group(0) @binding(5) var<storage, read_write> lse_out: array<f32>;
+// attention_fwd: O and lse.
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> lse_out: array<f32>;
 
-// Backward: lse and D at 5, 6; dq at 7, or dk and dv at 7 and 8.
-@group(0) @binding(5) var<storage, read> lse: array<f32>;
-@group(0) @binding(6) var<storage, read> delta: array<f32>;
-@group(0) @binding(7) var<storage, read_write> grad_x: array<f32>;
-@group(0) @binding(8) var<storage, read_write> grad_v: array<f32>;
-
-// attention_bwd_delta: O, dO, D.
+// attention_bwd_delta: O, dO (below) and D.
 @group(0) @binding(1) var<storage, read> o_saved: array<f32>;
-@group(0) @binding(2) var<storage, read> d_out: array<f32>;
 @group(0) @binding(3) var<storage, read_write> delta_out: array<f32>;
+
+// Backward: dO at 2; the gradient passes then read lse and D and write d_qkv.
+@group(0) @binding(2) var<storage, read> d_out: array<f32>;
+@group(0) @binding(3) var<storage, read> lse: array<f32>;
+@group(0) @binding(4) var<storage, read> delta: array<f32>;
+@group(0) @binding(5) var<storage, read_write> d_qkv: array<f32>;
 
 var<workgroup> x_tile: array<f32, DK * BR>;   // [DK][BR]
 var<workgroup> y_tile: array<f32, DK * BC>;   // [DK][BC]
 var<workgroup> s_tile: array<f32, BR * BC>;   // [BR][BC]: scores, P or dS of the block
 var<workgroup> p_tile: array<f32, BR * BC>;   // [BR][BC]: P of the block (dK/dV pass)
 
-// Element (row, 0) of this workgroup's (b, head) in a [B, L, C] tensor.
-var<private> base: u32;
+// Element (row 0, feature 0) of this workgroup's (b, head) in qkv's q columns, and in O / dO.
+var<private> qkv_base: u32;
+var<private> o_base: u32;
 // This workgroup's (b, head) rows in lse and D: lse[bh_rows + i].
 var<private> bh_rows: u32;
 var<private> s: array<f32, SPT>;
@@ -81,8 +87,44 @@ var<private> s: array<f32, SPT>;
 fn setup(bh: u32) {
     let b = bh / p.heads;
     let h = bh % p.heads;
-    base = b * p.len * p.channels + h * p.head_dim;
+    qkv_base = b * p.len * 3u * p.channels + h * p.head_dim;
+    o_base = b * p.len * p.channels + h * p.head_dim;
     bh_rows = bh * p.len;
+}
+
+// Where element (row, f) of this head's q, k or v (`part`) lives in qkv, and its gradient in
+// d_qkv.
+fn qkv_at(part: u32, row: u32, f: u32) -> u32 {
+    return qkv_base + row * 3u * p.channels + part * p.channels + f;
+}
+
+// Where element (row, f) of this head lives in O and dO.
+fn o_at(row: u32, f: u32) -> u32 {
+    return o_base + row * p.channels + f;
+}
+
+fn inside(row: u32, f: u32) -> bool {
+    return row < p.len && f < p.head_dim;
+}
+
+// Element (row, f) of this head's q, k or v; 0 outside [L, d].
+fn load_qkv(part: u32, row: u32, f: u32) -> f32 {
+    if (inside(row, f)) {
+        return qkv[qkv_at(part, row, f)];
+    }
+    return 0.0;
+}
+
+// Element (row, f) of this head's q, k, v or dO (part DO); 0 outside [L, d]. Backward only:
+// the forward binds no dO.
+fn load(part: u32, row: u32, f: u32) -> f32 {
+    if (part != DO) {
+        return load_qkv(part, row, f);
+    }
+    if (inside(row, f)) {
+        return d_out[o_at(row, f)];
+    }
+    return 0.0;
 }
 
 // Index in the tiles of slice element e: x holds BR x DK (one per invocation), y BC x DK
@@ -95,16 +137,24 @@ fn tile_depth(e: u32) -> u32 {
     return e % DK;
 }
 
-// Where element (row, feature) of this head lives, or none when outside [L, d].
-fn at(row: u32, f: u32) -> u32 {
-    if (row < p.len && f < p.head_dim) {
-        return base + row * p.channels + f;
+fn stage_x(e: u32, v: f32) {
+    x_tile[tile_depth(e) * BR + tile_row(e)] = v;
+}
+
+fn stage_y(e: u32, v: f32) {
+    y_tile[tile_depth(e) * BC + tile_row(e)] = v;
+}
+
+fn clear_scores() {
+    for (var i = 0u; i < SPT; i++) {
+        s[i] = 0.0;
     }
-    return NONE;
 }
 
 // s[i] += sum_l x_tile[l][r] * y_tile[l][t + TPR i] over one staged slice.
-fn accumulate_slice(r: u32, t: u32) {
+fn accumulate_slice(lid: u32) {
+    let r = lid / TPR;
+    let t = lid % TPR;
     for (var l = 0u; l < DK; l++) {
         let xv = x_tile[l * BR + r];
         for (var i = 0u; i < SPT; i++) {
@@ -113,58 +163,31 @@ fn accumulate_slice(r: u32, t: u32) {
     }
 }
 
-// s[i] = xa[row0 + r] . ya[col0 + t + TPR i] over the d features of the head.
-fn scores_a(lid: u32, row0: u32, col0: u32) {
-    let r = lid / TPR;
-    let t = lid % TPR;
-    for (var i = 0u; i < SPT; i++) {
-        s[i] = 0.0;
-    }
+// s[i] = q[row0 + r] . k[col0 + t + TPR i] over the d features of the head.
+fn scores_fwd(lid: u32, row0: u32, col0: u32) {
+    clear_scores();
     for (var d0 = 0u; d0 < p.head_dim; d0 += DK) {
-        let ix = at(row0 + tile_row(lid), d0 + tile_depth(lid));
-        var xv = 0.0;
-        if (ix != NONE) {
-            xv = xa[ix];
-        }
-        x_tile[tile_depth(lid) * BR + tile_row(lid)] = xv;
+        stage_x(lid, load_qkv(Q, row0 + tile_row(lid), d0 + tile_depth(lid)));
         for (var e = lid; e < BC * DK; e += ROW_WG) {
-            let iy = at(col0 + tile_row(e), d0 + tile_depth(e));
-            var yv = 0.0;
-            if (iy != NONE) {
-                yv = ya[iy];
-            }
-            y_tile[tile_depth(e) * BC + tile_row(e)] = yv;
+            stage_y(e, load_qkv(K, col0 + tile_row(e), d0 + tile_depth(e)));
         }
         workgroupBarrier();
-        accumulate_slice(r, t);
+        accumulate_slice(lid);
         workgroupBarrier();
     }
 }
 
-// The same with pair b.
-fn scores_b(lid: u32, row0: u32, col0: u32) {
-    let r = lid / TPR;
-    let t = lid % TPR;
-    for (var i = 0u; i < SPT; i++) {
-        s[i] = 0.0;
-    }
+// s[i] = x[row0 + r] . y[col0 + t + TPR i] for parts x and y: (q, k) and (dO, v) in the dQ
+// pass, (k, q) and (v, dO) in the dK/dV pass.
+fn scores(lid: u32, row0: u32, col0: u32, x: u32, y: u32) {
+    clear_scores();
     for (var d0 = 0u; d0 < p.head_dim; d0 += DK) {
-        let ix = at(row0 + tile_row(lid), d0 + tile_depth(lid));
-        var xv = 0.0;
-        if (ix != NONE) {
-            xv = xb[ix];
-        }
-        x_tile[tile_depth(lid) * BR + tile_row(lid)] = xv;
+        stage_x(lid, load(x, row0 + tile_row(lid), d0 + tile_depth(lid)));
         for (var e = lid; e < BC * DK; e += ROW_WG) {
-            let iy = at(col0 + tile_row(e), d0 + tile_depth(e));
-            var yv = 0.0;
-            if (iy != NONE) {
-                yv = yb[iy];
-            }
-            y_tile[tile_depth(e) * BC + tile_row(e)] = yv;
+            stage_y(e, load(y, col0 + tile_row(e), d0 + tile_depth(e)));
         }
         workgroupBarrier();
-        accumulate_slice(r, t);
+        accumulate_slice(lid);
         workgroupBarrier();
     }
 }
@@ -183,7 +206,7 @@ fn attention_fwd(@builtin(workgroup_id) wid: vec3<u32>,
         o[u] = 0.0;
     }
     for (var col0 = 0u; col0 < p.len; col0 += BC) {
-        scores_a(lid, row0, col0);
+        scores_fwd(lid, row0, col0);
         for (var i = 0u; i < SPT; i++) {
             let c = t + TPR * i;
             s[i] = select(NEG_BIG, s[i] * p.scale, col0 + c < p.len);
@@ -209,11 +232,10 @@ fn attention_fwd(@builtin(workgroup_id) wid: vec3<u32>,
         for (var c = 0u; c < keys; c++) {
             let pc = s_tile[r * BC + c];
             l += pc;
-            let v_row = base + (col0 + c) * p.channels;
             for (var u = 0u; u < MAXCOL; u++) {
                 let j = t + TPR * u;
                 if (j < p.head_dim) {
-                    o[u] = fma(pc, v_fwd[v_row + j], o[u]);
+                    o[u] = fma(pc, qkv[qkv_at(V, col0 + c, j)], o[u]);
                 }
             }
         }
@@ -225,7 +247,7 @@ fn attention_fwd(@builtin(workgroup_id) wid: vec3<u32>,
         for (var u = 0u; u < MAXCOL; u++) {
             let j = t + TPR * u;
             if (j < p.head_dim) {
-                out[base + row * p.channels + j] = o[u] / l;
+                out[o_at(row, j)] = o[u] / l;
             }
         }
         if (t == 0u) {
@@ -245,9 +267,8 @@ fn attention_bwd_delta(@builtin(workgroup_id) wid: vec3<u32>,
         let i = idx % p.len;
         setup(bh);
         var sum = 0.0;
-        let row = base + i * p.channels;
         for (var j = 0u; j < p.head_dim; j++) {
-            sum = fma(d_out[row + j], o_saved[row + j], sum);
+            sum = fma(d_out[o_at(i, j)], o_saved[o_at(i, j)], sum);
         }
         delta_out[idx] = sum;
     }
@@ -273,11 +294,11 @@ fn attention_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
     }
     var scaled: array<f32, SPT>;
     for (var col0 = 0u; col0 < p.len; col0 += BC) {
-        scores_a(lid, row0, col0);
+        scores(lid, row0, col0, Q, K);
         for (var i = 0u; i < SPT; i++) {
             scaled[i] = s[i] * p.scale;
         }
-        scores_b(lid, row0, col0);
+        scores(lid, row0, col0, DO, V);
         for (var i = 0u; i < SPT; i++) {
             let c = t + TPR * i;
             let prob = exp(scaled[i] - lse_r);
@@ -287,11 +308,10 @@ fn attention_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
         let keys = min(BC, p.len - col0);
         for (var c = 0u; c < keys; c++) {
             let ds = s_tile[r * BC + c];
-            let k_row = base + (col0 + c) * p.channels;
             for (var u = 0u; u < MAXCOL; u++) {
                 let j = t + TPR * u;
                 if (j < p.head_dim) {
-                    dq[u] = fma(ds, ya[k_row + j], dq[u]);
+                    dq[u] = fma(ds, qkv[qkv_at(K, col0 + c, j)], dq[u]);
                 }
             }
         }
@@ -301,7 +321,7 @@ fn attention_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>,
         for (var u = 0u; u < MAXCOL; u++) {
             let j = t + TPR * u;
             if (j < p.head_dim) {
-                grad_x[base + row * p.channels + j] = dq[u] * p.scale;
+                d_qkv[qkv_at(Q, row, j)] = dq[u] * p.scale;
             }
         }
     }
@@ -324,11 +344,11 @@ fn attention_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
     }
     var scaled: array<f32, SPT>;
     for (var col0 = 0u; col0 < p.len; col0 += BC) {
-        scores_a(lid, row0, col0);
+        scores(lid, row0, col0, K, Q);
         for (var i = 0u; i < SPT; i++) {
             scaled[i] = s[i] * p.scale;
         }
-        scores_b(lid, row0, col0);
+        scores(lid, row0, col0, V, DO);
         for (var i = 0u; i < SPT; i++) {
             let c = t + TPR * i;
             let query = col0 + c;
@@ -346,12 +366,11 @@ fn attention_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
         for (var c = 0u; c < queries; c++) {
             let prob = p_tile[r * BC + c];
             let ds = s_tile[r * BC + c];
-            let q_row = base + (col0 + c) * p.channels;
             for (var u = 0u; u < MAXCOL; u++) {
                 let j = t + TPR * u;
                 if (j < p.head_dim) {
-                    dv[u] = fma(prob, yb[q_row + j], dv[u]);
-                    dk[u] = fma(ds, ya[q_row + j], dk[u]);
+                    dv[u] = fma(prob, d_out[o_at(col0 + c, j)], dv[u]);
+                    dk[u] = fma(ds, qkv[qkv_at(Q, col0 + c, j)], dk[u]);
                 }
             }
         }
@@ -361,8 +380,8 @@ fn attention_bwd_dkv(@builtin(workgroup_id) wid: vec3<u32>,
         for (var u = 0u; u < MAXCOL; u++) {
             let j = t + TPR * u;
             if (j < p.head_dim) {
-                grad_x[base + row * p.channels + j] = dk[u] * p.scale;
-                grad_v[base + row * p.channels + j] = dv[u];
+                d_qkv[qkv_at(K, row, j)] = dk[u] * p.scale;
+                d_qkv[qkv_at(V, row, j)] = dv[u];
             }
         }
     }

@@ -2,12 +2,14 @@
 //
 //   matmul:              C_s[i, j] = sum_{l in split s} A[i, l] B[l, j]
 //   matmul_bias:         C[i, j]   = sum_l A[i, l] B[l, j] + bias[j]        (one split)
+//   matmul_add:          C_s[i, j] = sum_{l in split s} A[i, l] B[l, j] + [s = 0] D[i, j]
 //   column_sums_partial: part[s, j] = sum_{i in row block s} dy[i, j]
 //
 // A [m, k] and B [k, n] are read through (row, column) strides, so the same kernel computes
 // y = x w^T (B = w^T), dx = dy w and dw = dy^T x (A = dy^T). C is row-major [m, n]; split s of
 // the reduction writes C_s at offset c_offset + s * m * n, and the parts are summed
-// afterwards (src/ops/grads.rs); a split past the end of k writes zeros.
+// afterwards (src/ops/grads.rs); a split past the end of k writes zeros. matmul_add adds the
+// row-major [m, n] matrix D to split 0 only, so the parts sum to A B + D (dx = dy w + acc).
 //
 // Tiling: a workgroup of WG_X x WG_Y invocations computes a BM x BN = (WG_Y * TM) x (WG_X * TN)
 // tile of C. Per step it stages a BM x BK slice of A and a BK x BN slice of B in workgroup
@@ -39,10 +41,12 @@ const TN: u32 = 4u;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 
-// matmul binds C at 3; matmul_bias binds the bias at 3 and C at 4.
+// matmul binds C at 3; matmul_bias binds the bias at 3 and C at 4; matmul_add binds D at 3
+// and C at 4.
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c_biased: array<f32>;
+@group(0) @binding(3) var<storage, read> addend: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c_plus: array<f32>;
 
 // column_sums_partial binds dy at 1 and the arena of parts at 2.
 @group(0) @binding(1) var<storage, read> src: array<f32>;
@@ -151,7 +155,26 @@ fn matmul_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         for (var j = 0u; j < TN; j++) {
             let cc = wid.x * WG_X * TN + lid.x + WG_X * j;
             if (r < p.m && cc < p.n) {
-                c_biased[r * p.n + cc] = acc[i][j] + bias[cc];
+                c_plus[r * p.n + cc] = acc[i][j] + bias[cc];
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    tile_product(wid, lid);
+    let base = p.c_offset + wid.z * p.m * p.n;
+    for (var i = 0u; i < TM; i++) {
+        let r = wid.y * WG_Y * TM + lid.y + WG_Y * i;
+        for (var j = 0u; j < TN; j++) {
+            let cc = wid.x * WG_X * TN + lid.x + WG_X * j;
+            if (r < p.m && cc < p.n) {
+                var v = acc[i][j];
+                if (wid.z == 0u) {
+                    v += addend[r * p.n + cc];
+                }
+                c_plus[base + r * p.n + cc] = v;
             }
         }
     }

@@ -7,8 +7,9 @@
 //   sum_partials:           out[w] = scale * sum_{i in chunk w} a_i
 //   sum_squares_partials:   out[w] = scale * sum_{i in chunk w} a_i^2
 //   squared_error_partials: out[w] = scale * sum_{i in chunk w} (a_i - b_i)^2
-//   mse_loss_backward:      one invocation per element, out_i = scale * (a_i - b_i)
-//                           (scale = 2 d_loss / N)
+//   mse_loss_with_grad:     the same, and grad_i = grad_scale * (a_i - b_i) for every i of
+//                           chunk w (grad_scale = 2 d_loss / N): the MSE loss's first pass
+//                           and its gradient in one
 
 override WG: u32 = 256u;
 override ITEMS: u32 = 16u;
@@ -17,6 +18,7 @@ override CHUNK: u32 = WG * ITEMS;
 struct Params {
     n: u32,
     scale: f32,
+    grad_scale: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,9 +27,11 @@ struct Params {
 // One-input entries write at binding 2.
 @group(0) @binding(2) var<storage, read_write> out1: array<f32>;
 
-// Two-input entries read b at binding 2 and write at binding 3.
+// Two-input entries read b at binding 2 and write at binding 3; mse_loss_with_grad writes
+// the gradient at 4.
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(4) var<storage, read_write> grad: array<f32>;
 
 var<workgroup> scratch: array<f32, WG>;
 
@@ -112,11 +116,21 @@ fn squared_error_partials(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 @compute @workgroup_size(WG)
-fn mse_loss_backward(@builtin(workgroup_id) wid: vec3<u32>,
-                     @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(local_invocation_index) lid: u32) {
-    let i = chunk_index(wid, nwg) * WG + lid;
-    if (i < p.n) {
-        out2[i] = p.scale * (a[i] - b[i]);
+fn mse_loss_with_grad(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let w = chunk_index(wid, nwg);
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = w * CHUNK + k * WG + lid;
+        if (i < p.n) {
+            let d = a[i] - b[i];
+            grad[i] = p.grad_scale * d;
+            acc += d * d;
+        }
+    }
+    let total = workgroup_sum(lid, acc);
+    if (lid == 0u && is_chunk(w)) {
+        out2[w] = p.scale * total;
     }
 }

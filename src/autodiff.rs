@@ -81,9 +81,7 @@ enum Op {
         x: Var,
     },
     Attention {
-        q: Var,
-        k: Var,
-        v: Var,
+        qkv: Var,
         heads: usize,
         lse: Tensor,
     },
@@ -112,7 +110,7 @@ impl Op {
             | Op::Dropout { x, .. } => vec![x],
             Op::Add { a, b } | Op::ConcatChannels { a, b } => vec![a, b],
             Op::AddPerChannel { x, v } => vec![x, v],
-            Op::Attention { q, k, v, .. } => vec![q, k, v],
+            Op::Attention { qkv, .. } => vec![qkv],
         }
     }
 }
@@ -365,19 +363,12 @@ impl<'b> Tape<'b> {
         Ok(self.output(y, &[x], || Op::Reshape { x }))
     }
 
-    /// `softmax(q k^T / sqrt(d)) v` per head over `[B, L, C]` tokens.
-    pub fn attention(&mut self, q: Var, k: Var, v: Var, heads: usize) -> Result<Var> {
-        let o = self
-            .be
-            .attention(self.value(q), self.value(k), self.value(v), heads)?;
+    /// `softmax(q k^T / sqrt(d)) v` per head over packed `qkv [B, L, 3C]` (rows q | k | v),
+    /// giving `[B, L, C]`.
+    pub fn attention(&mut self, qkv: Var, heads: usize) -> Result<Var> {
+        let o = self.be.attention(self.value(qkv), heads)?;
         let lse = o.lse;
-        Ok(self.output(o.out, &[q, k, v], || Op::Attention {
-            q,
-            k,
-            v,
-            heads,
-            lse,
-        }))
+        Ok(self.output(o.out, &[qkv], || Op::Attention { qkv, heads, lse }))
     }
 
     /// Inverted dropout with probability `p`: the identity without `with_dropout` (sampling)
@@ -667,8 +658,15 @@ impl<'b> Tape<'b> {
                 let (xv, wv) = (self.value(*x), self.value(*w));
                 if let Some(parts) = self.parts(sink, n, 1 + b.is_some() as usize)? {
                     let need_dx = self.needs_grad[x.0];
-                    let dx =
-                        be.linear_backward_into(xv, wv, dy, need_dx, &parts[0], parts.get(1))?;
+                    let dx = be.linear_backward_into(
+                        xv,
+                        wv,
+                        dy,
+                        need_dx,
+                        None,
+                        &parts[0],
+                        parts.get(1),
+                    )?;
                     if let Some(dx) = dx {
                         self.accumulate(g, *x, dx)?;
                     }
@@ -767,28 +765,13 @@ impl<'b> Tape<'b> {
                 let dx = dy.reshape(self.shape(*x))?;
                 self.accumulate(g, *x, dx)?;
             }
-            Op::Attention {
-                q,
-                k,
-                v,
-                heads,
-                lse,
-            } => {
+            Op::Attention { qkv, heads, lse } => {
                 let saved = AttentionOutput {
                     out: y.clone(),
                     lse: lse.clone(),
                 };
-                let gr = be.attention_backward(
-                    self.value(*q),
-                    self.value(*k),
-                    self.value(*v),
-                    &saved,
-                    dy,
-                    *heads,
-                )?;
-                self.accumulate(g, *q, gr.dq)?;
-                self.accumulate(g, *k, gr.dk)?;
-                self.accumulate(g, *v, gr.dv)?;
+                let d_qkv = be.attention_backward(self.value(*qkv), &saved, dy, *heads)?;
+                self.accumulate(g, *qkv, d_qkv)?;
             }
             Op::Dropout { x, u, p } => {
                 let dx = be.dropout(dy, u, *p)?;

@@ -1,5 +1,5 @@
-//! attention and attention_backward: GPU vs CPU, finite differences, a float64 reference at
-//! large logits, bad input.
+//! attention and attention_backward over packed `qkv [B, L, 3C]`: GPU vs CPU, finite
+//! differences, a float64 reference at large logits, bad input.
 
 mod common;
 
@@ -20,35 +20,46 @@ const CASES: &[(usize, usize, usize, usize)] = &[
     (1, 40, 1, 256),
 ];
 
-/// Forward and backward on `be` with inputs scaled by `mag`; every output by name.
+/// `[rows, 3C]` with row i = q_i | k_i | v_i, from `[rows, C]` q, k and v.
+fn pack(q: &[f32], k: &[f32], v: &[f32], c: usize) -> Vec<f32> {
+    q.chunks_exact(c)
+        .zip(k.chunks_exact(c))
+        .zip(v.chunks_exact(c))
+        .flat_map(|((q, k), v)| q.iter().chain(k).chain(v).copied())
+        .collect()
+}
+
+/// Part `part` (0: q, 1: k, 2: v) of a packed `[rows, 3C]` tensor, as `[rows, C]`.
+fn unpack(qkv: &[f32], c: usize, part: usize) -> Vec<f32> {
+    qkv.chunks_exact(3 * c)
+        .flat_map(|row| row[part * c..(part + 1) * c].iter().copied())
+        .collect()
+}
+
+/// Forward and backward on `be` with q and k scaled by `mag`; every output by name, the
+/// gradient unpacked into dq, dk and dv.
 fn run(
     be: &dyn Backend,
     (b, l, heads, d): (usize, usize, usize, usize),
     mag: f32,
     seed: u64,
 ) -> Vec<(&'static str, Vec<f32>)> {
-    let shape = [b, l, heads * d];
-    let n = b * l * heads * d;
-    let input = |s: u64| {
-        let data: Vec<f32> = seeded(n, s).iter().map(|v| v * mag).collect();
-        up(be, &shape, &data)
-    };
-    let (q, k, v) = (
-        input(seed),
-        input(seed + 1),
-        up(be, &shape, &seeded(n, seed + 2)),
-    );
-    let d_out = up(be, &shape, &seeded(n, seed + 3));
-    let fwd = be.attention(&q, &k, &v, heads).unwrap();
-    let g = be
-        .attention_backward(&q, &k, &v, &fwd, &d_out, heads)
-        .unwrap();
+    let c = heads * d;
+    let n = b * l * c;
+    let scaled = |s: u64| -> Vec<f32> { seeded(n, s).iter().map(|v| v * mag).collect() };
+    let qkv = pack(&scaled(seed), &scaled(seed + 1), &seeded(n, seed + 2), c);
+    let qkv = up(be, &[b, l, 3 * c], &qkv);
+    let d_out = up(be, &[b, l, c], &seeded(n, seed + 3));
+    let fwd = be.attention(&qkv, heads).unwrap();
+    let d_qkv = be.attention_backward(&qkv, &fwd, &d_out, heads).unwrap();
+    assert_eq!(d_qkv.shape(), [b, l, 3 * c]);
+    let d_qkv = down(be, &d_qkv);
     vec![
         ("out", down(be, &fwd.out)),
         ("lse", down(be, &fwd.lse)),
-        ("dq", down(be, &g.dq)),
-        ("dk", down(be, &g.dk)),
-        ("dv", down(be, &g.dv)),
+        ("dq", unpack(&d_qkv, c, 0)),
+        ("dk", unpack(&d_qkv, c, 1)),
+        ("dv", unpack(&d_qkv, c, 2)),
     ]
 }
 
@@ -67,7 +78,7 @@ fn forward_and_backward_match_cpu(g: &Gpu) {
     }
 }
 
-/// Float64 reference of one (b, head): out and lse.
+/// Float64 reference of one (b, head): out and lse, from unpacked `[B, L, C]` q, k, v.
 fn reference(
     q: &[f32],
     k: &[f32],
@@ -107,8 +118,8 @@ fn check_large_logits(be: &dyn Backend) {
     // softmax without the max subtraction overflows f32 (e^89 > 3.4e38).
     let case = LARGE_LOGITS;
     let (b, l, heads, d) = case;
-    let n = b * l * heads * d;
-    let shape = [b, l, heads * d];
+    let c = heads * d;
+    let n = b * l * c;
     let q: Vec<f32> = seeded(n, 1).iter().map(|v| v * 12.0).collect();
     let k: Vec<f32> = seeded(n, 2).iter().map(|v| v * 12.0).collect();
     let v = seeded(n, 3);
@@ -117,14 +128,8 @@ fn check_large_logits(be: &dyn Backend) {
         want_lse.iter().any(|x| x.abs() > 100.0),
         "the case must reach logits ~1e2"
     );
-    let fwd = be
-        .attention(
-            &up(be, &shape, &q),
-            &up(be, &shape, &k),
-            &up(be, &shape, &v),
-            heads,
-        )
-        .unwrap();
+    let qkv = up(be, &[b, l, 3 * c], &pack(&q, &k, &v, c));
+    let fwd = be.attention(&qkv, heads).unwrap();
     // Tolerance: an f32 score of magnitude ~300 carries ~2e-5 absolute rounding, which
     // moves the (near one-hot) softmax weights by about as much relative.
     let name = be.name();
@@ -168,53 +173,29 @@ fn large_logits_are_stable_on_gpu(g: &Gpu) {
 }
 
 fn gradients_match_finite_differences() {
-    let (b, l, heads, d) = (1, 4, 2, 3);
-    let shape = [b, l, heads * d];
-    let n = b * l * heads * d;
-    let (q, k, v) = (seeded(n, 1), seeded(n, 2), seeded(n, 3));
-    let r = seeded(n, 4);
+    // Two batches and two heads, so that every block of d_qkv (q, k, v columns of each head
+    // of each batch) is checked against its own differences.
+    let (b, l, heads, d) = (2, 4, 2, 3);
+    let shape = [b, l, 3 * heads * d];
+    let qkv = seeded(shape.iter().product(), 1);
+    let r = seeded(b * l * heads * d, 4);
     let t = |x: &[f32]| up(&Cpu, &shape, x);
-    let loss = |q: &[f32], k: &[f32], v: &[f32]| {
-        dot(
-            &down(
-                &Cpu,
-                &Cpu.attention(&t(q), &t(k), &t(v), heads).unwrap().out,
-            ),
-            &r,
-        )
-    };
-    let fwd = Cpu.attention(&t(&q), &t(&k), &t(&v), heads).unwrap();
-    let g = Cpu
-        .attention_backward(&t(&q), &t(&k), &t(&v), &fwd, &t(&r), heads)
+    let loss = |x: &[f32]| dot(&down(&Cpu, &Cpu.attention(&t(x), heads).unwrap().out), &r);
+    let fwd = Cpu.attention(&t(&qkv), heads).unwrap();
+    let d_out = up(&Cpu, &[b, l, heads * d], &r);
+    let d_qkv = Cpu
+        .attention_backward(&t(&qkv), &fwd, &d_out, heads)
         .unwrap();
     // Tolerance: central differences with h = 1e-2 on an O(1) smooth loss have O(h^2) ~ 1e-4
     // truncation error, plus f32 rounding of the loss over 2h.
     gradcheck(
-        "attention dq",
-        &q,
-        &down(&Cpu, &g.dq),
+        "attention d_qkv",
+        &qkv,
+        &down(&Cpu, &d_qkv),
         1e-2,
         1e-3,
         1e-2,
-        |x| loss(x, &k, &v),
-    );
-    gradcheck(
-        "attention dk",
-        &k,
-        &down(&Cpu, &g.dk),
-        1e-2,
-        1e-3,
-        1e-2,
-        |x| loss(&q, x, &v),
-    );
-    gradcheck(
-        "attention dv",
-        &v,
-        &down(&Cpu, &g.dv),
-        1e-2,
-        1e-3,
-        1e-2,
-        |x| loss(&q, &k, x),
+        loss,
     );
 }
 
@@ -228,14 +209,16 @@ fn empty_inputs_give_empty_outputs(g: &Gpu) {
             1e-6,
             1e-6,
             |be: &dyn Backend| {
-                let t = up(be, &[b, l, c], &vec![0.5; b * l * c]);
-                let fwd = be.attention(&t, &t, &t, 1).unwrap();
-                let g = be.attention_backward(&t, &t, &t, &fwd, &t, 1).unwrap();
-                assert_eq!(g.dq.shape(), [b, l, c]);
+                let qkv = up(be, &[b, l, 3 * c], &vec![0.5; b * l * 3 * c]);
+                let d_out = up(be, &[b, l, c], &vec![0.5; b * l * c]);
+                let fwd = be.attention(&qkv, 1).unwrap();
+                let d_qkv = be.attention_backward(&qkv, &fwd, &d_out, 1).unwrap();
+                assert_eq!(fwd.out.shape(), [b, l, c]);
+                assert_eq!(d_qkv.shape(), [b, l, 3 * c]);
                 vec![
                     ("out", down(be, &fwd.out)),
                     ("lse", down(be, &fwd.lse)),
-                    ("dq", down(be, &g.dq)),
+                    ("d_qkv", down(be, &d_qkv)),
                 ]
             },
         );
@@ -245,32 +228,42 @@ fn empty_inputs_give_empty_outputs(g: &Gpu) {
 /// Every bad call must be an `Err` naming the op, on both backends.
 fn check_bad_input(be: &dyn Backend) {
     let t = |shape: &[usize]| up(be, shape, &vec![0.0; shape.iter().product()]);
-    let (q, k, v) = (t(&[2, 5, 6]), t(&[2, 5, 6]), t(&[2, 5, 6]));
-    let fwd = |q: &Tensor, k: &Tensor, v: &Tensor, heads| be.attention(q, k, v, heads).map(|_| ());
+    let fwd = |qkv: &Tensor, heads| be.attention(qkv, heads).map(|_| ());
     let shape_err = |r: Result<(), Error>, want: &str| match r {
         Err(Error::Shape { op, .. }) => assert_eq!(op, want),
         other => panic!("{want}: expected a shape error, got {other:?}"),
     };
-    let invalid = |r: Result<(), Error>| assert!(matches!(r, Err(Error::Invalid { .. })), "{r:?}");
-    shape_err(fwd(&q, &t(&[2, 6, 6]), &v, 2), "attention");
-    shape_err(fwd(&q, &k, &t(&[2, 5, 3]), 2), "attention");
-    shape_err(fwd(&t(&[5, 6]), &t(&[5, 6]), &t(&[5, 6]), 2), "attention");
-    invalid(fwd(&q, &k, &v, 4));
-    invalid(fwd(&q, &k, &v, 0));
-    let no_features = t(&[2, 5, 0]);
-    invalid(fwd(&no_features, &no_features, &no_features, 1));
-    let saved = be.attention(&q, &k, &v, 2).unwrap();
-    let bwd = |saved: &AttentionOutput, d_out: &Tensor, heads| {
-        be.attention_backward(&q, &k, &v, saved, d_out, heads)
-            .map(|_| ())
+    let invalid = |r: Result<(), Error>, want: &str| match r {
+        Err(Error::Invalid { op, .. }) => assert_eq!(op, want),
+        other => panic!("{want}: expected an invalid-argument error, got {other:?}"),
     };
-    shape_err(bwd(&saved, &t(&[2, 5, 4]), 2), "attention_backward");
+    // [2, 5, 12]: q | k | v of 2 heads of width 2.
+    let qkv = t(&[2, 5, 12]);
+    shape_err(fwd(&t(&[10, 12]), 2), "attention");
+    // Widths that are not 3 heads d: not a multiple of 3, of 3 heads, or none at all.
+    invalid(fwd(&t(&[2, 5, 8]), 1), "attention");
+    invalid(fwd(&qkv, 3), "attention");
+    invalid(fwd(&qkv, 0), "attention");
+    invalid(fwd(&t(&[2, 5, 0]), 1), "attention");
+    let saved = be.attention(&qkv, 2).unwrap();
+    let d_out = t(&[2, 5, 4]);
+    let bwd = |saved: &AttentionOutput, d_out: &Tensor, heads| {
+        be.attention_backward(&qkv, saved, d_out, heads).map(|_| ())
+    };
+    bwd(&saved, &d_out, 2).unwrap();
+    // d_out shaped like qkv instead of like the output.
+    shape_err(bwd(&saved, &qkv, 2), "attention_backward");
+    let wrong_out = AttentionOutput {
+        out: qkv.clone(),
+        lse: saved.lse.clone(),
+    };
+    shape_err(bwd(&wrong_out, &d_out, 2), "attention_backward");
     let wrong_lse = AttentionOutput {
         out: saved.out.clone(),
         lse: t(&[2, 3, 5]),
     };
-    shape_err(bwd(&wrong_lse, &q, 2), "attention_backward");
-    invalid(bwd(&saved, &q, 4));
+    shape_err(bwd(&wrong_lse, &d_out, 2), "attention_backward");
+    invalid(bwd(&saved, &d_out, 3), "attention_backward");
 }
 
 fn bad_input_is_an_error_on_cpu() {
@@ -280,8 +273,8 @@ fn bad_input_is_an_error_on_cpu() {
 fn bad_input_is_an_error_on_gpu(g: &Gpu) {
     check_bad_input(g);
     // Heads wider than the GPU kernels' 256 columns are refused with a hint, not run.
-    let wide = up(g, &[1, 2, 512], &[0.0; 1024]);
-    let err = g.attention(&wide, &wide, &wide, 1).map(|_| ()).unwrap_err();
+    let wide = up(g, &[1, 2, 3 * 512], &[0.0; 2 * 3 * 512]);
+    let err = g.attention(&wide, 1).map(|_| ()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -296,9 +289,9 @@ fn bad_input_is_an_error_on_gpu(g: &Gpu) {
 }
 
 fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
-    let c = up(&Cpu, &[1, 3, 4], &[0.5; 12]);
-    let x = up(g, &[1, 3, 4], &[0.5; 12]);
-    let err = g.attention(&x, &c, &x, 2).map(|_| ()).unwrap_err();
+    let c = up(&Cpu, &[1, 3, 12], &[0.5; 36]);
+    let x = up(g, &[1, 3, 12], &[0.5; 36]);
+    let err = g.attention(&c, 2).map(|_| ()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -310,9 +303,10 @@ fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
         ),
         "{err}"
     );
-    let saved = g.attention(&x, &x, &x, 2).unwrap();
+    let saved = g.attention(&x, 2).unwrap();
+    let d_out = up(&Cpu, &[1, 3, 4], &[0.5; 12]);
     let err = g
-        .attention_backward(&x, &x, &x, &saved, &c, 2)
+        .attention_backward(&x, &saved, &d_out, 2)
         .map(|_| ())
         .unwrap_err();
     assert!(
@@ -325,7 +319,7 @@ fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
         ),
         "{err}"
     );
-    let err = Cpu.attention(&c, &c, &x, 2).map(|_| ()).unwrap_err();
+    let err = Cpu.attention(&x, 2).map(|_| ()).unwrap_err();
     assert!(
         matches!(
             err,

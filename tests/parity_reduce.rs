@@ -1,5 +1,6 @@
-//! sum, mean, sum_squares, mse_loss and its backward: GPU vs CPU, accuracy of a reduction of
-//! a million elements, finite differences, bad input.
+//! sum, mean, sum_squares, mse_loss and mse_loss_with_grad: GPU vs CPU, accuracy of a
+//! reduction of a million elements, the fused loss and gradient against mse_loss and the
+//! gradient's formula, finite differences, bad input.
 //!
 //! Tolerance of a GPU reduction: it sums in f32 by a tree (16 sequential additions per
 //! invocation, then trees of 256 per pass), so its error is bounded by about
@@ -52,13 +53,67 @@ fn forward_and_backward_match_cpu(g: &Gpu) {
             let (p, t) = (up(be, shape, &pred), up(be, shape, &target));
             vec![("mse_loss", down(be, &be.mse_loss(&p, &t).unwrap()))]
         });
-        // Elementwise: one subtraction and two multiplications, a few ulps.
-        parity(g, &format!("{case} mse_loss_backward"), 1e-7, 1e-6, |be| {
+        let with_grad = |be: &dyn Backend| {
             let (p, t) = (up(be, shape, &pred), up(be, shape, &target));
-            let dp = be.mse_loss_backward(&p, &t, 0.7).unwrap();
-            vec![("mse_loss_backward", down(be, &dp))]
-        });
+            be.mse_loss_with_grad(&p, &t, 0.7).unwrap()
+        };
+        parity(
+            g,
+            &format!("{case} mse_loss_with_grad loss"),
+            tol_mse,
+            0.0,
+            |be| vec![("loss", down(be, &with_grad(be).0))],
+        );
+        // Elementwise: one subtraction and two multiplications, a few ulps.
+        parity(
+            g,
+            &format!("{case} mse_loss_with_grad d_pred"),
+            1e-7,
+            1e-6,
+            |be| vec![("d_pred", down(be, &with_grad(be).1))],
+        );
     }
+}
+
+/// On `be`: the loss of `mse_loss_with_grad` is `mse_loss`'s (the same sums, so equal up to
+/// the last bit or two), and its gradient is `d_loss * 2 (pred - target) / N` elementwise.
+fn check_loss_with_grad(be: &dyn Backend) {
+    for (i, shape) in SIZES.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let pred = seeded(n, 100 + i as u64);
+        let target = seeded(n, 200 + i as u64);
+        let d_loss = -1.3;
+        let (p, t) = (up(be, shape, &pred), up(be, shape, &target));
+        let (loss, d_pred) = be.mse_loss_with_grad(&p, &t, d_loss).unwrap();
+        assert_eq!(loss.shape(), [1]);
+        assert_eq!(d_pred.shape(), *shape);
+        let name = format!("{} {shape:?}", be.name());
+        let want_loss = down(be, &be.mse_loss(&p, &t).unwrap());
+        assert_close(
+            &format!("{name} loss"),
+            &down(be, &loss),
+            &want_loss,
+            0.0,
+            2.0 * f32::EPSILON,
+        );
+        let s = 2.0 * d_loss / n as f32;
+        let want_grad: Vec<f32> = pred.iter().zip(&target).map(|(a, b)| s * (a - b)).collect();
+        assert_close(
+            &format!("{name} d_pred"),
+            &down(be, &d_pred),
+            &want_grad,
+            1e-7,
+            1e-6,
+        );
+    }
+}
+
+fn loss_with_grad_is_mse_loss_and_its_gradient_on_cpu() {
+    check_loss_with_grad(&Cpu);
+}
+
+fn loss_with_grad_is_mse_loss_and_its_gradient_on_gpu(g: &Gpu) {
+    check_loss_with_grad(g);
 }
 
 /// 2^20 seeded values, their exact sum and sum of squares, and the CPU's sum of them.
@@ -116,8 +171,8 @@ fn mse_gradient_matches_finite_differences() {
     let target = seeded(30, 2);
     let d_loss = 1.7;
     let tt = up(&Cpu, &shape, &target);
-    let dp = Cpu
-        .mse_loss_backward(&up(&Cpu, &shape, &pred), &tt, d_loss)
+    let (_, dp) = Cpu
+        .mse_loss_with_grad(&up(&Cpu, &shape, &pred), &tt, d_loss)
         .unwrap();
     gradcheck("mse_loss", &pred, &down(&Cpu, &dp), 1e-2, 1e-4, 1e-3, |p| {
         let loss = Cpu.mse_loss(&up(&Cpu, &shape, p), &tt).unwrap();
@@ -133,9 +188,9 @@ fn check_mismatched_shapes(be: &dyn Backend) {
         Err(Error::Shape { op: "mse_loss", .. })
     ));
     assert!(matches!(
-        be.mse_loss_backward(&a, &b, 1.0),
+        be.mse_loss_with_grad(&a, &b, 1.0),
         Err(Error::Shape {
-            op: "mse_loss_backward",
+            op: "mse_loss_with_grad",
             ..
         })
     ));
@@ -167,6 +222,13 @@ fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
         ));
     }
     assert!(matches!(
+        g.mse_loss_with_grad(&c, &gt, 1.0),
+        Err(Error::WrongBackend {
+            expected: "gpu",
+            ..
+        })
+    ));
+    assert!(matches!(
         Cpu.sum(&gt),
         Err(Error::WrongBackend {
             expected: "cpu",
@@ -174,7 +236,7 @@ fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
         })
     ));
     assert!(matches!(
-        Cpu.mse_loss_backward(&c, &gt, 1.0),
+        Cpu.mse_loss_with_grad(&c, &gt, 1.0),
         Err(Error::WrongBackend {
             expected: "cpu",
             ..
@@ -185,12 +247,14 @@ fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
 tests! {
     cpu: [
         million_element_sum_is_accurate_on_cpu,
+        loss_with_grad_is_mse_loss_and_its_gradient_on_cpu,
         mse_gradient_matches_finite_differences,
         mismatched_shapes_are_errors_on_cpu,
     ],
     gpu: [
         forward_and_backward_match_cpu,
         million_element_sum_is_accurate_on_gpu,
+        loss_with_grad_is_mse_loss_and_its_gradient_on_gpu,
         mismatched_shapes_are_errors_on_gpu,
         tensor_from_the_other_backend_is_an_error,
     ],

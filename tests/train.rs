@@ -38,8 +38,9 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend) {
         let p = tape.params(&state.param_views().unwrap());
         let xv = tape.leaf(xt.clone(), false);
         let out = model.forward(&mut tape, &p, xv, &t).unwrap();
-        let loss = be.mse_loss(tape.value(out), &target).unwrap();
-        let d = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
+        let (loss, d) = be
+            .mse_loss_with_grad(tape.value(out), &target, 1.0)
+            .unwrap();
         let layout = state.layout.clone();
         let norm2 = tape
             .backward_params(out, d, &layout, &mut plan, &mut grads)

@@ -3,7 +3,7 @@
 
 use super::Backend;
 use crate::error::Result;
-use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
+use crate::ops::attention::{self, AttentionOutput};
 use crate::ops::conv2d::{self, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
@@ -140,10 +140,11 @@ impl Backend for Cpu {
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw: &Partials,
         db: Option<&Partials>,
     ) -> Result<Option<Tensor>> {
-        linear::cpu::backward_into(x, w, dy, need_dx, dw, db)
+        linear::cpu::backward_into(x, w, dy, need_dx, acc, dw, db)
     }
 
     fn group_norm(
@@ -179,26 +180,18 @@ impl Backend for Cpu {
         group_norm::cpu::backward_into(x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<AttentionOutput> {
-        attention::cpu::forward(q, k, v, heads)
+    fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {
+        attention::cpu::forward(qkv, heads)
     }
 
     fn attention_backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads> {
-        attention::cpu::backward(q, k, v, saved, d_out, heads)
+    ) -> Result<Tensor> {
+        attention::cpu::backward(qkv, saved, d_out, heads)
     }
 
     fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor> {
@@ -221,8 +214,13 @@ impl Backend for Cpu {
         reduce::cpu::mse_loss(pred, target)
     }
 
-    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor> {
-        reduce::cpu::mse_loss_backward(pred, target, d_loss)
+    fn mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        reduce::cpu::mse_loss_with_grad(pred, target, d_loss)
     }
 
     fn q_sample(

@@ -4,7 +4,7 @@
 use super::Backend;
 use crate::error::Result;
 use crate::gpu::Gpu;
-use crate::ops::attention::{self, AttentionGrads, AttentionOutput};
+use crate::ops::attention::{self, AttentionOutput};
 use crate::ops::conv2d::{self, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
@@ -131,10 +131,11 @@ impl Backend for Gpu {
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw: &Partials,
         db: Option<&Partials>,
     ) -> Result<Option<Tensor>> {
-        linear::gpu::backward_into(self, x, w, dy, need_dx, dw, db)
+        linear::gpu::backward_into(self, x, w, dy, need_dx, acc, dw, db)
     }
 
     fn group_norm(
@@ -170,26 +171,18 @@ impl Backend for Gpu {
         group_norm::gpu::backward_into(self, x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<AttentionOutput> {
-        attention::gpu::forward(self, q, k, v, heads)
+    fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {
+        attention::gpu::forward(self, qkv, heads)
     }
 
     fn attention_backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads> {
-        attention::gpu::backward(self, q, k, v, saved, d_out, heads)
+    ) -> Result<Tensor> {
+        attention::gpu::backward(self, qkv, saved, d_out, heads)
     }
 
     fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor> {
@@ -212,8 +205,13 @@ impl Backend for Gpu {
         reduce::gpu::mse_loss(self, pred, target)
     }
 
-    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor> {
-        reduce::gpu::mse_loss_backward(self, pred, target, d_loss)
+    fn mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        reduce::gpu::mse_loss_with_grad(self, pred, target, d_loss)
     }
 
     fn q_sample(

@@ -9,7 +9,7 @@
 //! parameter at once; every shape is checked before any work is done.
 
 use crate::error::Result;
-use crate::ops::attention::{AttentionGrads, AttentionOutput};
+use crate::ops::attention::AttentionOutput;
 use crate::ops::conv2d::{Conv2dGrads, Conv2dParams};
 use crate::ops::diffusion::{DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::TimestepEmbeddingParams;
@@ -122,13 +122,17 @@ pub trait Backend: Send + Sync {
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
     /// How many parts this backend splits a linear layer's weight and bias gradients into.
     fn linear_grad_splits(&self, x: &Tensor, w: &Tensor) -> Result<(usize, usize)>;
-    /// `dx` when `need_dx`; the parts of `dw` (and `db`) into the arena.
+    /// `dx = dy w + acc` when `need_dx` (`acc`, of x's shape, is the gradient x already has
+    /// from other consumers, added as dx is written; none adds nothing); the parts of `dw`
+    /// (and `db`) into the arena.
+    #[allow(clippy::too_many_arguments)]
     fn linear_backward_into(
         &self,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw: &Partials,
         db: Option<&Partials>,
     ) -> Result<Option<Tensor>>;
@@ -152,7 +156,7 @@ pub trait Backend: Send + Sync {
             offset: sw * nw,
             splits: sb,
         };
-        let dx = self.linear_backward_into(x, w, dy, true, &dw, with_bias.then_some(&db))?;
+        let dx = self.linear_backward_into(x, w, dy, true, None, &dw, with_bias.then_some(&db))?;
         Ok(LinearGrads {
             dx: dx.expect("dx was asked for"),
             dw: self.reduce_partials(&dw, nw)?.reshape(w.shape())?,
@@ -219,23 +223,17 @@ pub trait Backend: Send + Sync {
     }
 
     // ---- attention (ops/attention.rs) -------------------------------------------------------
-    /// `softmax(q k^T / sqrt(d)) v` per head: `q, k, v [B, L, C]`, `C = heads * d`.
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<AttentionOutput>;
+    /// `softmax(q k^T / sqrt(d)) v` per head over packed projections: `qkv [B, L, 3C]`, each
+    /// row q | k | v with `C = heads * d`; the output is `[B, L, C]`.
+    fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput>;
+    /// `d_qkv [B, L, 3C] = dq | dk | dv`, packed as `qkv`, for `d_out [B, L, C]`.
     fn attention_backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads>;
+    ) -> Result<Tensor>;
 
     // ---- timestep embedding (ops/embedding.rs), forward only ---------------------------------
     /// `t [B]` (timesteps as f32) -> `[B, dim]`, as diffusers' `get_timestep_embedding`.
@@ -250,8 +248,14 @@ pub trait Backend: Send + Sync {
     fn sum_squares(&self, x: &Tensor) -> Result<Tensor>;
     /// `mean((pred - target)^2)`, shape `[1]`.
     fn mse_loss(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor>;
-    /// `d pred = d_loss * 2 (pred - target) / N`.
-    fn mse_loss_backward(&self, pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor>;
+    /// The loss `mse_loss(pred, target)` and its gradient
+    /// `d pred = d_loss * 2 (pred - target) / N`, made together.
+    fn mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)>;
 
     // ---- diffusion (ops/diffusion.rs) -------------------------------------------------------
     /// `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`, `t [B]` one timestep per sample,

@@ -3,6 +3,8 @@
 //!   tokens = GroupNorm(x) as [B, H*W, C]
 //!   out = to_out.0(softmax(to_q(tokens) to_k(tokens)^T / sqrt(d)) to_v(tokens)) per head
 //!   y = out as [B, C, H, W] + x
+//! The three projections are concatenated per token into the packed `qkv [B, L, 3C]` the
+//! attention op reads.
 
 use super::layers::{GroupNorm, Linear};
 use super::params::ParamList;
@@ -47,14 +49,18 @@ impl AttentionBlock {
         let flat = tape.reshape(normed, &[b, c, l])?;
         let tokens = tape.transpose(flat)?;
         let rows = tape.reshape(tokens, &[b * l, c])?;
+        // Each projection as [B L, C, 1, 1], so that concatenating channels packs the rows.
         let project = |tape: &mut Tape, layer: &Linear| -> Result<Var> {
             let y = layer.forward(tape, p, rows)?;
-            tape.reshape(y, &[b, l, c])
+            tape.reshape(y, &[b * l, c, 1, 1])
         };
         let q = project(tape, &self.to_q)?;
         let k = project(tape, &self.to_k)?;
         let v = project(tape, &self.to_v)?;
-        let o = tape.attention(q, k, v, self.heads)?;
+        let qk = tape.concat_channels(q, k)?;
+        let qkv = tape.concat_channels(qk, v)?;
+        let qkv = tape.reshape(qkv, &[b, l, 3 * c])?;
+        let o = tape.attention(qkv, self.heads)?;
         let o = tape.reshape(o, &[b * l, c])?;
         let o = self.to_out.forward(tape, p, o)?;
         let o = tape.reshape(o, &[b, l, c])?;

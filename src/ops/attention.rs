@@ -1,12 +1,16 @@
-//! Multi-head scaled dot-product self-attention.
+//! Multi-head scaled dot-product self-attention over packed projections.
 //!
-//! `q, k, v [B, L, C]` with `C = heads * d`; head `h` owns columns `h d .. (h + 1) d`. Per
-//! (batch, head), with `Q, K, V [L, d]` that head's columns:
-//!   S = Q K^T / sqrt(d),   lse_i = log sum_m exp(S_im),   P = exp(S - lse),   O = P V.
-//! Backward, for `dO`:
+//! `qkv [B, L, 3C]` holds each token's query, key and value side by side, the output of one
+//! matrix product: row = q (C values) | k (C) | v (C), with `C = heads * d`; head `h` owns
+//! columns `h d .. (h + 1) d` of each of the three. Per (batch, head), with `Q, K, V [L, d]`
+//! that head's columns:
+//!   S = Q K^T / sqrt(d),   lse_i = log sum_m exp(S_im),   P = exp(S - lse),   O = P V,
+//! and `out [B, L, C]` holds the heads' `O` side by side. Backward, for `dO [B, L, C]`:
 //!   dV = P^T dO,   dP = dO V^T,   D_i = sum_j dO_ij O_ij,   dS = P * (dP - D),
-//!   dQ = dS K / sqrt(d),   dK = dS^T Q / sqrt(d).
-//! The softmax is rebuilt from the saved `lse`, never stored.
+//!   dQ = dS K / sqrt(d),   dK = dS^T Q / sqrt(d),
+//! returned packed as qkv is, `d_qkv = dQ | dK | dV [B, L, 3C]`, so that the backward of the
+//! product that made qkv takes it whole. The softmax is rebuilt from the saved `lse`, never
+//! stored.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -21,17 +25,12 @@ pub struct AttentionOutput {
     pub lse: Tensor,
 }
 
-pub struct AttentionGrads {
-    pub dq: Tensor,
-    pub dk: Tensor,
-    pub dv: Tensor,
-}
-
 /// Sizes of one attention call.
 #[derive(Clone, Copy)]
 struct Dims {
     batch: usize,
     len: usize,
+    /// `C`: the width of each of q, k and v, and of the output.
     channels: usize,
     heads: usize,
     /// Head width `d = C / heads`.
@@ -43,32 +42,31 @@ impl Dims {
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
+
+    /// `[B, L, C]`: the output, its gradient and each of q, k, v.
+    fn out_shape(&self) -> [usize; 3] {
+        [self.batch, self.len, self.channels]
+    }
+
+    /// `[B, heads, L]`.
+    fn lse_shape(&self) -> [usize; 3] {
+        [self.batch, self.heads, self.len]
+    }
 }
 
-fn check_forward(
-    op: &'static str,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-) -> Result<Dims> {
-    check_rank(op, "q [B, L, C]", q, 3)?;
-    for (name, t) in [("k", k), ("v", v)] {
-        if t.shape() != q.shape() {
-            return Err(Error::shape(
-                op,
-                format!("{name} of the shape of q {:?}", q.shape()),
-                t.shape(),
-            ));
-        }
-    }
-    let (batch, len, channels) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    if heads == 0 || channels == 0 || channels % heads != 0 {
+fn check_forward(op: &'static str, qkv: &Tensor, heads: usize) -> Result<Dims> {
+    check_rank(op, "qkv [B, L, 3C]", qkv, 3)?;
+    let (batch, len, width) = (qkv.shape()[0], qkv.shape()[1], qkv.shape()[2]);
+    if heads == 0 || width == 0 || width % (3 * heads) != 0 {
         return Err(Error::invalid(
             op,
-            format!("{heads} heads do not divide C = {channels} into heads of width d >= 1"),
+            format!(
+                "qkv of width {width} is not q | k | v of {heads} heads of width d >= 1 \
+                 (a width of 3 heads d)"
+            ),
         ));
     }
+    let channels = width / 3;
     Ok(Dims {
         batch,
         len,
@@ -79,25 +77,24 @@ fn check_forward(
 }
 
 fn check_backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
     saved: &AttentionOutput,
     d_out: &Tensor,
     heads: usize,
 ) -> Result<Dims> {
     let op = "attention_backward";
-    let dims = check_forward(op, q, k, v, heads)?;
+    let dims = check_forward(op, qkv, heads)?;
+    let out_shape = dims.out_shape();
     for (name, t) in [("saved out", &saved.out), ("d_out", d_out)] {
-        if t.shape() != q.shape() {
+        if t.shape() != out_shape {
             return Err(Error::shape(
                 op,
-                format!("{name} of the shape of q {:?}", q.shape()),
+                format!("{name} [B, L, C] = {out_shape:?}"),
                 t.shape(),
             ));
         }
     }
-    let lse_shape = [dims.batch, heads, dims.len];
+    let lse_shape = dims.lse_shape();
     if saved.lse.shape() != lse_shape {
         return Err(Error::shape(
             op,
@@ -115,27 +112,65 @@ pub(crate) mod cpu {
     use crate::ops::linear::cpu::matmul;
     use crate::ops::linear::{row_major, transposed, Strided};
 
-    /// One head's `[L, d]` columns inside a `[L, C]` batch slice: row stride C.
-    fn head_cols(dims: &Dims) -> Strided {
-        Strided {
-            rs: dims.channels,
-            cs: 1,
+    /// Where the values of one `[B, L, C]` operand lie: in rows of `width` values, from column
+    /// `col` (head `h` then from `col + h d`).
+    #[derive(Clone, Copy)]
+    struct Cols {
+        width: usize,
+        col: usize,
+    }
+
+    /// The column blocks of q, k and v in qkv (and of dQ, dK and dV in d_qkv).
+    const Q: usize = 0;
+    const K: usize = 1;
+    const V: usize = 2;
+
+    /// Block `part` of a packed `[B, L, 3C]` tensor: rows of 3C values, from column `part C`.
+    fn packed(dims: &Dims, part: usize) -> Cols {
+        Cols {
+            width: 3 * dims.channels,
+            col: part * dims.channels,
         }
     }
 
-    /// `K^T [d, L]` of one head, read in place.
-    fn head_cols_t(dims: &Dims) -> Strided {
-        Strided {
-            rs: 1,
-            cs: dims.channels,
+    /// O and dO `[B, L, C]`.
+    fn unpacked(dims: &Dims) -> Cols {
+        Cols {
+            width: dims.channels,
+            col: 0,
         }
     }
 
-    /// The `(b, head)` slice of a `[B, L, C]` tensor, starting at element (0, head d).
-    fn head_slice<'a>(data: &'a [f32], dims: &Dims, bh: usize) -> &'a [f32] {
+    /// One head's `[L, d]` rows, read in place.
+    fn head_rows(c: Cols) -> Strided {
+        Strided { rs: c.width, cs: 1 }
+    }
+
+    /// The transpose `[d, L]` of one head's rows, read in place.
+    fn head_rows_t(c: Cols) -> Strided {
+        Strided { rs: 1, cs: c.width }
+    }
+
+    /// The `(b, head)` slice of an operand at `c`: from its element (0, 0) to the end of batch
+    /// `b`. Needs `L >= 1`.
+    fn head_slice<'a>(data: &'a [f32], dims: &Dims, bh: usize, c: Cols) -> &'a [f32] {
         let (b, h) = (bh / dims.heads, bh % dims.heads);
-        let start = b * dims.len * dims.channels + h * dims.head_dim;
-        &data[start..(b + 1) * dims.len * dims.channels]
+        let batch = dims.len * c.width;
+        &data[b * batch + c.col + h * dims.head_dim..(b + 1) * batch]
+    }
+
+    /// This `(b, head)`'s q, k and v, read in place from qkv.
+    fn qkv_heads<'a>(qkv: &'a [f32], dims: &Dims, bh: usize) -> [&'a [f32]; 3] {
+        [Q, K, V].map(|part| head_slice(qkv, dims, bh, packed(dims, part)))
+    }
+
+    /// (batch, head) pairs to compute: none without rows, which also leaves no head to slice.
+    fn tasks(dims: &Dims) -> usize {
+        if dims.len == 0 {
+            0
+        } else {
+            dims.batch * dims.heads
+        }
     }
 
     /// gemm threads per task: the tasks already fill the pool when there are enough of them.
@@ -148,60 +183,71 @@ pub(crate) mod cpu {
         }
     }
 
-    /// `S = Q K^T / sqrt(d)` `[L, L]` of one (batch, head).
-    fn scores(q: &[f32], k: &[f32], dims: &Dims, threads: usize) -> Vec<f32> {
+    /// `X Y^T [L, L]` of one (batch, head), for head slices `x` at `xc` and `y` at `yc`.
+    fn product_t(
+        (x, xc): (&[f32], Cols),
+        (y, yc): (&[f32], Cols),
+        dims: &Dims,
+        threads: usize,
+    ) -> Vec<f32> {
         let l = dims.len;
         let mut s = vec![0.0; l * l];
         matmul(
             (l, dims.head_dim, l),
-            q,
-            head_cols(dims),
-            k,
-            head_cols_t(dims),
+            x,
+            head_rows(xc),
+            y,
+            head_rows_t(yc),
             &mut s,
             l,
             false,
             threads,
         );
+        s
+    }
+
+    /// `S = Q K^T / sqrt(d)` `[L, L]` of one (batch, head).
+    fn scores(q: &[f32], k: &[f32], dims: &Dims, threads: usize) -> Vec<f32> {
+        let mut s = product_t((q, packed(dims, Q)), (k, packed(dims, K)), dims, threads);
         let scale = dims.scale();
         s.iter_mut().for_each(|v| *v *= scale);
         s
     }
 
-    /// Writes the `[L, d]` blocks of every (batch, head), in `bh` order, into a `[B, L, C]`.
-    fn gather_heads<'a>(blocks: impl IntoIterator<Item = &'a [f32]>, dims: &Dims) -> Vec<f32> {
-        let (l, c, d) = (dims.len, dims.channels, dims.head_dim);
-        let mut out = vec![0.0; dims.batch * l * c];
+    /// Writes the `[L, d]` block of every (batch, head), in `bh` order, to its place at `c`
+    /// in `dst`.
+    fn scatter_heads<'a>(
+        dst: &mut [f32],
+        blocks: impl IntoIterator<Item = &'a [f32]>,
+        dims: &Dims,
+        c: Cols,
+    ) {
+        let (l, d) = (dims.len, dims.head_dim);
         for (bh, block) in blocks.into_iter().enumerate() {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
-            for (i, row) in block.chunks_exact(d.max(1)).enumerate() {
-                let at = (b * l + i) * c + h * d;
-                out[at..at + d].copy_from_slice(row);
+            for (i, row) in block.chunks_exact(d).enumerate() {
+                let at = (b * l + i) * c.width + c.col + h * d;
+                dst[at..at + d].copy_from_slice(row);
             }
         }
-        out
     }
 
     /// Per (batch, head), in parallel: S, then a row softmax made stable by subtracting the
     /// row max (`lse_i = max_i + log sum_m exp(S_im - max_i)`), then `O = P V`.
-    pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<AttentionOutput> {
+    pub fn forward(qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {
         let op = "attention";
-        let dims = check_forward(op, q, k, v, heads)?;
-        let (qd, kd, vd) = (q.cpu_read(op)?, k.cpu_read(op)?, v.cpu_read(op)?);
+        let dims = check_forward(op, qkv, heads)?;
+        let data = qkv.cpu_read(op)?;
         let (l, d) = (dims.len, dims.head_dim);
-        let tasks = dims.batch * heads;
+        let tasks = tasks(&dims);
         let threads = threads_per_task(tasks);
         let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..tasks)
             .into_par_iter()
             .map(|bh| {
-                let mut p = scores(
-                    head_slice(&qd, &dims, bh),
-                    head_slice(&kd, &dims, bh),
-                    &dims,
-                    threads,
-                );
+                let [q, k, v] = qkv_heads(&data, &dims, bh);
+                let mut p = scores(q, k, &dims, threads);
                 let mut lse = Vec::with_capacity(l);
-                for row in p.chunks_exact_mut(l.max(1)) {
+                for row in p.chunks_exact_mut(l) {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0;
                     for s in row.iter_mut() {
@@ -212,13 +258,12 @@ pub(crate) mod cpu {
                     lse.push(max + sum.ln());
                 }
                 let mut o = vec![0.0; l * d];
-                let vh = head_slice(&vd, &dims, bh);
                 matmul(
                     (l, l, d),
                     &p,
                     row_major(l),
-                    vh,
-                    head_cols(&dims),
+                    v,
+                    head_rows(packed(&dims, V)),
                     &mut o,
                     d,
                     false,
@@ -228,49 +273,57 @@ pub(crate) mod cpu {
             })
             .collect();
         let (o_blocks, lse_blocks): (Vec<_>, Vec<_>) = per_head.into_iter().unzip();
+        let out_shape = dims.out_shape();
+        let mut out = vec![0.0; out_shape.iter().product()];
+        scatter_heads(
+            &mut out,
+            o_blocks.iter().map(Vec::as_slice),
+            &dims,
+            unpacked(&dims),
+        );
         Ok(AttentionOutput {
-            out: Tensor::from_cpu(
-                q.shape(),
-                gather_heads(o_blocks.iter().map(Vec::as_slice), &dims),
-            ),
-            lse: Tensor::from_cpu(&[dims.batch, heads, l], lse_blocks.concat()),
+            out: Tensor::from_cpu(&out_shape, out),
+            lse: Tensor::from_cpu(&dims.lse_shape(), lse_blocks.concat()),
         })
     }
 
     /// Per (batch, head), in parallel: `P = exp(S - lse)` rebuilt from the saved lse, then
-    /// dV, dP, D, dS, dQ and dK as in the module doc.
+    /// dV, dP, D, dS, dQ and dK as in the module doc, scattered into d_qkv.
     pub fn backward(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads> {
+    ) -> Result<Tensor> {
         let op = "attention_backward";
-        let dims = check_backward(q, k, v, saved, d_out, heads)?;
-        let (qd, kd, vd) = (q.cpu_read(op)?, k.cpu_read(op)?, v.cpu_read(op)?);
+        let dims = check_backward(qkv, saved, d_out, heads)?;
+        let data = qkv.cpu_read(op)?;
         let (od, lsed, dod) = (
             saved.out.cpu_read(op)?,
             saved.lse.cpu_read(op)?,
             d_out.cpu_read(op)?,
         );
         let (l, d) = (dims.len, dims.head_dim);
-        let tasks = dims.batch * heads;
+        let tasks = tasks(&dims);
         let threads = threads_per_task(tasks);
         let scale = dims.scale();
+        let (qc, kc, vc, oc) = (
+            packed(&dims, Q),
+            packed(&dims, K),
+            packed(&dims, V),
+            unpacked(&dims),
+        );
         let per_head: Vec<[Vec<f32>; 3]> = (0..tasks)
             .into_par_iter()
             .map(|bh| {
-                let (qh, kh, vh) = (
-                    head_slice(&qd, &dims, bh),
-                    head_slice(&kd, &dims, bh),
-                    head_slice(&vd, &dims, bh),
+                let [qh, kh, vh] = qkv_heads(&data, &dims, bh);
+                let (oh, doh) = (
+                    head_slice(&od, &dims, bh, oc),
+                    head_slice(&dod, &dims, bh, oc),
                 );
-                let (oh, doh) = (head_slice(&od, &dims, bh), head_slice(&dod, &dims, bh));
                 let lse = &lsed[bh * l..(bh + 1) * l];
                 let mut p = scores(qh, kh, &dims, threads);
-                for (row, &lse_i) in p.chunks_exact_mut(l.max(1)).zip(lse) {
+                for (row, &lse_i) in p.chunks_exact_mut(l).zip(lse) {
                     row.iter_mut().for_each(|s| *s = (*s - lse_i).exp());
                 }
                 let mut dv = vec![0.0; l * d];
@@ -279,30 +332,17 @@ pub(crate) mod cpu {
                     &p,
                     transposed(l),
                     doh,
-                    head_cols(&dims),
+                    head_rows(oc),
                     &mut dv,
                     d,
                     false,
                     threads,
                 );
-                let mut ds = vec![0.0; l * l];
-                matmul(
-                    (l, d, l),
-                    doh,
-                    head_cols(&dims),
-                    vh,
-                    head_cols_t(&dims),
-                    &mut ds,
-                    l,
-                    false,
-                    threads,
-                );
-                for (i, (ds_row, p_row)) in ds
-                    .chunks_exact_mut(l.max(1))
-                    .zip(p.chunks_exact(l.max(1)))
-                    .enumerate()
+                let mut ds = product_t((doh, oc), (vh, vc), &dims, threads);
+                for (i, (ds_row, p_row)) in
+                    ds.chunks_exact_mut(l).zip(p.chunks_exact(l)).enumerate()
                 {
-                    let row = i * dims.channels..i * dims.channels + d;
+                    let row = i * oc.width..i * oc.width + d;
                     let delta: f32 = doh[row.clone()]
                         .iter()
                         .zip(&oh[row])
@@ -319,7 +359,7 @@ pub(crate) mod cpu {
                     &ds,
                     row_major(l),
                     kh,
-                    head_cols(&dims),
+                    head_rows(kc),
                     &mut dq,
                     d,
                     false,
@@ -331,7 +371,7 @@ pub(crate) mod cpu {
                     &ds,
                     transposed(l),
                     qh,
-                    head_cols(&dims),
+                    head_rows(qc),
                     &mut dk,
                     d,
                     false,
@@ -340,12 +380,16 @@ pub(crate) mod cpu {
                 [dq, dk, dv]
             })
             .collect();
-        let part = |i: usize| gather_heads(per_head.iter().map(|g| g[i].as_slice()), &dims);
-        Ok(AttentionGrads {
-            dq: Tensor::from_cpu(q.shape(), part(0)),
-            dk: Tensor::from_cpu(q.shape(), part(1)),
-            dv: Tensor::from_cpu(q.shape(), part(2)),
-        })
+        let mut d_qkv = vec![0.0; qkv.numel()];
+        for (part, c) in [qc, kc, vc].into_iter().enumerate() {
+            scatter_heads(
+                &mut d_qkv,
+                per_head.iter().map(|g| g[part].as_slice()),
+                &dims,
+                c,
+            );
+        }
+        Ok(Tensor::from_cpu(qkv.shape(), d_qkv))
     }
 }
 
@@ -354,6 +398,7 @@ pub(crate) mod cpu {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
     len: u32,
+    /// `C`: qkv rows are `3C` wide, out rows `C`.
     channels: u32,
     heads: u32,
     head_dim: u32,
@@ -387,10 +432,14 @@ pub(crate) mod gpu {
         }
     }
 
-    const FORWARD: Kernel = kernel("attention_fwd", &[R, R, R, W, W]);
+    /// qkv; out, lse.
+    const FORWARD: Kernel = kernel("attention_fwd", &[R, W, W]);
+    /// O, dO; D.
     const BACKWARD_DELTA: Kernel = kernel("attention_bwd_delta", &[R, R, W]);
-    const BACKWARD_DQ: Kernel = kernel("attention_bwd_dq", &[R, R, R, R, R, R, W]);
-    const BACKWARD_DKV: Kernel = kernel("attention_bwd_dkv", &[R, R, R, R, R, R, W, W]);
+    /// qkv, dO, lse, D; d_qkv, the one writable binding: dQ into its q columns, and dK and
+    /// dV into its k and v columns.
+    const BACKWARD_DQ: Kernel = kernel("attention_bwd_dq", &[R, R, R, R, W]);
+    const BACKWARD_DKV: Kernel = kernel("attention_bwd_dkv", &[R, R, R, R, W]);
     pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_DELTA, BACKWARD_DQ, BACKWARD_DKV];
 
     /// GPU-only limits: the head width, the grid, and u32 indices.
@@ -405,7 +454,7 @@ pub(crate) mod gpu {
                 ),
             ));
         }
-        let numel = dims.batch * dims.len * dims.channels;
+        let numel = dims.batch * dims.len * 3 * dims.channels;
         if u32::try_from(numel).is_err() {
             return Err(Error::invalid(op, format!("{numel} elements exceed 2^32")));
         }
@@ -433,97 +482,62 @@ pub(crate) mod gpu {
     }
 
     /// One fused pass: scores, online softmax and `P V` per block of 16 query rows.
-    pub fn forward(
-        g: &Gpu,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-    ) -> Result<AttentionOutput> {
+    pub fn forward(g: &Gpu, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {
         let op = "attention";
-        let dims = check_forward(op, q, k, v, heads)?;
+        let dims = check_forward(op, qkv, heads)?;
         let (p, grid) = check_gpu(op, g, &dims)?;
-        let (qb, kb, vb) = (q.gpu_buffer(op)?, k.gpu_buffer(op)?, v.gpu_buffer(op)?);
-        let out = g.alloc(op, q.numel())?;
+        let qkvb = qkv.gpu_buffer(op)?;
+        let out_shape = dims.out_shape();
+        let out = g.alloc(op, out_shape.iter().product())?;
         let lse = g.alloc(op, dims.batch * heads * dims.len)?;
         let result = AttentionOutput {
-            out: Tensor::from_gpu(q.shape(), out.clone()),
-            lse: Tensor::from_gpu(&[dims.batch, heads, dims.len], lse.clone()),
+            out: Tensor::from_gpu(&out_shape, out.clone()),
+            lse: Tensor::from_gpu(&dims.lse_shape(), lse.clone()),
         };
         if dims.batch == 0 || dims.len == 0 {
             return Ok(result);
         }
-        let args = [
-            Arg::read(qb),
-            Arg::read(kb),
-            Arg::read(vb),
-            Arg::write(&out),
-            Arg::write(&lse),
-        ];
+        let args = [Arg::read(qkvb), Arg::write(&out), Arg::write(&lse)];
         g.dispatch(&FORWARD, &p, &args, grid)?;
         Ok(result)
     }
 
     /// Three passes: `D = rowsum(dO * O)`; dQ per block of query rows; dK and dV per block
-    /// of key rows. Each rebuilds `P` from the saved lse.
+    /// of key rows. Each rebuilds `P` from the saved lse; the last two write disjoint columns
+    /// of one d_qkv.
     pub fn backward(
         g: &Gpu,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         saved: &AttentionOutput,
         d_out: &Tensor,
         heads: usize,
-    ) -> Result<AttentionGrads> {
+    ) -> Result<Tensor> {
         let op = "attention_backward";
-        let dims = check_backward(q, k, v, saved, d_out, heads)?;
+        let dims = check_backward(qkv, saved, d_out, heads)?;
         let (p, grid) = check_gpu(op, g, &dims)?;
-        let (qb, kb, vb) = (q.gpu_buffer(op)?, k.gpu_buffer(op)?, v.gpu_buffer(op)?);
+        let qkvb = qkv.gpu_buffer(op)?;
         let (ob, lseb, dob) = (
             saved.out.gpu_buffer(op)?,
             saved.lse.gpu_buffer(op)?,
             d_out.gpu_buffer(op)?,
         );
         if dims.batch == 0 || dims.len == 0 {
-            let empty = || -> Result<Tensor> { Ok(Tensor::from_gpu(q.shape(), g.alloc(op, 0)?)) };
-            return Ok(AttentionGrads {
-                dq: empty()?,
-                dk: empty()?,
-                dv: empty()?,
-            });
+            return Ok(Tensor::from_gpu(qkv.shape(), g.alloc(op, 0)?));
         }
         let rows = dims.batch * heads * dims.len;
         let delta = g.alloc(op, rows)?;
         let args = [Arg::read(ob), Arg::read(dob), Arg::write(&delta)];
         g.dispatch(&BACKWARD_DELTA, &p, &args, elementwise_grid(rows))?;
-        let dq = g.alloc(op, q.numel())?;
+        let d_qkv = g.alloc(op, qkv.numel())?;
         let args = [
-            Arg::read(qb),
-            Arg::read(kb),
+            Arg::read(qkvb),
             Arg::read(dob),
-            Arg::read(vb),
             Arg::read(lseb),
             Arg::read(&delta),
-            Arg::write(&dq),
+            Arg::write(&d_qkv),
         ];
         g.dispatch(&BACKWARD_DQ, &p, &args, grid)?;
-        let dk = g.alloc(op, q.numel())?;
-        let dv = g.alloc(op, q.numel())?;
-        let args = [
-            Arg::read(kb),
-            Arg::read(qb),
-            Arg::read(vb),
-            Arg::read(dob),
-            Arg::read(lseb),
-            Arg::read(&delta),
-            Arg::write(&dk),
-            Arg::write(&dv),
-        ];
         g.dispatch(&BACKWARD_DKV, &p, &args, grid)?;
-        Ok(AttentionGrads {
-            dq: Tensor::from_gpu(q.shape(), dq),
-            dk: Tensor::from_gpu(q.shape(), dk),
-            dv: Tensor::from_gpu(q.shape(), dv),
-        })
+        Ok(Tensor::from_gpu(qkv.shape(), d_qkv))
     }
 }

@@ -1,7 +1,7 @@
 //! Linear layer y = x w^T + b, with `x [M, K]`, `w [N, K]`, `b [N]`, `y [M, N]`.
 //!
 //! Backward, for an upstream gradient `dy [M, N]`:
-//!   dx = dy w        `[M, K]`
+//!   dx = dy w (+ acc) `[M, K]`
 //!   dw = dy^T x      `[N, K]`
 //!   db = sum_m dy    `[N]` (column sums)
 //!
@@ -9,6 +9,9 @@
 //! column) strides, so a transpose costs nothing: on the CPU through the `gemm` crate, on the
 //! GPU through one tiled kernel. dw and db are written as partial sums into a step's arena
 //! (see `ops/grads.rs`): the GPU splits their reductions over the M rows, the CPU does not.
+//! `acc`, when given, is the gradient x already has from its other consumers: the product
+//! adds it as it writes dx (once, into the first part when dx's reduction is split), so
+//! the caller needs no separate sum.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -64,6 +67,7 @@ fn check_backward(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
+    (need_dx, acc): (bool, Option<&Tensor>),
     dw: &Partials,
     db: Option<&Partials>,
 ) -> Result<(usize, usize, usize)> {
@@ -71,6 +75,21 @@ fn check_backward(
     let (m, k, n) = check_forward(op, x, w)?;
     if dy.shape() != [m, n] {
         return Err(Error::shape(op, format!("dy [{m}, {n}]"), dy.shape()));
+    }
+    if let Some(acc) = acc {
+        if !need_dx {
+            return Err(Error::invalid(
+                op,
+                "acc is added to dx, which was not asked for",
+            ));
+        }
+        if acc.shape() != [m, k] {
+            return Err(Error::shape(
+                op,
+                format!("acc [{m}, {k}] (x's shape)"),
+                acc.shape(),
+            ));
+        }
     }
     dw.check(op, n * k)?;
     if let Some(db) = db {
@@ -203,21 +222,27 @@ pub(crate) mod cpu {
         Ok(())
     }
 
-    /// dx = dy w (when `need_dx`), dw = dy^T x, db = column sums of dy.
+    /// dx = dy w + acc (when `need_dx`; acc 0 when not given), dw = dy^T x, db = column sums
+    /// of dy.
     pub fn backward_into(
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw_out: &Partials,
         db_out: Option<&Partials>,
     ) -> Result<Option<Tensor>> {
         let op = "linear_backward";
-        let (m, k, n) = check_backward(x, w, dy, dw_out, db_out)?;
+        let (m, k, n) = check_backward(x, w, dy, (need_dx, acc), dw_out, db_out)?;
         let (xd, wd, dyd) = (x.cpu_read(op)?, w.cpu_read(op)?, dy.cpu_read(op)?);
         let threads = rayon::current_num_threads();
-        let dx = need_dx.then(|| {
-            let mut dx = vec![0.0; m * k];
+        let dx = if need_dx {
+            // dx starts as acc (or zeros) and the product is added.
+            let mut dx = match acc {
+                Some(acc) => acc.cpu_read(op)?.to_vec(),
+                None => vec![0.0; m * k],
+            };
             matmul(
                 (m, n, k),
                 &dyd,
@@ -226,11 +251,13 @@ pub(crate) mod cpu {
                 row_major(k),
                 &mut dx,
                 k,
-                false,
+                true,
                 threads,
             );
-            Tensor::from_cpu(&[m, k], dx)
-        });
+            Some(Tensor::from_cpu(&[m, k], dx))
+        } else {
+            None
+        };
         let mut dw = vec![0.0; n * k];
         matmul(
             (n, m, k),
@@ -340,8 +367,19 @@ pub(crate) mod gpu {
 
     const MATMUL: Kernel = kernel("matmul", &[R, R, W]);
     const MATMUL_BIAS: Kernel = kernel("matmul_bias", &[R, R, R, W]);
+    const MATMUL_ADD: Kernel = kernel("matmul_add", &[R, R, R, W]);
     const COLUMN_SUMS_PARTIAL: Kernel = kernel("column_sums_partial", &[R, W]);
-    pub(crate) const KERNELS: &[Kernel] = &[MATMUL, MATMUL_BIAS, COLUMN_SUMS_PARTIAL];
+    pub(crate) const KERNELS: &[Kernel] = &[MATMUL, MATMUL_BIAS, MATMUL_ADD, COLUMN_SUMS_PARTIAL];
+
+    /// What the epilogue of a product `A B [m, n]` adds as it writes the result.
+    #[derive(Clone, Copy)]
+    enum Addend<'a> {
+        None,
+        /// `bias [n]` to every row; the product runs in one part.
+        Bias(GpuSlice<'a>),
+        /// An `[m, n]` matrix, to part 0 only, so that the parts sum to `A B` plus it once.
+        Matrix(GpuSlice<'a>),
+    }
 
     #[allow(clippy::too_many_arguments)]
     fn params(
@@ -409,8 +447,9 @@ pub(crate) mod gpu {
         Ok((k_splits(n, m, k), db))
     }
 
-    /// `C = A [m, k] B [k, n] (+ bias[n])`, `splits` parts of the reduction over k, part `s`
-    /// into `c[c_offset + s m n ..]`. Trailing parts past the end of k are written as zeros.
+    /// `C = A [m, k] B [k, n] (+ addend)`, `splits` parts of the reduction over k, part `s`
+    /// into `c[c_offset + s m n ..]`. Trailing parts past the end of k are written as zeros;
+    /// a matrix addend goes into part 0 alone.
     #[allow(clippy::too_many_arguments)]
     fn matmul_into(
         g: &Gpu,
@@ -418,7 +457,7 @@ pub(crate) mod gpu {
         (m, k, n): (usize, usize, usize),
         (a, sa): (GpuSlice, Strided),
         (b, sb): (GpuSlice, Strided),
-        bias: Option<GpuSlice>,
+        addend: Addend,
         (c, c_offset, splits): (GpuSlice, usize, usize),
     ) -> Result<()> {
         let (m32, k32, n32) = (check_u32(op, m)?, check_u32(op, k)?, check_u32(op, n)?);
@@ -437,20 +476,20 @@ pub(crate) mod gpu {
             c_offset as u32,
         );
         let grid = [tiles[0].max(1), tiles[1].max(1), splits as u32];
-        match bias {
-            Some(bias) => {
-                let args = [Arg::read(a), Arg::read(b), Arg::read(bias), Arg::write(c)];
-                g.dispatch(&MATMUL_BIAS, &p, &args, grid)
-            }
-            None => {
+        let (kernel, addend) = match addend {
+            Addend::None => {
                 let args = [Arg::read(a), Arg::read(b), Arg::write(c)];
-                g.dispatch(&MATMUL, &p, &args, grid)
+                return g.dispatch(&MATMUL, &p, &args, grid);
             }
-        }
+            Addend::Bias(bias) => (&MATMUL_BIAS, bias),
+            Addend::Matrix(matrix) => (&MATMUL_ADD, matrix),
+        };
+        let args = [Arg::read(a), Arg::read(b), Arg::read(addend), Arg::write(c)];
+        g.dispatch(kernel, &p, &args, grid)
     }
 
-    /// `C [m, n] = A B (+ bias)` into a fresh buffer; a long reduction over a small output runs
-    /// in parts (without a bias) summed by `reduce_partials`.
+    /// `C [m, n] = A B (+ addend)` into a fresh buffer; a long reduction over a small output
+    /// (without a bias) runs in parts summed by `reduce_partials`.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         g: &Gpu,
@@ -458,13 +497,16 @@ pub(crate) mod gpu {
         (m, k, n): (usize, usize, usize),
         a: (GpuSlice, Strided),
         b: (GpuSlice, Strided),
-        bias: Option<GpuSlice>,
+        addend: Addend,
     ) -> Result<GpuBuffer> {
-        let splits = if bias.is_none() { k_splits(m, k, n) } else { 1 };
+        let splits = match addend {
+            Addend::Bias(_) => 1,
+            Addend::None | Addend::Matrix(_) => k_splits(m, k, n),
+        };
         if splits == 1 {
             let c = g.alloc(op, m * n)?;
             if m * n > 0 {
-                matmul_into(g, op, (m, k, n), a, b, bias, ((&c).into(), 0, 1))?;
+                matmul_into(g, op, (m, k, n), a, b, addend, ((&c).into(), 0, 1))?;
             }
             return Ok(c);
         }
@@ -475,7 +517,7 @@ pub(crate) mod gpu {
             (m, k, n),
             a,
             b,
-            None,
+            addend,
             (arena.gpu_buffer(op)?, 0, splits),
         )?;
         let parts = Partials {
@@ -522,7 +564,10 @@ pub(crate) mod gpu {
             check_bias(op, b, n)?;
         }
         let (xb, wb) = (x.gpu_buffer(op)?, w.gpu_buffer(op)?);
-        let bias = b.map(|b| b.gpu_buffer(op)).transpose()?;
+        let bias = match b {
+            Some(b) => Addend::Bias(b.gpu_buffer(op)?),
+            None => Addend::None,
+        };
         let y = matmul(
             g,
             op,
@@ -534,20 +579,26 @@ pub(crate) mod gpu {
         Ok(Tensor::from_gpu(&[m, n], y))
     }
 
-    /// dx = dy w (when `need_dx`) into a fresh buffer; the parts of dw = dy^T x and of the
-    /// column sums of dy into the arena.
+    /// dx = dy w + acc (when `need_dx`) into a fresh buffer, acc added by the product's
+    /// epilogue; the parts of dw = dy^T x and of the column sums of dy into the arena.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward_into(
         g: &Gpu,
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dw_out: &Partials,
         db_out: Option<&Partials>,
     ) -> Result<Option<Tensor>> {
         let op = "linear_backward";
-        let (m, k, n) = check_backward(x, w, dy, dw_out, db_out)?;
+        let (m, k, n) = check_backward(x, w, dy, (need_dx, acc), dw_out, db_out)?;
         let (xb, wb, dyb) = (x.gpu_buffer(op)?, w.gpu_buffer(op)?, dy.gpu_buffer(op)?);
+        let acc = match acc {
+            Some(acc) => Addend::Matrix(acc.gpu_buffer(op)?),
+            None => Addend::None,
+        };
         let dx = if need_dx {
             let dx = matmul(
                 g,
@@ -555,7 +606,7 @@ pub(crate) mod gpu {
                 (m, n, k),
                 (dyb, row_major(n)),
                 (wb, row_major(k)),
-                None,
+                acc,
             )?;
             Some(Tensor::from_gpu(&[m, k], dx))
         } else {
@@ -568,7 +619,7 @@ pub(crate) mod gpu {
                 (n, m, k),
                 (dyb, transposed(n)),
                 (xb, row_major(k)),
-                None,
+                Addend::None,
                 (dw_out.arena.gpu_buffer(op)?, dw_out.offset, dw_out.splits),
             )?;
         }

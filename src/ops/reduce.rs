@@ -3,6 +3,10 @@
 //!   sum(x) = sum_i x_i,  mean(x) = sum(x) / N,  sum_squares(x) = sum_i x_i^2,
 //!   mse_loss(p, t) = (1/N) sum_i (p_i - t_i)^2,  d p_i = d_loss * 2 (p_i - t_i) / N.
 //!
+//! `mse_loss_with_grad` gives the loss and its gradient `d p` together: on the GPU one pass
+//! over `p` and `t` writes `d p` and the first partial sums of the squared errors, which the
+//! summing passes then reduce like any other.
+//!
 //! CPU: the elements are cut into chunks of `CPU_CHUNK`, each chunk is summed in f64 (in
 //! parallel for large tensors) and the chunk sums are added in f64; only the result is rounded
 //! to f32, so the CPU value is the f32 rounding of an almost exact sum.
@@ -24,9 +28,10 @@ use crate::tensor::Tensor;
 struct Params {
     /// Elements this pass reads.
     n: u32,
-    /// Factor applied to every value written (`1/N` on the last pass of a mean, the
-    /// gradient factor of the MSE backward, 1 otherwise).
+    /// Factor applied to every sum written (`1/N` on the last pass of a mean, 1 otherwise).
     scale: f32,
+    /// Factor of the gradient `mse_loss_with_grad` writes: `2 d_loss / N`.
+    grad_scale: f32,
 }
 
 pub(crate) mod cpu {
@@ -70,28 +75,39 @@ pub(crate) mod cpu {
         Ok(scalar(sum_f64(&x, &x, |v, _| (v as f64) * (v as f64))))
     }
 
-    /// `mean((pred - target)^2)`.
-    pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-        check_same_shape("mse_loss", pred, target)?;
-        let p = pred.cpu_read("mse_loss")?;
-        let t = target.cpu_read("mse_loss")?;
-        let squared_error = sum_f64(&p, &t, |a, b| {
+    /// `mean((p - t)^2)`, the squared errors summed in f64.
+    fn mean_squared_error(p: &[f32], t: &[f32]) -> Tensor {
+        let squared_error = sum_f64(p, t, |a, b| {
             let d = a as f64 - b as f64;
             d * d
         });
-        Ok(scalar(squared_error / p.len() as f64))
+        scalar(squared_error / p.len() as f64)
     }
 
-    /// `d pred_i = d_loss * 2 (pred_i - target_i) / N`.
-    pub fn mse_loss_backward(pred: &Tensor, target: &Tensor, d_loss: f32) -> Result<Tensor> {
-        check_same_shape("mse_loss_backward", pred, target)?;
-        let s = 2.0 * d_loss / pred.numel() as f32;
-        let dp = crate::ops::elementwise::cpu::map2(
-            &pred.cpu_read("mse_loss_backward")?,
-            &target.cpu_read("mse_loss_backward")?,
-            |a, b| s * (a - b),
-        );
-        Ok(Tensor::from_cpu(pred.shape(), dp))
+    pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        let op = "mse_loss";
+        check_same_shape(op, pred, target)?;
+        Ok(mean_squared_error(
+            &pred.cpu_read(op)?,
+            &target.cpu_read(op)?,
+        ))
+    }
+
+    /// The loss, and `d pred_i = d_loss * 2 (pred_i - target_i) / N`.
+    pub fn mse_loss_with_grad(
+        pred: &Tensor,
+        target: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let op = "mse_loss_with_grad";
+        check_same_shape(op, pred, target)?;
+        let (p, t) = (pred.cpu_read(op)?, target.cpu_read(op)?);
+        let s = 2.0 * d_loss / p.len() as f32;
+        let dp = crate::ops::elementwise::cpu::map2(&p, &t, |a, b| s * (a - b));
+        Ok((
+            mean_squared_error(&p, &t),
+            Tensor::from_cpu(pred.shape(), dp),
+        ))
     }
 }
 
@@ -99,7 +115,7 @@ pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{grid, Access, Arg, Gpu, GpuBuffer, Kernel};
-    use crate::ops::{elementwise_grid, ELEMENTWISE_WG};
+    use crate::ops::ELEMENTWISE_WG;
 
     const SOURCE: &str = include_str!("../../shaders/reduce.wgsl");
 
@@ -123,33 +139,49 @@ pub(crate) mod gpu {
     const SUM_PARTIALS: Kernel = kernel("sum_partials", &[R, W]);
     const SUM_SQUARES_PARTIALS: Kernel = kernel("sum_squares_partials", &[R, W]);
     const SQUARED_ERROR_PARTIALS: Kernel = kernel("squared_error_partials", &[R, R, W]);
-    const MSE_LOSS_BACKWARD: Kernel = kernel("mse_loss_backward", &[R, R, W]);
+    /// pred, target; partials, d_pred.
+    const MSE_LOSS_WITH_GRAD: Kernel = kernel("mse_loss_with_grad", &[R, R, W, W]);
     pub(crate) const KERNELS: &[Kernel] = &[
         SUM_PARTIALS,
         SUM_SQUARES_PARTIALS,
         SQUARED_ERROR_PARTIALS,
-        MSE_LOSS_BACKWARD,
+        MSE_LOSS_WITH_GRAD,
     ];
 
     fn params(n: usize, scale: f32) -> Params {
-        Params { n: n as u32, scale }
+        Params {
+            n: n as u32,
+            scale,
+            grad_scale: 0.0,
+        }
     }
 
-    /// Reduces `inputs` to shape `[1]`: pass 1 runs `entry` (sum of `x`, of `x^2`, or of
+    /// Reduces `inputs` to shape `[1]`: pass 1 runs `first` (sum of `x`, of `x^2`, or of
     /// `(a - b)^2`) into per-workgroup partials, then `sum_partials` passes follow until one
-    /// value remains. The last pass multiplies by `scale`.
-    fn reduce(g: &Gpu, first: &Kernel, inputs: &[&Tensor], scale: f32) -> Result<Tensor> {
+    /// value remains. The last pass multiplies by `scale`. With `grad`, pass 1 also writes
+    /// the MSE gradient into its buffer, with its factor.
+    fn reduce(
+        g: &Gpu,
+        first: &Kernel,
+        inputs: &[&Tensor],
+        grad: Option<(&GpuBuffer, f32)>,
+        scale: f32,
+    ) -> Result<Tensor> {
         let entry = first.entry;
         let n = inputs[0].numel();
         let workgroups = n.div_ceil(GPU_CHUNK).max(1);
         let last_scale = |wg: usize| if wg == 1 { scale } else { 1.0 };
         let partials = g.alloc(entry, workgroups)?;
-        let mut args: Vec<Arg> = Vec::with_capacity(3);
+        let mut args: Vec<Arg> = Vec::with_capacity(4);
         for t in inputs {
             args.push(Arg::read(t.gpu_buffer(entry)?));
         }
         args.push(Arg::write(&partials));
-        let p = params(n, last_scale(workgroups));
+        let mut p = params(n, last_scale(workgroups));
+        if let Some((buffer, grad_scale)) = grad {
+            args.push(Arg::write(buffer));
+            p.grad_scale = grad_scale;
+        }
         g.dispatch(first, &p, &args, grid(workgroups as u32))?;
         sum_to_one(g, entry, partials, workgroups, scale)
     }
@@ -180,15 +212,15 @@ pub(crate) mod gpu {
     }
 
     pub fn sum(g: &Gpu, x: &Tensor) -> Result<Tensor> {
-        reduce(g, &SUM_PARTIALS, &[x], 1.0)
+        reduce(g, &SUM_PARTIALS, &[x], None, 1.0)
     }
 
     pub fn mean(g: &Gpu, x: &Tensor) -> Result<Tensor> {
-        reduce(g, &SUM_PARTIALS, &[x], 1.0 / x.numel() as f32)
+        reduce(g, &SUM_PARTIALS, &[x], None, 1.0 / x.numel() as f32)
     }
 
     pub fn sum_squares(g: &Gpu, x: &Tensor) -> Result<Tensor> {
-        reduce(g, &SUM_SQUARES_PARTIALS, &[x], 1.0)
+        reduce(g, &SUM_SQUARES_PARTIALS, &[x], None, 1.0)
     }
 
     pub fn mse_loss(g: &Gpu, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
@@ -197,30 +229,30 @@ pub(crate) mod gpu {
             g,
             &SQUARED_ERROR_PARTIALS,
             &[pred, target],
+            None,
             1.0 / pred.numel() as f32,
         )
     }
 
-    pub fn mse_loss_backward(
+    /// One pass writes `d_pred` and the partial sums of the squared errors; the summing
+    /// passes give the loss.
+    pub fn mse_loss_with_grad(
         g: &Gpu,
         pred: &Tensor,
         target: &Tensor,
         d_loss: f32,
-    ) -> Result<Tensor> {
-        const OP: &str = "mse_loss_backward";
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "mse_loss_with_grad";
         check_same_shape(OP, pred, target)?;
         let n = pred.numel();
-        let dp = g.alloc(OP, n)?;
-        g.dispatch(
-            &MSE_LOSS_BACKWARD,
-            &params(n, 2.0 * d_loss / n as f32),
-            &[
-                Arg::read(pred.gpu_buffer(OP)?),
-                Arg::read(target.gpu_buffer(OP)?),
-                Arg::write(&dp),
-            ],
-            elementwise_grid(n),
+        let d_pred = g.alloc(OP, n)?;
+        let loss = reduce(
+            g,
+            &MSE_LOSS_WITH_GRAD,
+            &[pred, target],
+            Some((&d_pred, 2.0 * d_loss / n as f32)),
+            1.0 / n as f32,
         )?;
-        Ok(Tensor::from_gpu(pred.shape(), dp))
+        Ok((loss, Tensor::from_gpu(pred.shape(), d_pred)))
     }
 }

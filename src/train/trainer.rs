@@ -269,8 +269,7 @@ impl<'b> Trainer<'b> {
         let p = tape.params(&self.state.param_views()?);
         let x = tape.leaf(x_t, false);
         let out = self.model.forward(&mut tape, &p, x, &t)?;
-        let loss = be.mse_loss(tape.value(out), &target)?;
-        let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0)?;
+        let (loss, d_out) = be.mse_loss_with_grad(tape.value(out), &target, 1.0)?;
         let layout = &self.state.layout;
         let norm2 = tape.backward_params(out, d_out, layout, &mut self.plan, &mut self.grads)?;
         Ok(StepGradients {

@@ -157,8 +157,9 @@ pub fn loss_and_grads(
     let t = be.upload(&[n], t).unwrap();
     let out = model.forward(&mut tape, &p, x, &t).unwrap();
     let target = be.upload(&[n, c.out_channels, s, s], target).unwrap();
-    let loss = be.mse_loss(tape.value(out), &target).unwrap();
-    let d_out = be.mse_loss_backward(tape.value(out), &target, 1.0).unwrap();
+    let (loss, d_out) = be
+        .mse_loss_with_grad(tape.value(out), &target, 1.0)
+        .unwrap();
     let out_values = be.to_vec(tape.value(out)).unwrap();
     let mut grads = tape.backward(out, d_out).unwrap();
     let grads = p

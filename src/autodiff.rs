@@ -120,6 +120,48 @@ struct Node {
     op: Op,
 }
 
+/// Where one input slot of an op writes the parts of its parameter gradient.
+struct Slot {
+    /// In the plan's arena (else in the op's fresh arena).
+    planned: bool,
+    offset: usize,
+    splits: usize,
+    /// Values of the gradient.
+    len: usize,
+    /// The variables whose gradient it is, stacked.
+    vars: Vec<Var>,
+}
+
+/// The parameter-gradient parts of one op (see `Tape::targets`).
+struct Targets<'a> {
+    plan_arena: Option<&'a Tensor>,
+    fresh: Option<Tensor>,
+    slots: Vec<Slot>,
+}
+
+impl Targets<'_> {
+    fn part(&self, i: usize) -> Partials<'_> {
+        let s = &self.slots[i];
+        let arena = if s.planned {
+            self.plan_arena
+                .expect("planned parts have the plan's arena")
+        } else {
+            self.fresh
+                .as_ref()
+                .expect("unplanned parts have a fresh arena")
+        };
+        Partials {
+            arena,
+            offset: s.offset,
+            splits: s.splits,
+        }
+    }
+
+    fn part_opt(&self, i: usize) -> Option<Partials<'_>> {
+        (i < self.slots.len()).then(|| self.part(i))
+    }
+}
+
 /// Where the parameter gradients of a backward pass go.
 enum ParamSink<'a> {
     /// As tensors among the returned gradients, like every other variable's.
@@ -577,39 +619,85 @@ impl<'b> Tape<'b> {
         Ok(())
     }
 
-    /// The parts input slots `0..slots` of node `n` write, when the sink collects parts and
-    /// those inputs are parameters; `None` where the gradients are tensors. Either every slot
-    /// is a parameter or none is.
-    fn parts<'a>(
+    /// The parameter-gradient parts node `n` writes for its input slots: `(variables read
+    /// stacked, gradient length, parts)` each. A slot the plan placed writes into the plan's
+    /// arena; any other into a fresh arena, whose sums [`Self::finish`] adds to the
+    /// variables' gradients (the reference path of `backward`, and weights that are not
+    /// parameters).
+    fn targets<'a>(
         &self,
         sink: &'a ParamSink,
         n: usize,
-        slots: usize,
-    ) -> Result<Option<Vec<Partials<'a>>>> {
-        let ParamSink::Parts { arena, places } = sink else {
-            return Ok(None);
+        slots: Vec<(Vec<Var>, usize, usize)>,
+    ) -> Result<Targets<'a>> {
+        let (plan_arena, places) = match sink {
+            ParamSink::Parts { arena, places } => (Some(*arena), Some(places)),
+            ParamSink::Tensors => (None, None),
         };
-        let parts: Vec<Partials> = (0..slots)
-            .filter_map(|slot| {
-                places.get(&(n, slot)).map(|&(offset, splits)| Partials {
-                    arena,
+        let mut fresh_len = 0;
+        let mut out = Vec::with_capacity(slots.len());
+        for (i, (vars, len, splits)) in slots.into_iter().enumerate() {
+            match places.and_then(|p| p.get(&(n, i))) {
+                Some(&(offset, splits)) => out.push(Slot {
+                    planned: true,
                     offset,
                     splits,
-                })
-            })
-            .collect();
-        match parts.len() {
-            0 => Ok(None),
-            len if len == slots => Ok(Some(parts)),
-            _ => Err(Error::invalid(
-                "backward_params",
-                "an op's weight and bias must both be parameters, or neither",
-            )),
+                    len,
+                    vars,
+                }),
+                None => {
+                    out.push(Slot {
+                        planned: false,
+                        offset: fresh_len,
+                        splits,
+                        len,
+                        vars,
+                    });
+                    fresh_len += splits * len;
+                }
+            }
+        }
+        let fresh = if fresh_len > 0 {
+            Some(self.be.zeros(&[fresh_len])?)
+        } else {
+            None
+        };
+        Ok(Targets {
+            plan_arena,
+            fresh,
+            slots: out,
+        })
+    }
+
+    /// Adds the sums of the fresh arena's parts to the gradients of their variables.
+    fn finish(&self, t: &Targets, g: &mut Gradients) -> Result<()> {
+        for (i, slot) in t.slots.iter().enumerate() {
+            if slot.planned || !slot.vars.iter().any(|v| self.needs_grad[v.0]) {
+                continue;
+            }
+            let sum = self.be.reduce_partials(&t.part(i), slot.len)?;
+            for (v, grad) in slot.vars.iter().zip(self.unstacked(&slot.vars, &sum)?) {
+                self.accumulate(g, *v, grad)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient `x` has received so far, taken out to be added by the op that produces
+    /// the next contribution (`None` when no gradient flows into `x`).
+    fn take_acc(&self, g: &mut Gradients, x: Var) -> Option<Tensor> {
+        if self.needs_grad[x.0] {
+            g.grads[x.0].take()
+        } else {
+            None
         }
     }
 
     /// `t`, the values of `vars` stacked, cut back into one tensor per variable.
     fn unstacked(&self, vars: &[Var], t: &Tensor) -> Result<Vec<Tensor>> {
+        if let [v] = vars {
+            return Ok(vec![t.reshape(self.shape(*v))?]);
+        }
         let mut rest = t.reshape(&[1, t.numel(), 1, 1])?;
         let mut out = Vec::with_capacity(vars.len());
         for (i, v) in vars.iter().enumerate() {
@@ -638,66 +726,61 @@ impl<'b> Tape<'b> {
         match &node.op {
             Op::Conv2d { x, w, b, p } => {
                 let (xv, wv) = (self.value(*x), self.value(*w));
-                if let Some(parts) = self.parts(sink, n, 1 + b.is_some() as usize)? {
-                    let need_dx = self.needs_grad[x.0];
-                    let dx =
-                        be.conv2d_backward_into(xv, wv, dy, p, need_dx, &parts[0], parts.get(1))?;
-                    if let Some(dx) = dx {
-                        self.accumulate(g, *x, dx)?;
-                    }
-                    return Ok(());
+                let s = be.conv2d_grad_splits(xv, wv, p)?;
+                let mut slots = vec![(vec![*w], wv.numel(), s)];
+                slots.extend(b.map(|b| (vec![b], wv.shape()[0], s)));
+                let t = self.targets(sink, n, slots)?;
+                let need_dx = self.needs_grad[x.0];
+                let dx = be.conv2d_backward_into(
+                    xv,
+                    wv,
+                    dy,
+                    p,
+                    need_dx,
+                    &t.part(0),
+                    t.part_opt(1).as_ref(),
+                )?;
+                if let Some(dx) = dx {
+                    self.accumulate(g, *x, dx)?;
                 }
-                let gr = be.conv2d_backward(xv, wv, dy, p, b.is_some())?;
-                self.accumulate(g, *x, gr.dx)?;
-                self.accumulate(g, *w, gr.dw)?;
-                if let (Some(b), Some(db)) = (b, gr.db) {
-                    self.accumulate(g, *b, db)?;
-                }
+                self.finish(&t, g)?;
             }
             Op::Linear { x, w, b } => {
                 let (xv, wv) = (self.value(*x), self.value(*w));
-                if let Some(parts) = self.parts(sink, n, 1 + b.is_some() as usize)? {
-                    let need_dx = self.needs_grad[x.0];
-                    let dx = be.linear_backward_into(
-                        xv,
-                        wv,
-                        dy,
-                        need_dx,
-                        None,
-                        &parts[0],
-                        parts.get(1),
-                    )?;
-                    if let Some(dx) = dx {
-                        self.accumulate(g, *x, dx)?;
-                    }
-                    return Ok(());
-                }
-                let gr = be.linear_backward(xv, wv, dy, b.is_some())?;
-                self.accumulate(g, *x, gr.dx)?;
-                self.accumulate(g, *w, gr.dw)?;
-                if let (Some(b), Some(db)) = (b, gr.db) {
-                    self.accumulate(g, *b, db)?;
-                }
+                let (sw, sb) = be.linear_grad_splits(xv, wv)?;
+                let mut slots = vec![(vec![*w], wv.numel(), sw)];
+                slots.extend(b.map(|b| (vec![b], wv.shape()[0], sb)));
+                let t = self.targets(sink, n, slots)?;
+                let (need_dx, acc) = (self.needs_grad[x.0], self.take_acc(g, *x));
+                let dx = be.linear_backward_into(
+                    xv,
+                    wv,
+                    dy,
+                    need_dx,
+                    acc.as_ref(),
+                    &t.part(0),
+                    t.part_opt(1).as_ref(),
+                )?;
+                g.grads[x.0] = dx;
+                self.finish(&t, g)?;
             }
             Op::LinearStacked { x, ws, bs } => {
                 let (xv, w) = (self.value(*x), self.stacked(ws)?);
-                if let Some(parts) = self.parts(sink, n, 2)? {
-                    let need_dx = self.needs_grad[x.0];
-                    let dx =
-                        be.linear_backward_into(xv, &w, dy, need_dx, &parts[0], parts.get(1))?;
-                    if let Some(dx) = dx {
-                        self.accumulate(g, *x, dx)?;
-                    }
-                    return Ok(());
-                }
-                let gr = be.linear_backward(xv, &w, dy, true)?;
-                self.accumulate(g, *x, gr.dx)?;
-                let db = gr.db.expect("a bias gradient was asked for");
-                for (vars, grad) in [(ws, gr.dw), (bs, db)] {
-                    for (v, part) in vars.iter().zip(self.unstacked(vars, &grad)?) {
-                        self.accumulate(g, *v, part)?;
-                    }
-                }
+                let (sw, sb) = be.linear_grad_splits(xv, &w)?;
+                let slots = vec![(ws.clone(), w.numel(), sw), (bs.clone(), w.shape()[0], sb)];
+                let t = self.targets(sink, n, slots)?;
+                let (need_dx, acc) = (self.needs_grad[x.0], self.take_acc(g, *x));
+                let dx = be.linear_backward_into(
+                    xv,
+                    &w,
+                    dy,
+                    need_dx,
+                    acc.as_ref(),
+                    &t.part(0),
+                    t.part_opt(1).as_ref(),
+                )?;
+                g.grads[x.0] = dx;
+                self.finish(&t, g)?;
             }
             Op::GroupNorm {
                 x,
@@ -713,25 +796,16 @@ impl<'b> Tape<'b> {
                     rstd: rstd.clone(),
                 };
                 let (xv, gv) = (self.value(*x), self.value(*gamma));
-                if let Some(parts) = self.parts(sink, n, 2)? {
-                    let [dgamma, dbeta] = parts.as_slice() else {
-                        return Err(Error::invalid(
-                            "backward_params",
-                            "a group norm's scale and shift must both be parameters",
-                        ));
-                    };
-                    let need_dx = self.needs_grad[x.0];
-                    let dx =
-                        be.group_norm_backward_into(xv, gv, &saved, dy, p, need_dx, dgamma, dbeta)?;
-                    if let Some(dx) = dx {
-                        self.accumulate(g, *x, dx)?;
-                    }
-                    return Ok(());
+                let (s, c) = (be.group_norm_grad_splits(xv, gv, p)?, gv.numel());
+                let t = self.targets(sink, n, vec![(vec![*gamma], c, s), (vec![*beta], c, s)])?;
+                let need_dx = self.needs_grad[x.0];
+                let (dgamma, dbeta) = (t.part(0), t.part(1));
+                let dx =
+                    be.group_norm_backward_into(xv, gv, &saved, dy, p, need_dx, &dgamma, &dbeta)?;
+                if let Some(dx) = dx {
+                    self.accumulate(g, *x, dx)?;
                 }
-                let gr = be.group_norm_backward(xv, gv, &saved, dy, p)?;
-                self.accumulate(g, *x, gr.dx)?;
-                self.accumulate(g, *gamma, gr.dgamma)?;
-                self.accumulate(g, *beta, gr.dbeta)?;
+                self.finish(&t, g)?;
             }
             Op::Silu { x } => {
                 let dx = be.silu_backward(self.value(*x), dy)?;

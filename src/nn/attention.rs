@@ -1,7 +1,8 @@
 //! diffusers' spatial self-attention block (`Attention` with a group norm and a residual, as
 //! `AttnDownBlock2D`, `AttnUpBlock2D` and the mid block build it):
 //!   tokens = GroupNorm(x) as [B, H*W, C]
-//!   out = to_out.0(softmax(to_q(tokens) to_k(tokens)^T / sqrt(d)) to_v(tokens)) per head
+//!   q | k | v = tokens [W_q; W_k; W_v]^T + [b_q; b_k; b_v]       (one product, packed rows)
+//!   out = to_out.0(softmax(q k^T / sqrt(d)) v) per head
 //!   y = out as [B, C, H, W] + x
 //! The three projections are concatenated per token into the packed `qkv [B, L, 3C]` the
 //! attention op reads.
@@ -31,11 +32,18 @@ impl AttentionBlock {
         eps: f32,
     ) -> Self {
         let c = channels;
+        let group_norm = GroupNorm::new(list, &format!("{name}.group_norm"), c, groups, eps);
+        let to_q = Linear::new(list, &format!("{name}.to_q"), c, c);
+        let to_k = Linear::new(list, &format!("{name}.to_k"), c, c);
+        let to_v = Linear::new(list, &format!("{name}.to_v"), c, c);
+        // The three projections are one product: their weights, and their biases, one block.
+        list.group(&[to_q.weight, to_k.weight, to_v.weight]);
+        list.group(&[to_q.bias, to_k.bias, to_v.bias]);
         AttentionBlock {
-            group_norm: GroupNorm::new(list, &format!("{name}.group_norm"), c, groups, eps),
-            to_q: Linear::new(list, &format!("{name}.to_q"), c, c),
-            to_k: Linear::new(list, &format!("{name}.to_k"), c, c),
-            to_v: Linear::new(list, &format!("{name}.to_v"), c, c),
+            group_norm,
+            to_q,
+            to_k,
+            to_v,
             to_out: Linear::new(list, &format!("{name}.to_out.0"), c, c),
             heads,
         }
@@ -49,16 +57,10 @@ impl AttentionBlock {
         let flat = tape.reshape(normed, &[b, c, l])?;
         let tokens = tape.transpose(flat)?;
         let rows = tape.reshape(tokens, &[b * l, c])?;
-        // Each projection as [B L, C, 1, 1], so that concatenating channels packs the rows.
-        let project = |tape: &mut Tape, layer: &Linear| -> Result<Var> {
-            let y = layer.forward(tape, p, rows)?;
-            tape.reshape(y, &[b * l, c, 1, 1])
-        };
-        let q = project(tape, &self.to_q)?;
-        let k = project(tape, &self.to_k)?;
-        let v = project(tape, &self.to_v)?;
-        let qk = tape.concat_channels(q, k)?;
-        let qkv = tape.concat_channels(qk, v)?;
+        let (q, k, v) = (&self.to_q, &self.to_k, &self.to_v);
+        let ws = [p[q.weight], p[k.weight], p[v.weight]];
+        let bs = [p[q.bias], p[k.bias], p[v.bias]];
+        let qkv = tape.linear_stacked(rows, &ws, &bs)?;
         let qkv = tape.reshape(qkv, &[b, l, 3 * c])?;
         let o = tape.attention(qkv, self.heads)?;
         let o = tape.reshape(o, &[b * l, c])?;

@@ -43,8 +43,9 @@ impl Conv2d {
 
 /// `nn.Linear` with bias, over `[rows, in]`.
 pub struct Linear {
-    weight: usize,
-    bias: usize,
+    /// Parameter indices of the weight and the bias.
+    pub(crate) weight: usize,
+    pub(crate) bias: usize,
 }
 
 impl Linear {

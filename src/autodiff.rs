@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::nn::ParamLayout;
 use crate::ops::attention::AttentionOutput;
 use crate::ops::conv2d::Conv2dParams;
-use crate::ops::grads::{GradPlan, GradRegion, Partials};
+use crate::ops::grads::{splits_divisor, GradPlan, GradRegion, Partials};
 use crate::ops::group_norm::{GroupNormOutput, GroupNormParams};
 use crate::tensor::Tensor;
 
@@ -494,10 +494,12 @@ impl<'b> Tape<'b> {
                 )
             })
         };
-        // Per region, its uses: (node, input slot, parts).
-        let mut uses: Vec<Vec<(usize, usize, usize)>> =
+        // Per region, its uses: (node, input slot, parts, whether the op takes any number of
+        // parts: a group norm's are one per sample).
+        let mut uses: Vec<Vec<(usize, usize, usize, bool)>> =
             vec![Vec::new(); lone + layout.groups.len()];
         for (n, node) in self.nodes.iter().enumerate() {
+            let cuttable = !matches!(node.op, Op::GroupNorm { .. });
             let inputs: Vec<(Vec<Var>, usize)> = match &node.op {
                 Op::Conv2d { x, w, b, p } => {
                     let s = be.conv2d_grad_splits(self.value(*x), self.value(*w), p)?;
@@ -533,32 +535,58 @@ impl<'b> Tape<'b> {
             };
             for (slot, (vars, s)) in inputs.into_iter().enumerate() {
                 if let Some(r) = region_of(&vars)? {
-                    uses[r].push((n, slot, s));
+                    uses[r].push((n, slot, s, cuttable));
                 }
             }
         }
+        // Each region's place in the flat buffer; a parameter inside a group has none.
+        let spans: Vec<Option<(usize, usize)>> = (0..uses.len())
+            .map(|r| match r.checked_sub(lone) {
+                Some(g) => Some(layout.span(&layout.groups[g])),
+                None => layout
+                    .group_of(r)
+                    .is_none()
+                    .then(|| (layout.offsets[r], layout.numel(r))),
+            })
+            .collect();
+        // The arena is one tensor: where the parts the ops ask for would not fit it, each use
+        // that can gets fewer.
+        let (mut cut, mut fixed) = (Vec::new(), 0);
+        for (u, span) in uses.iter().zip(&spans) {
+            let Some((_, len)) = *span else { continue };
+            for &(_, _, s, cuttable) in u {
+                if cuttable {
+                    cut.push((s, len));
+                } else {
+                    fixed += s * len;
+                }
+            }
+        }
+        let budget = be.max_tensor_len();
+        let d = splits_divisor(&cut, fixed, budget).ok_or_else(|| Error::OutOfMemory {
+            op: "backward_params",
+            bytes: 4 * (fixed + cut.iter().map(|c| c.1).sum::<usize>()) as u64,
+            limit: Some(4 * budget as u64),
+            msg: "the parameter gradients do not fit one buffer of this device".into(),
+        })?;
         let mut regions = Vec::with_capacity(uses.len());
         let mut places = HashMap::new();
         let mut arena = 0;
-        for (r, uses) in uses.iter().enumerate() {
-            let (flat, len) = if r < lone {
-                (layout.offsets[r], layout.numel(r))
-            } else {
-                layout.span(&layout.groups[r - lone])
-            };
-            if r < lone && layout.group_of(r).is_some() {
-                continue;
-            }
+        for (uses, span) in uses.iter().zip(spans) {
+            let Some((flat, len)) = span else { continue };
             let start = arena;
-            for &(n, slot, s) in uses {
+            let mut splits = 0;
+            for &(n, slot, s, cuttable) in uses {
+                let s = if cuttable { s.div_ceil(d) } else { s };
                 places.insert((n, slot), (arena, s));
                 arena += s * len;
+                splits += s;
             }
             regions.push(GradRegion {
                 flat,
                 len,
                 arena: start,
-                splits: uses.iter().map(|u| u.2).sum(),
+                splits,
             });
         }
         Ok((regions, places))

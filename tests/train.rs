@@ -419,6 +419,61 @@ fn too_large_a_batch_is_a_clear_out_of_memory_error(g: &Gpu) {
     assert!(small.step(&seeded(3 * 256, 1)).unwrap().loss.is_finite());
 }
 
+/// One backward pass of the tiny model at batch 16 into the flat gradient buffer: the
+/// gradients, their squared norm and the length of the arena of parts the pass used.
+fn flat_gradients(be: &dyn Backend, values: &[Vec<f32>]) -> (Vec<f32>, f32, usize) {
+    let model = tiny();
+    let layout = model.params.layout();
+    let flat = be
+        .upload(&[layout.total], &layout.flatten(values).unwrap())
+        .unwrap();
+    let mut tape = Tape::new(be);
+    let p = tape.params(&layout.views(&flat).unwrap());
+    let shape = [16, 1, 16, 16];
+    let x = tape.leaf(be.upload(&shape, &seeded(4096, 3)).unwrap(), false);
+    let t: Vec<f32> = (0..16).map(|i| (i * 61) as f32).collect();
+    let t = be.upload(&[16], &t).unwrap();
+    let out = model.forward(&mut tape, &p, x, &t).unwrap();
+    let target = be.upload(&shape, &seeded(4096, 4)).unwrap();
+    let (_, d_out) = be
+        .mse_loss_with_grad(tape.value(out), &target, 1.0)
+        .unwrap();
+    let (mut plan, mut grads) = (None, be.zeros(&[layout.total]).unwrap());
+    let norm2 = tape
+        .backward_params(out, d_out, &layout, &mut plan, &mut grads)
+        .unwrap();
+    let arena = plan.expect("a plan").arena_len();
+    (down(be, &grads), down(be, &norm2)[0], arena)
+}
+
+/// A device that binds smaller buffers than the parts of a step's parameter gradients want
+/// (WebGPU's default binds 128 MiB; a mnist/64 step asks ~200 MB of parts on a GPU) gets
+/// fewer parts per gradient, and the same gradients.
+fn gradient_parts_are_cut_to_fit_a_smaller_device(g: &Gpu) {
+    let values = tiny().params.initial_values(2);
+    let (want, want_norm2, arena) = flat_gradients(g, &values);
+    let small = Gpu::new().unwrap();
+    let total = tiny().params.layout().total;
+    // Room for the flat buffers of `total` values, not for the arena.
+    let limit = (arena + total) / 2;
+    assert!(
+        limit > total && limit < arena,
+        "the arena ({arena}) is too small to cut"
+    );
+    small.limit_tensor_bytes(4 * limit as u64);
+    let (got, got_norm2, cut) = flat_gradients(&small, &values);
+    assert!(
+        cut <= limit,
+        "an arena of {cut} values past the limit of {limit}"
+    );
+    assert_close("gradients", &got, &want, 1e-6, 1e-4);
+    assert_close("squared norm", &[got_norm2], &[want_norm2], 0.0, 1e-5);
+    assert!(
+        small.zeros(&[limit + 1]).is_err(),
+        "a tensor past the lowered limit was made"
+    );
+}
+
 tests! {
     cpu: [
         trainer_update_is_adamw_by_its_formula,
@@ -429,6 +484,7 @@ tests! {
     ],
     gpu: [
         too_large_a_batch_is_a_clear_out_of_memory_error,
+        gradient_parts_are_cut_to_fit_a_smaller_device,
         resumed_training_continues_exactly_on_gpu,
         tiny_model_overfits_one_fixed_batch_on_gpu,
         whole_training_steps_match_across_backends,

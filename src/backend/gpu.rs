@@ -42,6 +42,10 @@ impl Backend for Gpu {
         Gpu::synchronize(self)
     }
 
+    fn max_tensor_len(&self) -> usize {
+        Gpu::max_tensor_len(self)
+    }
+
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         elementwise::gpu::add(self, a, b)
     }

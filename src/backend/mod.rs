@@ -32,6 +32,8 @@ pub trait Backend: Send + Sync {
     fn to_vec(&self, t: &Tensor) -> Result<Vec<f32>>;
     /// Waits until all recorded work is done (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// The most f32 values one tensor can hold (the GPU binds no larger buffer).
+    fn max_tensor_len(&self) -> usize;
 
     // ---- elementwise (ops/elementwise.rs) --------------------------------------------------
     /// `a + b`, same shapes.

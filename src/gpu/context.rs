@@ -1,6 +1,7 @@
 //! The GPU context: adapter choice, device creation with deliberately requested limits, and the
 //! public face of the GPU backend (`Gpu`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::buffer::{size_class, BufferPool, Counted, GpuBuffer};
@@ -28,6 +29,9 @@ pub(crate) struct Context {
     pub(crate) recorder: Mutex<Recorder>,
     /// Errors wgpu reported outside any error scope, drained at the next flush.
     pub(crate) errors: Arc<Mutex<Vec<String>>>,
+    /// The largest tensor buffer made, in bytes ([`Gpu::limit_tensor_bytes`]); at most what
+    /// the device can bind.
+    tensor_cap: AtomicU64,
 }
 
 /// The GPU backend. Cheap to clone; clones share one device.
@@ -243,6 +247,7 @@ impl Gpu {
                 pool,
                 recorder: Mutex::new(recorder),
                 errors,
+                tensor_cap: AtomicU64::new(u64::MAX),
             }),
         })
     }
@@ -328,12 +333,27 @@ impl Gpu {
         Err(Error::Gpu { op, msg })
     }
 
-    /// The largest tensor buffer the device can bind, in bytes.
+    /// The largest tensor buffer the device can bind, in bytes (or less, when lowered by
+    /// [`Self::limit_tensor_bytes`]).
     fn max_tensor_bytes(&self) -> u64 {
         let limits = &self.ctx.limits;
         limits
             .max_buffer_size
             .min(limits.max_storage_buffer_binding_size)
+            .min(self.ctx.tensor_cap.load(Ordering::Relaxed))
+    }
+
+    /// The most f32 values one tensor can hold.
+    pub fn max_tensor_len(&self) -> usize {
+        usize::try_from(self.max_tensor_bytes() / 4).unwrap_or(usize::MAX)
+    }
+
+    /// Makes no tensor larger than `bytes` from now on, as a device with smaller limits would
+    /// (WebGPU's default binds 128 MiB): work that sizes its buffers by
+    /// [`Self::max_tensor_len`], such as a training step's gradient parts, then fits that
+    /// device too. It never raises the device's own limit.
+    pub fn limit_tensor_bytes(&self, bytes: u64) {
+        self.ctx.tensor_cap.store(bytes, Ordering::Relaxed);
     }
 
     /// The capacity of the buffer for a tensor of `bytes`: its size class, clamped to the

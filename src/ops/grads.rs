@@ -157,6 +157,30 @@ impl GradPlan {
     }
 }
 
+/// How much to cut the parts of a step's gradients so that they fit one arena of at most
+/// `budget` values: the smallest power of two `d` such that, each cuttable use `(splits, len)`
+/// cut to `ceil(splits / d)` parts of `len` values, beside `fixed` values of parts that cannot
+/// be cut, the arena fits; `None` when even one part per use does not. Fewer parts cost
+/// parallelism on a large GPU, never correctness: any number of parts sums to the same
+/// gradient.
+pub fn splits_divisor(uses: &[(usize, usize)], fixed: usize, budget: usize) -> Option<usize> {
+    let need = |d: usize| -> usize {
+        fixed
+            + uses
+                .iter()
+                .map(|&(s, len)| s.div_ceil(d) * len)
+                .sum::<usize>()
+    };
+    let most = uses
+        .iter()
+        .map(|u| u.0)
+        .max()
+        .unwrap_or(1)
+        .next_power_of_two();
+    std::iter::successors(Some(1usize), |d| (*d < most).then_some(d * 2))
+        .find(|&d| need(d) <= budget)
+}
+
 /// The uniform of `shaders/grads.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]

@@ -1,17 +1,22 @@
-// Group normalization, torch.nn.GroupNorm semantics. x [B, C, S] (S = product of the spatial
-// dims), G groups of Cg = C / G channels; the n = Cg * S values of group (b, g) are contiguous
-// from (b G + g) n. Workgroups are laid out as an x-by-y grid (index = wid.x + wid.y * nwg.x).
+// Group normalization, torch.nn.GroupNorm semantics, optionally fused with the SiLU that
+// follows it in every resnet (p.silu = 1: y = silu(z), else y = z). x [B, C, S] (S = product
+// of the spatial dims), G groups of Cg = C / G channels; the n = Cg * S values of group (b, g)
+// are contiguous from (b G + g) n. Workgroups are laid out as an x-by-y grid (index = wid.x +
+// wid.y * nwg.x).
 //
 //   group_norm_forward: one workgroup of WG per (b, g).
 //       K = x[first], m = mean(x - K), var = mean(((x - K) - m)^2)    (two tree sums)
-//       rstd = 1 / sqrt(var + eps), y = ((x - K) - m) * rstd * gamma_c + beta_c,
-//       mean[b, g] = K + m, rstd[b, g] = rstd
-//   group_norm_backward_input: one workgroup of WG per (b, g), u = dy * gamma_c,
-//       xhat = (x - mean) * rstd, dx = rstd * (u - mean(u) - xhat * mean(u * xhat))
-//       (the two group means by one tree sum of a vec2)
-//   group_norm_backward_affine_partials: one workgroup of WG per (b, c), the parts (one per
-//       sample) of dgamma and dbeta in the arena (src/ops/grads.rs):
-//       arena[gamma_offset + b C + c] = sum_s dy * xhat, arena[beta_offset + b C + c] = sum_s dy
+//       rstd = 1 / sqrt(var + eps), xhat = ((x - K) - m) * rstd, z = xhat * gamma_c + beta_c,
+//       y = act(z), mean[b, g] = K + m, rstd[b, g] = rstd
+//   group_norm_backward: one workgroup of WG per (b, g). With dz = dy * act'(z) (z recomputed
+//       from x, the saved statistics, gamma and beta) and u = dz * gamma_c:
+//       per channel c of the group (one tree sum of a vec2 each), the parts (one per sample)
+//       of dgamma and dbeta in the arena (src/ops/grads.rs):
+//           arena[gamma_offset + b C + c] = sum_s dz * xhat,  arena[beta_offset + b C + c] = sum_s dz
+//       and from them the group means mean(u) = sum_c gamma_c dbeta_c / n,
+//       mean(u * xhat) = sum_c gamma_c dgamma_c / n;
+//       then dx = rstd * (u - mean(u) - xhat * mean(u * xhat)).
+//   silu(z) = z sigmoid(z),  silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))).
 
 override WG: u32 = 256u;
 
@@ -23,6 +28,7 @@ struct Params {
     eps: f32,
     gamma_offset: u32,
     beta_offset: u32,
+    silu: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -35,19 +41,35 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;
 
-// group_norm_backward_input: x, gamma, then these
-@group(0) @binding(3) var<storage, read> mean_in: array<f32>;
-@group(0) @binding(4) var<storage, read> rstd_in: array<f32>;
-@group(0) @binding(5) var<storage, read> dy: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dx: array<f32>;
-
-// group_norm_backward_affine_partials: x, then these
-@group(0) @binding(2) var<storage, read> ap_mean: array<f32>;
-@group(0) @binding(3) var<storage, read> ap_rstd: array<f32>;
-@group(0) @binding(4) var<storage, read> ap_dy: array<f32>;
-@group(0) @binding(5) var<storage, read_write> arena: array<f32>;
+// group_norm_backward: x, gamma, beta, then these
+@group(0) @binding(4) var<storage, read> mean_in: array<f32>;
+@group(0) @binding(5) var<storage, read> rstd_in: array<f32>;
+@group(0) @binding(6) var<storage, read> dy: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(8) var<storage, read_write> arena: array<f32>;
 
 var<workgroup> scratch: array<vec2<f32>, WG>;
+
+fn sigmoid(z: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-z));
+}
+
+// The activation after the normalization.
+fn act(z: f32) -> f32 {
+    if (p.silu != 0u) {
+        return z * sigmoid(z);
+    }
+    return z;
+}
+
+// dy * act'(z).
+fn act_backward(z: f32, dy: f32) -> f32 {
+    if (p.silu != 0u) {
+        let s = sigmoid(z);
+        return dy * s * (1.0 + z * (1.0 - s));
+    }
+    return dy;
+}
 
 // Sum of `v` over the workgroup (a tree of log2(WG) levels); every invocation gets the total.
 // Must be called in workgroup-uniform control flow.
@@ -95,7 +117,7 @@ fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 
     for (var i = lid; i < n; i += WG) {
         let c = c0 + i / p.spatial;
-        y[base + i] = ((x[base + i] - shift) - m) * rstd * gamma[c] + beta[c];
+        y[base + i] = act(((x[base + i] - shift) - m) * rstd * gamma[c] + beta[c]);
     }
     if (lid == 0u) {
         mean_out[bg] = shift + m;
@@ -104,9 +126,9 @@ fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 @compute @workgroup_size(WG)
-fn group_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
-                             @builtin(num_workgroups) nwg: vec3<u32>,
-                             @builtin(local_invocation_index) lid: u32) {
+fn group_norm_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
     let bg = wid.x + wid.y * nwg.x;
     if (bg >= p.batch * p.groups) {
         return;
@@ -115,49 +137,34 @@ fn group_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>,
     let n = cg * p.spatial;
     let base = bg * n;
     let c0 = (bg % p.groups) * cg;
+    let row = (bg / p.groups) * p.channels;
     let mean = mean_in[bg];
     let rstd = rstd_in[bg];
 
-    // (sum u, sum u * xhat)
-    var acc = vec2(0.0, 0.0);
-    for (var i = lid; i < n; i += WG) {
-        let u = dy[base + i] * gamma[c0 + i / p.spatial];
-        let xhat = (x[base + i] - mean) * rstd;
-        acc += vec2(u, u * xhat);
+    // (sum u, sum u * xhat) over the group, from the channels' (dbeta, dgamma) parts.
+    var sums = vec2(0.0, 0.0);
+    for (var j = 0u; j < cg; j++) {
+        let c = c0 + j;
+        let first = base + j * p.spatial;
+        var acc = vec2(0.0, 0.0);
+        for (var s = lid; s < p.spatial; s += WG) {
+            let xhat = (x[first + s] - mean) * rstd;
+            let dz = act_backward(xhat * gamma[c] + beta[c], dy[first + s]);
+            acc += vec2(dz * xhat, dz);
+        }
+        let total = workgroup_sum(lid, acc);
+        if (lid == 0u) {
+            arena[p.gamma_offset + row + c] = total.x;
+            arena[p.beta_offset + row + c] = total.y;
+        }
+        sums += gamma[c] * total.yx;
     }
-    let means = workgroup_sum(lid, acc) / f32(n);
+    let means = sums / f32(n);
 
     for (var i = lid; i < n; i += WG) {
-        let u = dy[base + i] * gamma[c0 + i / p.spatial];
+        let c = c0 + i / p.spatial;
         let xhat = (x[base + i] - mean) * rstd;
+        let u = act_backward(xhat * gamma[c] + beta[c], dy[base + i]) * gamma[c];
         dx[base + i] = rstd * (u - means.x - xhat * means.y);
-    }
-}
-
-@compute @workgroup_size(WG)
-fn group_norm_backward_affine_partials(@builtin(workgroup_id) wid: vec3<u32>,
-                                       @builtin(num_workgroups) nwg: vec3<u32>,
-                                       @builtin(local_invocation_index) lid: u32) {
-    let bc = wid.x + wid.y * nwg.x;
-    let rows = p.batch * p.channels;
-    if (bc >= rows) {
-        return;
-    }
-    let b = bc / p.channels;
-    let g = (bc % p.channels) / (p.channels / p.groups);
-    let mean = ap_mean[b * p.groups + g];
-    let rstd = ap_rstd[b * p.groups + g];
-    let base = bc * p.spatial;
-
-    // (sum dy * xhat, sum dy)
-    var acc = vec2(0.0, 0.0);
-    for (var s = lid; s < p.spatial; s += WG) {
-        let d = ap_dy[base + s];
-        acc += vec2(d * (x[base + s] - mean) * rstd, d);
-    }
-    let total = workgroup_sum(lid, acc);
-    if (lid == 0u) {
-        arena[p.gamma_offset + bc] = total.x;
-        arena[p.beta_offset + bc] = total.y;
     }
 }

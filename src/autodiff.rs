@@ -823,13 +823,14 @@ impl<'b> Tape<'b> {
                     mean: mean.clone(),
                     rstd: rstd.clone(),
                 };
-                let (xv, gv) = (self.value(*x), self.value(*gamma));
+                let (xv, gv, bv) = (self.value(*x), self.value(*gamma), self.value(*beta));
                 let (s, c) = (be.group_norm_grad_splits(xv, gv, p)?, gv.numel());
                 let t = self.targets(sink, n, vec![(vec![*gamma], c, s), (vec![*beta], c, s)])?;
                 let need_dx = self.needs_grad[x.0];
                 let (dgamma, dbeta) = (t.part(0), t.part(1));
-                let dx =
-                    be.group_norm_backward_into(xv, gv, &saved, dy, p, need_dx, &dgamma, &dbeta)?;
+                let dx = be.group_norm_backward_into(
+                    xv, gv, bv, &saved, dy, p, need_dx, &dgamma, &dbeta,
+                )?;
                 if let Some(dx) = dx {
                     self.accumulate(g, *x, dx)?;
                 }

@@ -1,5 +1,5 @@
-//! Group norm forward and backward: GPU vs CPU, accuracy with a large mean, finite
-//! differences, bad input.
+//! Group norm forward and backward, plain and fused with SiLU: GPU vs CPU, the fused op
+//! against group norm then SiLU, accuracy with a large mean, finite differences, bad input.
 //!
 //! Tolerance of the parity checks: 1e-4 absolute and relative. The CPU sums in f64, the GPU in
 //! f32 (trees of at most a few thousand O(1) terms, relative error ~1e-6), and `rstd` of a
@@ -26,7 +26,12 @@ const CASES: &[(&[usize], usize)] = &[
 ];
 
 fn params(groups: usize) -> GroupNormParams {
-    GroupNormParams { groups, eps: 1e-5 }
+    GroupNormParams::new(groups, 1e-5)
+}
+
+/// The plain group norm and the one fused with SiLU.
+fn both(groups: usize) -> [GroupNormParams; 2] {
+    [params(groups), params(groups).with_silu()]
 }
 
 /// Runs forward and backward on `be`, returning every output by name.
@@ -40,12 +45,12 @@ fn run_all(
     dy: &[f32],
 ) -> Vec<(&'static str, Vec<f32>)> {
     let c = [shape[1]];
-    let (tx, tg) = (up(be, shape, x), up(be, &c, gamma));
-    let out = be.group_norm(&tx, &tg, &up(be, &c, beta), p).unwrap();
+    let (tx, tg, tb) = (up(be, shape, x), up(be, &c, gamma), up(be, &c, beta));
+    let out = be.group_norm(&tx, &tg, &tb, p).unwrap();
     assert_eq!(out.mean.shape(), &[shape[0], p.groups]);
     assert_eq!(out.rstd.shape(), &[shape[0], p.groups]);
     let grads = be
-        .group_norm_backward(&tx, &tg, &out, &up(be, shape, dy), p)
+        .group_norm_backward(&tx, &tg, &tb, &out, &up(be, shape, dy), p)
         .unwrap();
     vec![
         ("y", down(be, &out.y)),
@@ -65,15 +70,62 @@ fn forward_and_backward_match_cpu(g: &Gpu) {
         let gamma: Vec<f32> = seeded(shape[1], seed + 1).iter().map(|v| 1.0 + v).collect();
         let beta = seeded(shape[1], seed + 2);
         let dy = seeded(n, seed + 3);
-        let p = params(groups);
-        parity(
-            g,
-            &format!("group_norm {shape:?} G={groups}"),
-            1e-4,
-            1e-4,
-            |be| run_all(be, shape, &p, &x, &gamma, &beta, &dy),
-        );
+        for p in both(groups) {
+            parity(
+                g,
+                &format!("group_norm {shape:?} G={groups} silu={}", p.silu),
+                1e-4,
+                1e-4,
+                |be| run_all(be, shape, &p, &x, &gamma, &beta, &dy),
+            );
+        }
     }
+}
+
+/// The fused op against its definition on the same backend: group norm, then `silu` (and in
+/// the backward `silu_backward` at the pre-activation, then the plain group norm's
+/// backward). Tolerance 1e-5: both evaluate the same formulas in the same precision, the
+/// fused one without the round trip of z through memory (on the CPU it keeps z in f64).
+fn check_fused_equals_group_norm_then_silu(be: &dyn Backend) {
+    let shape = [3, 8, 5, 7];
+    let n: usize = shape.iter().product();
+    let c = [8];
+    let x = up(be, &shape, &seeded(n, 31));
+    let gamma: Vec<f32> = seeded(8, 32).iter().map(|v| 1.0 + v).collect();
+    let (gamma, beta) = (up(be, &c, &gamma), up(be, &c, &seeded(8, 33)));
+    let dy = up(be, &shape, &seeded(n, 34));
+    let (plain, fused) = (params(4), params(4).with_silu());
+
+    let z = be.group_norm(&x, &gamma, &beta, &plain).unwrap();
+    let y = be.silu(&z.y).unwrap();
+    let dz = be.silu_backward(&z.y, &dy).unwrap();
+    let want = be
+        .group_norm_backward(&x, &gamma, &beta, &z, &dz, &plain)
+        .unwrap();
+
+    let out = be.group_norm(&x, &gamma, &beta, &fused).unwrap();
+    let got = be
+        .group_norm_backward(&x, &gamma, &beta, &out, &dy, &fused)
+        .unwrap();
+    let name = |what: &str| format!("{} fused {what}", be.name());
+    for (what, a, b) in [
+        ("y", &out.y, &y),
+        ("mean", &out.mean, &z.mean),
+        ("rstd", &out.rstd, &z.rstd),
+        ("dx", &got.dx, &want.dx),
+        ("dgamma", &got.dgamma, &want.dgamma),
+        ("dbeta", &got.dbeta, &want.dbeta),
+    ] {
+        assert_close(&name(what), &down(be, a), &down(be, b), 1e-5, 1e-5);
+    }
+}
+
+fn fused_equals_group_norm_then_silu_on_cpu() {
+    check_fused_equals_group_norm_then_silu(&Cpu);
+}
+
+fn fused_equals_group_norm_then_silu_on_gpu(g: &Gpu) {
+    check_fused_equals_group_norm_then_silu(g);
 }
 
 /// Reference statistics of one group in f64, straight from the definition.
@@ -150,8 +202,13 @@ fn large_mean_is_accurate_on_gpu(g: &Gpu) {
 }
 
 fn gradients_match_finite_differences() {
+    for p in both(2) {
+        check_finite_differences(&p);
+    }
+}
+
+fn check_finite_differences(p: &GroupNormParams) {
     let shape = [2, 4, 3, 3];
-    let p = params(2);
     let n: usize = shape.iter().product();
     let x: Vec<f32> = seeded(n, 5).iter().map(|v| 2.0 * v).collect();
     let gamma: Vec<f32> = seeded(4, 6).iter().map(|v| 1.0 + 0.5 * v).collect();
@@ -163,25 +220,32 @@ fn gradients_match_finite_differences() {
         up(&Cpu, &c, &gamma),
         up(&Cpu, &c, &beta),
     );
-    let out = Cpu.group_norm(&tx, &tg, &tb, &p).unwrap();
+    let out = Cpu.group_norm(&tx, &tg, &tb, p).unwrap();
     let grads = Cpu
-        .group_norm_backward(&tx, &tg, &out, &up(&Cpu, &shape, &r), &p)
+        .group_norm_backward(&tx, &tg, &tb, &out, &up(&Cpu, &shape, &r), p)
         .unwrap();
     let loss = |x: &[f32], g: &[f32], b: &[f32]| {
         let y = Cpu
-            .group_norm(&up(&Cpu, &shape, x), &up(&Cpu, &c, g), &up(&Cpu, &c, b), &p)
+            .group_norm(&up(&Cpu, &shape, x), &up(&Cpu, &c, g), &up(&Cpu, &c, b), p)
             .unwrap()
             .y;
         dot(&down(&Cpu, &y), &r)
     };
     // The loss is rounded to f32 per output (72 terms of O(1), ~5e-6 absolute), divided by
-    // 2h = 2e-2: ~3e-4 of noise, plus O(h^2) curvature of the normalization.
+    // 2h = 2e-2: ~3e-4 of noise, plus O(h^2) curvature of the normalization (and of SiLU).
     let (h, atol, rtol) = (1e-2, 2e-3, 1e-2);
-    gradcheck("dx", &x, &down(&Cpu, &grads.dx), h, atol, rtol, |xp| {
-        loss(xp, &gamma, &beta)
-    });
+    let what = |g: &str| format!("{g} (silu={})", p.silu);
     gradcheck(
-        "dgamma",
+        &what("dx"),
+        &x,
+        &down(&Cpu, &grads.dx),
+        h,
+        atol,
+        rtol,
+        |xp| loss(xp, &gamma, &beta),
+    );
+    gradcheck(
+        &what("dgamma"),
         &gamma,
         &down(&Cpu, &grads.dgamma),
         h,
@@ -190,7 +254,7 @@ fn gradients_match_finite_differences() {
         |gp| loss(&x, gp, &beta),
     );
     gradcheck(
-        "dbeta",
+        &what("dbeta"),
         &beta,
         &down(&Cpu, &grads.dbeta),
         h,
@@ -245,7 +309,7 @@ fn check_bad_input(be: &dyn Backend) {
     let p = params(3);
     let out = be.group_norm(&x, &g6, &g6, &p).unwrap();
     let bwd = |x: &_, g: &_, dy: &_, p: &GroupNormParams| {
-        be.group_norm_backward(x, g, &out, dy, p).map(drop)
+        be.group_norm_backward(x, g, &g6, &out, dy, p).map(drop)
     };
     let shape_err = |r: Result<(), Error>| {
         assert!(
@@ -261,6 +325,10 @@ fn check_bad_input(be: &dyn Backend) {
     };
     shape_err(bwd(&x, &g6, &z(&[2, 6, 9]), &p));
     shape_err(bwd(&x, &z(&[3]), &x, &p));
+    shape_err(
+        be.group_norm_backward(&x, &g6, &z(&[3]), &out, &x, &p)
+            .map(drop),
+    );
     // Statistics saved for 3 groups, used with 2.
     shape_err(bwd(&x, &g6, &x, &params(2)));
     let r = bwd(&x, &g6, &x, &params(4));
@@ -302,7 +370,7 @@ fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
         })
     ));
     let saved = Cpu.group_norm(&cx, &cg, &cg, &p).unwrap();
-    let r = g.group_norm_backward(&gx, &gg, &saved, &gx, &p);
+    let r = g.group_norm_backward(&gx, &gg, &gg, &saved, &gx, &p);
     assert!(matches!(
         r,
         Err(Error::WrongBackend {
@@ -316,11 +384,13 @@ tests! {
     cpu: [
         large_mean_is_accurate_on_cpu,
         gradients_match_finite_differences,
+        fused_equals_group_norm_then_silu_on_cpu,
         bad_input_is_an_error_on_cpu,
     ],
     gpu: [
         forward_and_backward_match_cpu,
         large_mean_is_accurate_on_gpu,
+        fused_equals_group_norm_then_silu_on_gpu,
         bad_input_is_an_error_on_gpu,
         tensor_from_the_other_backend_is_an_error,
     ],

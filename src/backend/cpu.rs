@@ -174,6 +174,7 @@ impl Backend for Cpu {
         &self,
         x: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
@@ -181,7 +182,7 @@ impl Backend for Cpu {
         dgamma: &Partials,
         dbeta: &Partials,
     ) -> Result<Option<Tensor>> {
-        group_norm::cpu::backward_into(x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
+        group_norm::cpu::backward_into(x, gamma, beta, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
     fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {

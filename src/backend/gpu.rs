@@ -165,6 +165,7 @@ impl Backend for Gpu {
         &self,
         x: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
@@ -172,7 +173,7 @@ impl Backend for Gpu {
         dgamma: &Partials,
         dbeta: &Partials,
     ) -> Result<Option<Tensor>> {
-        group_norm::gpu::backward_into(self, x, gamma, saved, dy, p, need_dx, dgamma, dbeta)
+        group_norm::gpu::backward_into(self, x, gamma, beta, saved, dy, p, need_dx, dgamma, dbeta)
     }
 
     fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {

@@ -171,7 +171,8 @@ pub trait Backend: Send + Sync {
     }
 
     // ---- group norm (ops/group_norm.rs) -----------------------------------------------------
-    /// `x [B, C, H, W]` (any trailing dims), affine `gamma, beta [C]`.
+    /// `x [B, C, H, W]` (any trailing dims), affine `gamma, beta [C]`; SiLU after it when
+    /// `p.silu` (the backward recomputes the pre-activation from x, the statistics and beta).
     fn group_norm(
         &self,
         x: &Tensor,
@@ -192,6 +193,7 @@ pub trait Backend: Send + Sync {
         &self,
         x: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
@@ -203,6 +205,7 @@ pub trait Backend: Send + Sync {
         &self,
         x: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
@@ -216,7 +219,8 @@ pub trait Backend: Send + Sync {
             splits,
         };
         let (dgamma, dbeta) = (part(0), part(splits * c));
-        let dx = self.group_norm_backward_into(x, gamma, saved, dy, p, true, &dgamma, &dbeta)?;
+        let dx =
+            self.group_norm_backward_into(x, gamma, beta, saved, dy, p, true, &dgamma, &dbeta)?;
         Ok(GroupNormGrads {
             dx: dx.expect("dx was asked for"),
             dgamma: self.reduce_partials(&dgamma, c)?,

@@ -78,11 +78,17 @@ impl GroupNorm {
         GroupNorm {
             weight: list.add(format!("{name}.weight"), &[channels], Init::Ones),
             bias: list.add(format!("{name}.bias"), &[channels], Init::Zeros),
-            params: GroupNormParams { groups, eps },
+            params: GroupNormParams::new(groups, eps),
         }
     }
 
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
         tape.group_norm(x, p[self.weight], p[self.bias], self.params)
+    }
+
+    /// `SiLU(GroupNorm(x))` as one fused op.
+    pub fn forward_silu(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
+        let params = self.params.with_silu();
+        tape.group_norm(x, p[self.weight], p[self.bias], params)
     }
 }

@@ -50,13 +50,11 @@ impl ResnetBlock2D {
 
     /// `x [B, Cin, H, W]`, `temb_act = SiLU(temb) [B, T]` (shared by every block).
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var, temb_act: Var) -> Result<Var> {
-        let h = self.norm1.forward(tape, p, x)?;
-        let h = tape.silu(h)?;
+        let h = self.norm1.forward_silu(tape, p, x)?;
         let h = self.conv1.forward(tape, p, h)?;
         let t = self.time_emb_proj.forward(tape, p, temb_act)?;
         let h = tape.add_per_channel(h, t)?;
-        let h = self.norm2.forward(tape, p, h)?;
-        let h = tape.silu(h)?;
+        let h = self.norm2.forward_silu(tape, p, h)?;
         let h = tape.dropout(h, self.dropout)?;
         let h = self.conv2.forward(tape, p, h)?;
         let shortcut = match &self.conv_shortcut {

@@ -246,8 +246,7 @@ impl UNet2D {
             }
         }
 
-        h = self.conv_norm_out.forward(tape, p, h)?;
-        h = tape.silu(h)?;
+        h = self.conv_norm_out.forward_silu(tape, p, h)?;
         self.conv_out.forward(tape, p, h)
     }
 }

@@ -1,16 +1,21 @@
-//! Group normalization (Wu & He 2018), exactly as `torch.nn.GroupNorm`.
+//! Group normalization (Wu & He 2018), exactly as `torch.nn.GroupNorm`, optionally fused
+//! with the SiLU that follows it in every resnet (`GroupNormParams::silu`).
 //!
 //! `x [B, C, ...spatial]` with `C = G * Cg`; one group of sample `b` is the `n = Cg * S`
 //! values of channels `g Cg .. (g+1) Cg` (contiguous in memory, S = product of the spatial
 //! dims). Per (b, g):
 //!
 //!   mean = (1/n) sum x,   var = (1/n) sum (x - mean)^2   (biased),   rstd = 1 / sqrt(var + eps)
-//!   xhat = (x - mean) * rstd,   y = xhat * gamma_c + beta_c
+//!   xhat = (x - mean) * rstd,   z = xhat * gamma_c + beta_c,   y = z  (or silu(z) fused)
 //!
-//! Backward, with `u = dy * gamma_c` and means over the group:
+//! Backward, with `dz = dy` (or `dy * silu'(z)`, z recomputed from x and the statistics),
+//! `u = dz * gamma_c` and means over the group:
 //!
 //!   dx = rstd * (u - mean(u) - xhat * mean(u * xhat))
-//!   dgamma_c = sum_{b, spatial} dy * xhat,   dbeta_c = sum_{b, spatial} dy
+//!   dgamma_c = sum_{b, spatial} dz * xhat,   dbeta_c = sum_{b, spatial} dz
+//!
+//! The fusion saves a pass over the activations each way and keeps z out of memory: the
+//! backward recomputes it.
 //!
 //! dgamma and dbeta are written as partial sums into a step's arena (`ops/grads.rs`): one part
 //! per sample on the GPU, the whole sum on the CPU.
@@ -30,6 +35,34 @@ use crate::tensor::Tensor;
 pub struct GroupNormParams {
     pub groups: usize,
     pub eps: f32,
+    /// Apply SiLU to the normalized output (`y = silu(z)`).
+    pub silu: bool,
+}
+
+impl GroupNormParams {
+    /// A plain group norm of `groups` groups.
+    pub fn new(groups: usize, eps: f32) -> Self {
+        GroupNormParams {
+            groups,
+            eps,
+            silu: false,
+        }
+    }
+
+    /// The same group norm followed by SiLU, in one op.
+    pub fn with_silu(self) -> Self {
+        GroupNormParams { silu: true, ..self }
+    }
+}
+
+/// `silu(z)` and `dy * silu'(z)` in f64, as the CPU reference computes them.
+fn silu(z: f64) -> f64 {
+    z / (1.0 + (-z).exp())
+}
+
+fn silu_backward(z: f64, dy: f64) -> f64 {
+    let s = 1.0 / (1.0 + (-z).exp());
+    dy * s * (1.0 + z * (1.0 - s))
 }
 
 /// The output and what the backward needs: per-(sample, group) mean and 1/std, `[B, G]`.
@@ -112,11 +145,12 @@ fn check_backward(
     op: &'static str,
     x: &Tensor,
     gamma: &Tensor,
+    beta: &Tensor,
     saved: &GroupNormOutput,
     dy: &Tensor,
     p: &GroupNormParams,
 ) -> Result<Dims> {
-    let d = check_forward(op, x, gamma, None, p)?;
+    let d = check_forward(op, x, gamma, Some(beta), p)?;
     for (name, t) in [("mean", &saved.mean), ("rstd", &saved.rstd)] {
         if t.shape() != [d.batch, d.groups] {
             return Err(Error::shape(
@@ -170,7 +204,7 @@ pub(crate) mod cpu {
         (shift + m, 1.0 / (var + eps as f64).sqrt())
     }
 
-    /// `y = (x - mean) * rstd * gamma_c + beta_c`, one task per (sample, group).
+    /// `y = act((x - mean) * rstd * gamma_c + beta_c)`, one task per (sample, group).
     pub fn forward(
         x: &Tensor,
         gamma: &Tensor,
@@ -196,7 +230,8 @@ pub(crate) mod cpu {
                     for (j, (yc, xc)) in yg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
                         let (gc, bc) = (gs[c0 + j] as f64, bs[c0 + j] as f64);
                         for (o, &v) in yc.iter_mut().zip(xc) {
-                            *o = ((v as f64 - mu) * r * gc + bc) as f32;
+                            let z = (v as f64 - mu) * r * gc + bc;
+                            *o = (if p.silu { silu(z) } else { z }) as f32;
                         }
                     }
                     *mean_bg = mu as f32;
@@ -238,6 +273,7 @@ pub(crate) mod cpu {
     pub fn backward_into(
         x: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
@@ -246,13 +282,23 @@ pub(crate) mod cpu {
         dbeta_out: &Partials,
     ) -> Result<Option<Tensor>> {
         const OP: &str = "group_norm_backward";
-        let d = check_backward(OP, x, gamma, saved, dy, p)?;
+        let d = check_backward(OP, x, gamma, beta, saved, dy, p)?;
         check_partials(OP, &d, dgamma_out, dbeta_out)?;
         let (xs, gs, ds) = (x.cpu_read(OP)?, gamma.cpu_read(OP)?, dy.cpu_read(OP)?);
+        let bs = beta.cpu_read(OP)?;
         let (mean, rstd) = (saved.mean.cpu_read(OP)?, saved.rstd.cpu_read(OP)?);
         let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
+        // dz = dy * act'(z) of one element of channel c.
+        let dz = |c: usize, xhat: f64, dy: f32| -> f64 {
+            let dy = dy as f64;
+            if p.silu {
+                silu_backward(xhat * gs[c] as f64 + bs[c] as f64, dy)
+            } else {
+                dy
+            }
+        };
         let mut dx = vec![0.0; xs.len()];
-        // Per (sample, channel): (sum dy * xhat, sum dy).
+        // Per (sample, channel): (sum dz * xhat, sum dz).
         let mut partials = vec![(0.0f64, 0.0f64); d.batch * d.channels];
         if len > 0 {
             dx.par_chunks_mut(len)
@@ -268,7 +314,7 @@ pub(crate) mod cpu {
                         let (mut dg, mut db) = (0.0f64, 0.0f64);
                         for (&v, &g) in xc.iter().zip(dc) {
                             let xhat = (v as f64 - mu) * r;
-                            let g = g as f64;
+                            let g = dz(c0 + j, xhat, g);
                             dg += g * xhat;
                             db += g;
                         }
@@ -285,7 +331,8 @@ pub(crate) mod cpu {
                         let gc = gs[c0 + j] as f64;
                         for (o, (&v, &g)) in dxc.iter_mut().zip(xc.iter().zip(dc)) {
                             let xhat = (v as f64 - mu) * r;
-                            *o = (r * (g as f64 * gc - mean_u - xhat * mean_u_xhat)) as f32;
+                            let u = dz(c0 + j, xhat, g) * gc;
+                            *o = (r * (u - mean_u - xhat * mean_u_xhat)) as f32;
                         }
                     }
                 });
@@ -317,6 +364,8 @@ struct Params {
     /// Where the parts of dgamma and of dbeta start in the arena.
     gamma_offset: u32,
     beta_offset: u32,
+    /// 1: SiLU after the normalization.
+    silu: u32,
 }
 
 pub(crate) mod gpu {
@@ -339,10 +388,8 @@ pub(crate) mod gpu {
     }
 
     const FORWARD: Kernel = kernel("group_norm_forward", &[R, R, R, W, W, W]);
-    const BACKWARD_INPUT: Kernel = kernel("group_norm_backward_input", &[R, R, R, R, R, W]);
-    const BACKWARD_AFFINE_PARTIALS: Kernel =
-        kernel("group_norm_backward_affine_partials", &[R, R, R, R, W]);
-    pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_INPUT, BACKWARD_AFFINE_PARTIALS];
+    const BACKWARD: Kernel = kernel("group_norm_backward", &[R, R, R, R, R, R, W, W]);
+    pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD];
 
     /// One part of dgamma and of dbeta per sample.
     pub fn grad_splits(x: &Tensor, gamma: &Tensor, p: &GroupNormParams) -> Result<usize> {
@@ -350,15 +397,16 @@ pub(crate) mod gpu {
         Ok(d.batch.max(1))
     }
 
-    fn params(d: &Dims, eps: f32) -> Params {
+    fn params(d: &Dims, p: &GroupNormParams) -> Params {
         Params {
             batch: d.batch as u32,
             channels: d.channels as u32,
             groups: d.groups as u32,
             spatial: d.spatial as u32,
-            eps,
+            eps: p.eps,
             gamma_offset: 0,
             beta_offset: 0,
+            silu: p.silu as u32,
         }
     }
 
@@ -378,7 +426,7 @@ pub(crate) mod gpu {
         let rstd = g.alloc(OP, rows)?;
         g.dispatch(
             &FORWARD,
-            &params(&d, p.eps),
+            &params(&d, p),
             &[
                 Arg::read(x.gpu_buffer(OP)?),
                 Arg::read(gamma.gpu_buffer(OP)?),
@@ -397,13 +445,14 @@ pub(crate) mod gpu {
         })
     }
 
-    /// dx (one workgroup per (sample, group)) when `need_dx`; the per-(sample, channel) sums
-    /// of dgamma and dbeta (one workgroup per (sample, channel)) as their parts.
+    /// One workgroup per (sample, group): the per-(sample, channel) sums of dgamma and dbeta
+    /// as their parts, then dx from them (written even when `need_dx` is false, then dropped).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into(
         g: &Gpu,
         x: &Tensor,
         gamma: &Tensor,
+        beta: &Tensor,
         saved: &GroupNormOutput,
         dy: &Tensor,
         p: &GroupNormParams,
@@ -412,7 +461,7 @@ pub(crate) mod gpu {
         dbeta_out: &Partials,
     ) -> Result<Option<Tensor>> {
         const OP: &str = "group_norm_backward";
-        let d = check_backward(OP, x, gamma, saved, dy, p)?;
+        let d = check_backward(OP, x, gamma, beta, saved, dy, p)?;
         check_partials(OP, &d, dgamma_out, dbeta_out)?;
         if dgamma_out.splits != d.batch.max(1) || !dgamma_out.arena.shares_storage(dbeta_out.arena)
         {
@@ -421,50 +470,30 @@ pub(crate) mod gpu {
                 "dgamma and dbeta need one part per sample, in one arena",
             ));
         }
-        let mut u = params(&d, p.eps);
+        let mut u = params(&d, p);
         let end = dbeta_out.offset.max(dgamma_out.offset) + d.batch * d.channels;
         u32::try_from(end).map_err(|_| Error::invalid(OP, "the arena exceeds 2^32 elements"))?;
         u.gamma_offset = dgamma_out.offset as u32;
         u.beta_offset = dbeta_out.offset as u32;
-        let (xb, gb, db) = (x.gpu_buffer(OP)?, gamma.gpu_buffer(OP)?, dy.gpu_buffer(OP)?);
-        let mean = saved.mean.gpu_buffer(OP)?;
-        let rstd = saved.rstd.gpu_buffer(OP)?;
-
-        let dx = if need_dx {
-            let dx = g.alloc(OP, x.numel())?;
-            g.dispatch(
-                &BACKWARD_INPUT,
-                &u,
-                &[
-                    Arg::read(xb),
-                    Arg::read(gb),
-                    Arg::read(mean),
-                    Arg::read(rstd),
-                    Arg::read(db),
-                    Arg::write(&dx),
-                ],
-                grid((d.batch * d.groups) as u32),
-            )?;
-            Some(Tensor::from_gpu(x.shape(), dx))
-        } else {
-            None
-        };
-
-        let rows = d.batch * d.channels;
+        let dx = g.alloc(OP, x.numel())?;
+        let rows = d.batch * d.groups;
         if rows > 0 {
             g.dispatch(
-                &BACKWARD_AFFINE_PARTIALS,
+                &BACKWARD,
                 &u,
                 &[
-                    Arg::read(xb),
-                    Arg::read(mean),
-                    Arg::read(rstd),
-                    Arg::read(db),
+                    Arg::read(x.gpu_buffer(OP)?),
+                    Arg::read(gamma.gpu_buffer(OP)?),
+                    Arg::read(beta.gpu_buffer(OP)?),
+                    Arg::read(saved.mean.gpu_buffer(OP)?),
+                    Arg::read(saved.rstd.gpu_buffer(OP)?),
+                    Arg::read(dy.gpu_buffer(OP)?),
+                    Arg::write(&dx),
                     Arg::write(dgamma_out.arena.gpu_buffer(OP)?),
                 ],
                 grid(rows as u32),
             )?;
         }
-        Ok(dx)
+        Ok(need_dx.then(|| Tensor::from_gpu(x.shape(), dx)))
     }
 }

@@ -3,10 +3,11 @@
 //   conv2d_fwd                 Y[co, n] = bias[co] + sum_k W[co, k] X[k, n]          M=Cout N=B Ho Wo K=Cin KH KW
 //   conv2d_bwd_input           dx[ci, n] = sum_k W^T[ci, k] dY[k, n]  (gather form)   M=Cin  N=B H W   K=Cout KH KW
 //   conv2d_bwd_weight_partial  P_s[co, k] = sum_{r in split s} dY[co, r] X[k, r]      M=Cout N=Cin KH KW, R=B Ho Wo
-//   conv2d_bwd_bias_partial    P_s[co] = sum_{r in split s} dY[co, r]
+//                              and, with has_bias, Q_s[co] = sum_{r in split s} dY[co, r]
 //
-// The partial kernels write part s at out_offset + s * (part length) of the arena; the
-// parameter gradient is the sum of the parts (src/ops/grads.rs).
+// The partial kernel writes part s of dW at out_offset + s Cout K and part s of db at
+// bias_offset + s Cout, both in the one arena; each parameter gradient is the sum of its
+// parts (src/ops/grads.rs).
 //
 // The three GEMM kernels share one scheme: a workgroup of WG_M x WG_N invocations computes a
 // TM x TN = 4 WG_M x 4 WG_N output tile; per step it stages a TK-deep slab of both operands in
@@ -32,6 +33,7 @@ struct Params {
     split_len: u32,
     splits: u32,
     out_offset: u32,
+    bias_offset: u32,
 }
 
 override WG_M: u32 = 16u;
@@ -61,10 +63,6 @@ var<workgroup> Bs: array<f32, B_LEN>;
 // conv2d_bwd_weight_partial (x as above)
 @group(0) @binding(2) var<storage, read> dy_w: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dw_partial: array<f32>;
-
-// conv2d_bwd_bias_partial
-@group(0) @binding(1) var<storage, read> src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
 // acc[i][j] += sum_kk As[kk][tm + i WG_M] Bs[kk][tn + j WG_N] over the staged slab.
 fn mma(acc: ptr<function, array<vec4<f32>, 4>>, tm: u32, tn: u32) {
@@ -252,7 +250,9 @@ fn conv2d_bwd_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 
 // One split of dW = sum_r dY[co, r] X[k, r]: tile rows are output channels, columns are
 // k = (ci, ky, kx), the reduction runs over the split's output pixels r = (b, oy, ox).
-// Writes the split's partial tile to dw_partial[out_offset + (s Cout + co) K + k].
+// Writes the split's partial tile to dw_partial[out_offset + (s Cout + co) K + k]. The
+// workgroups of the first column tile also sum the dY slabs they stage over r, the split's
+// part of db, written to dw_partial[bias_offset + s Cout + co].
 @compute @workgroup_size(TILE_WG)
 fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
@@ -272,6 +272,8 @@ fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
     let split = tile / (tiles_m * tiles_n);
     let r_begin = split * p.split_len;
     let r_end = min(r_begin + p.split_len, r_len);
+    let sums_bias = p.has_bias != 0u && n0 == 0u;
+    var bias_sum = 0.0;
 
     // Both slabs are loaded with the reduction index fastest (consecutive pixels).
     let rr = lid % TK;
@@ -304,10 +306,18 @@ fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
             Bs[rr * TN + nn] = v;
         }
         workgroupBarrier();
+        if (sums_bias && lid < TM) {
+            for (var kk = 0u; kk < TK; kk++) {
+                bias_sum += As[kk * TM + lid];
+            }
+        }
         mma(&acc, tm, tn);
         workgroupBarrier();
     }
 
+    if (sums_bias && lid < TM && m0 + lid < m_len) {
+        dw_partial[p.bias_offset + split * m_len + m0 + lid] = bias_sum;
+    }
     let out = p.out_offset + split * m_len * n_len;
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + tm + i * WG_M;
@@ -320,44 +330,5 @@ fn conv2d_bwd_weight_partial(@builtin(workgroup_id) wid: vec3<u32>,
                 dw_partial[out + m * n_len + nj] = acc[i][j];
             }
         }
-    }
-}
-
-// The reduction kernels run WG invocations per workgroup (a power of two).
-override WG: u32 = 256u;
-
-var<workgroup> red: array<f32, WG>;
-
-// One split of db[co] = sum_r dy[b, co, oy, ox]: workgroup (co, s) sums its split's pixels,
-// each invocation a strided share, then a tree in workgroup memory. Writes src's sum to
-// dst[out_offset + s Cout + co].
-@compute @workgroup_size(WG)
-fn conv2d_bwd_bias_partial(@builtin(workgroup_id) wid: vec3<u32>,
-                           @builtin(num_workgroups) nwg: vec3<u32>,
-                           @builtin(local_invocation_index) lid: u32) {
-    let tile = wid.x + wid.y * nwg.x;
-    if (tile >= p.cout * p.splits) {
-        return;
-    }
-    let co = tile % p.cout;
-    let split = tile / p.cout;
-    let ohw = p.ho * p.wo;
-    let r_begin = split * p.split_len;
-    let r_end = min(r_begin + p.split_len, p.batch * ohw);
-    var sum = 0.0;
-    for (var r = r_begin + lid; r < r_end; r += WG) {
-        let b = r / ohw;
-        sum += src[(b * p.cout + co) * ohw + r - b * ohw];
-    }
-    red[lid] = sum;
-    workgroupBarrier();
-    for (var half = WG / 2u; half > 0u; half >>= 1u) {
-        if (lid < half) {
-            red[lid] += red[lid + half];
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        dst[p.out_offset + split * p.cout + co] = red[0];
     }
 }

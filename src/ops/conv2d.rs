@@ -206,6 +206,8 @@ struct Params {
     splits: u32,
     /// Where a split-K pass writes its first part in the arena.
     out_offset: u32,
+    /// Where the weight-gradient pass writes the first part of the bias gradient.
+    bias_offset: u32,
 }
 
 pub(crate) mod cpu {
@@ -599,7 +601,6 @@ pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{grid, Access, Arg, Gpu, Kernel};
-    use crate::ops::ELEMENTWISE_WG;
 
     const SOURCE: &str = include_str!("../../shaders/conv2d.wgsl");
 
@@ -616,12 +617,11 @@ pub(crate) mod gpu {
     /// Most splits of a split-K pass (bounds the scratch buffer).
     const MAX_SPLITS: usize = 64;
 
-    /// The GEMM kernels' tile sizes and the reductions' workgroup size, passed to the shader.
+    /// The GEMM kernels' tile sizes, passed to the shader.
     const CONSTANTS: &[(&str, f64)] = &[
         ("WG_M", WG_M as f64),
         ("WG_N", WG_N as f64),
         ("TK", TK as f64),
-        ("WG", ELEMENTWISE_WG as f64),
     ];
 
     const fn kernel(entry: &'static str, storage: &'static [Access]) -> Kernel {
@@ -638,13 +638,7 @@ pub(crate) mod gpu {
     const FORWARD: Kernel = kernel("conv2d_fwd", &[R, R, R, W]);
     const BACKWARD_INPUT: Kernel = kernel("conv2d_bwd_input", &[R, R, W]);
     const BACKWARD_WEIGHT_PARTIAL: Kernel = kernel("conv2d_bwd_weight_partial", &[R, R, W]);
-    const BACKWARD_BIAS_PARTIAL: Kernel = kernel("conv2d_bwd_bias_partial", &[R, W]);
-    pub(crate) const KERNELS: &[Kernel] = &[
-        FORWARD,
-        BACKWARD_INPUT,
-        BACKWARD_WEIGHT_PARTIAL,
-        BACKWARD_BIAS_PARTIAL,
-    ];
+    pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT_PARTIAL];
 
     fn params(g: &Geometry) -> Params {
         let u = |v: usize| v as u32;
@@ -665,6 +659,7 @@ pub(crate) mod gpu {
             split_len: 0,
             splits: 0,
             out_offset: 0,
+            bias_offset: 0,
         }
     }
 
@@ -771,6 +766,16 @@ pub(crate) mod gpu {
             u.splits = splits as u32;
             u.split_len = split_len(r, splits, TK as usize) as u32;
             u.out_offset = offset_u32(OP, dw_out, g.cout * k)?;
+            if let Some(db_out) = db_out {
+                if !db_out.arena.shares_storage(dw_out.arena) {
+                    return Err(Error::invalid(
+                        OP,
+                        "the weight and bias gradients' parts must be in one arena",
+                    ));
+                }
+                u.has_bias = 1;
+                u.bias_offset = offset_u32(OP, db_out, g.cout)?;
+            }
             let args = [
                 Arg::read(xb),
                 Arg::read(dyb),
@@ -778,16 +783,6 @@ pub(crate) mod gpu {
             ];
             let workgroups = tile_grid(g.cout, k, splits);
             g_.dispatch(&BACKWARD_WEIGHT_PARTIAL, &u, &args, workgroups)?;
-        }
-
-        if let Some(db_out) = db_out.filter(|_| g.cout > 0) {
-            let mut u = params(&g);
-            u.splits = splits as u32;
-            u.split_len = split_len(r, splits, 1) as u32;
-            u.out_offset = offset_u32(OP, db_out, g.cout)?;
-            let args = [Arg::read(dyb), Arg::write(db_out.arena.gpu_buffer(OP)?)];
-            let workgroups = grid((g.cout * splits) as u32);
-            g_.dispatch(&BACKWARD_BIAS_PARTIAL, &u, &args, workgroups)?;
         }
         Ok(dx.map(|dx| Tensor::from_gpu(x.shape(), dx)))
     }

@@ -1,6 +1,7 @@
 // 2-D convolution as implicit GEMM (see src/ops/conv2d.rs for the equations).
 //
 //   conv2d_fwd                 Y[co, n] = bias[co] + sum_k W[co, k] X[k, n]          M=Cout N=B Ho Wo K=Cin KH KW
+//                              (+ add[b, co] with epilogue bit 0, + residual[b, co, oy, ox] with bit 1)
 //   conv2d_bwd_input           dx[ci, n] = sum_k W^T[ci, k] dY[k, n]  (gather form)   M=Cin  N=B H W   K=Cout KH KW
 //   conv2d_bwd_weight_partial  P_s[co, k] = sum_{r in split s} dY[co, r] X[k, r]      M=Cout N=Cin KH KW, R=B Ho Wo
 //                              and, with has_bias, Q_s[co] = sum_{r in split s} dY[co, r]
@@ -30,6 +31,7 @@ struct Params {
     ho: u32,
     wo: u32,
     has_bias: u32,
+    epilogue: u32,
     split_len: u32,
     splits: u32,
     out_offset: u32,
@@ -55,6 +57,8 @@ var<workgroup> Bs: array<f32, B_LEN>;
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> add: array<f32>;
+@group(0) @binding(6) var<storage, read> residual: array<f32>;
 
 // conv2d_bwd_input (w as above)
 @group(0) @binding(1) var<storage, read> dy_in: array<f32>;
@@ -159,7 +163,15 @@ fn conv2d_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             let nj = n0 + tn + j * WG_N;
             if (nj < n_len) {
                 let bj = nj / ohw;
-                y[(bj * m_len + m) * ohw + nj - bj * ohw] = acc[i][j] + bv;
+                let at = (bj * m_len + m) * ohw + nj - bj * ohw;
+                var v = acc[i][j] + bv;
+                if ((p.epilogue & 1u) != 0u) {
+                    v += add[bj * m_len + m];
+                }
+                if ((p.epilogue & 2u) != 0u) {
+                    v += residual[at];
+                }
+                y[at] = v;
             }
         }
     }

@@ -20,7 +20,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::nn::ParamLayout;
 use crate::ops::attention::AttentionOutput;
-use crate::ops::conv2d::Conv2dParams;
+use crate::ops::conv2d::{Conv2dEpilogue, Conv2dParams};
 use crate::ops::grads::{splits_divisor, GradPlan, GradRegion, Partials};
 use crate::ops::group_norm::{GroupNormOutput, GroupNormParams};
 use crate::tensor::Tensor;
@@ -36,6 +36,9 @@ enum Op {
         w: Var,
         b: Option<Var>,
         p: Conv2dParams,
+        /// What the epilogue added: `[B, Cout]` per channel, and a residual of y's shape.
+        add: Option<Var>,
+        residual: Option<Var>,
     },
     Linear {
         x: Var,
@@ -96,7 +99,18 @@ impl Op {
     /// Every variable the op's backward reads or sends a gradient to.
     fn vars(&self) -> Vec<Var> {
         match *self {
-            Op::Conv2d { x, w, b, .. } | Op::Linear { x, w, b } => {
+            Op::Conv2d {
+                x,
+                w,
+                b,
+                add,
+                residual,
+                ..
+            } => [Some(x), Some(w), b, add, residual]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Op::Linear { x, w, b } => {
                 let mut v = vec![x, w];
                 v.extend(b);
                 v
@@ -293,12 +307,38 @@ impl<'b> Tape<'b> {
     }
 
     pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, p: Conv2dParams) -> Result<Var> {
-        let y = self
-            .be
-            .conv2d(self.value(x), self.value(w), b.map(|b| self.value(b)), &p)?;
-        let mut inputs = vec![x, w];
-        inputs.extend(b);
-        Ok(self.output(y, &inputs, || Op::Conv2d { x, w, b, p }))
+        self.conv2d_with(x, w, b, p, None, None)
+    }
+
+    /// `conv2d(x, w, b) + add[:, :, None, None] + residual`, the sums made by the
+    /// convolution's epilogue (`add [B, Cout]`, `residual` of the output's shape).
+    pub fn conv2d_with(
+        &mut self,
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        p: Conv2dParams,
+        add: Option<Var>,
+        residual: Option<Var>,
+    ) -> Result<Var> {
+        let e = Conv2dEpilogue {
+            add: add.map(|v| self.value(v)),
+            residual: residual.map(|v| self.value(v)),
+        };
+        let (xv, wv, bv) = (self.value(x), self.value(w), b.map(|b| self.value(b)));
+        let y = self.be.conv2d_with(xv, wv, bv, &p, &e)?;
+        let inputs: Vec<Var> = [Some(x), Some(w), b, add, residual]
+            .into_iter()
+            .flatten()
+            .collect();
+        Ok(self.output(y, &inputs, || Op::Conv2d {
+            x,
+            w,
+            b,
+            p,
+            add,
+            residual,
+        }))
     }
 
     /// `x [M, K] w^T + b`.
@@ -501,7 +541,7 @@ impl<'b> Tape<'b> {
         for (n, node) in self.nodes.iter().enumerate() {
             let cuttable = !matches!(node.op, Op::GroupNorm { .. });
             let inputs: Vec<(Vec<Var>, usize)> = match &node.op {
-                Op::Conv2d { x, w, b, p } => {
+                Op::Conv2d { x, w, b, p, .. } => {
                     let s = be.conv2d_grad_splits(self.value(*x), self.value(*w), p)?;
                     let mut v = vec![(vec![*w], s)];
                     v.extend(b.map(|b| (vec![b], s)));
@@ -752,7 +792,21 @@ impl<'b> Tape<'b> {
         let be = self.be;
         let y = self.value(node.out);
         match &node.op {
-            Op::Conv2d { x, w, b, p } => {
+            Op::Conv2d {
+                x,
+                w,
+                b,
+                p,
+                add,
+                residual,
+            } => {
+                if let Some(r) = residual {
+                    self.accumulate(g, *r, dy.clone())?;
+                }
+                if let Some(a) = add.filter(|a| self.needs_grad[a.0]) {
+                    let da = be.add_per_channel_backward(dy)?;
+                    self.accumulate(g, a, da)?;
+                }
                 let (xv, wv) = (self.value(*x), self.value(*w));
                 let s = be.conv2d_grad_splits(xv, wv, p)?;
                 let mut slots = vec![(vec![*w], wv.numel(), s)];

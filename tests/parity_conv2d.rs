@@ -1,9 +1,12 @@
-//! conv2d and conv2d_backward: GPU vs CPU, finite differences, bad input.
+//! conv2d and conv2d_backward: GPU vs CPU, finite differences, bad input; the epilogue that
+//! adds a per-channel value and a residual in the same pass, against the separate ops and
+//! through the tape's backward.
 
 mod common;
 
 use common::*;
-use diffwgpu::ops::conv2d::Conv2dParams;
+use diffwgpu::autodiff::Tape;
+use diffwgpu::ops::conv2d::{Conv2dEpilogue, Conv2dParams};
 use diffwgpu::{Backend, Cpu, Error, Gpu, Tensor};
 
 /// One convolution: input shape, output channels, square kernel size, parameters, bias.
@@ -182,6 +185,129 @@ fn gradients_match_finite_differences() {
     }
 }
 
+/// Cases for the epilogue: two tiles of output channels with padding, and a strided case
+/// whose output is smaller than its input.
+const EPILOGUE_CASES: &[Case] = &[
+    case([2, 4, 6, 5], 70, 3, 1, SAME, true),
+    case([3, 5, 16, 16], 7, 3, 1, SAME, false),
+    case([3, 3, 5, 7], 5, 3, 2, DOWN, true),
+];
+
+/// `conv2d_with` of case `c` with an `add [B, Cout]` and a residual (each on or off).
+fn conv_with(
+    be: &dyn Backend,
+    c: &Case,
+    seed: u64,
+    (with_add, with_residual): (bool, bool),
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let i = inputs(c, seed);
+    let (b, co) = (c.x[0], c.cout);
+    let x = up(be, &c.x, &i.x);
+    let w = up(be, &[co, c.x[1], c.k, c.k], &i.w);
+    let bias = up(be, &[co], &i.b);
+    let add = up(be, &[b, co], &seeded(b * co, seed + 5));
+    let residual = up(be, &i.yshape, &seeded(i.dy.len(), seed + 6));
+    let e = Conv2dEpilogue {
+        add: with_add.then_some(&add),
+        residual: with_residual.then_some(&residual),
+    };
+    let y = be
+        .conv2d_with(&x, &w, c.bias.then_some(&bias), &c.p, &e)
+        .unwrap();
+    (y, x, add, residual)
+}
+
+const EPILOGUES: [(bool, bool); 3] = [(true, false), (false, true), (true, true)];
+
+/// GPU vs CPU with each epilogue (tolerance as `forward_and_backward_match_cpu`).
+fn epilogue_matches_cpu(g: &Gpu) {
+    for (i, c) in EPILOGUE_CASES.iter().enumerate() {
+        for e in EPILOGUES {
+            let name = format!("conv2d_with {e:?} x {:?} -> {} {:?}", c.x, c.cout, c.p);
+            parity(g, &name, 1e-4, 1e-4, |be: &dyn Backend| {
+                vec![("y", down(be, &conv_with(be, c, 50 + i as u64, e).0))]
+            });
+        }
+    }
+}
+
+/// The fused sums equal the convolution followed by `add_per_channel` and `add` on the same
+/// backend: the same values added in another order, so within a few ulps (1e-5).
+fn check_epilogue_equals_separate_adds(be: &dyn Backend) {
+    for (i, c) in EPILOGUE_CASES.iter().enumerate() {
+        for e in EPILOGUES {
+            let (y, _, add, residual) = conv_with(be, c, 70 + i as u64, e);
+            let (plain, ..) = conv_with(be, c, 70 + i as u64, (false, false));
+            let mut want = plain;
+            if e.0 {
+                want = be.add_per_channel(&want, &add).unwrap();
+            }
+            if e.1 {
+                want = be.add(&want, &residual).unwrap();
+            }
+            let name = format!("{} conv2d_with {e:?} x {:?}", be.name(), c.x);
+            assert_close(&name, &down(be, &y), &down(be, &want), 1e-5, 1e-5);
+        }
+    }
+}
+
+fn epilogue_equals_separate_adds_on_cpu() {
+    check_epilogue_equals_separate_adds(&Cpu);
+}
+
+fn epilogue_equals_separate_adds_on_gpu(g: &Gpu) {
+    check_epilogue_equals_separate_adds(g);
+}
+
+/// The tape's backward of `conv2d_with`: the gradients of the per-channel addend and of the
+/// residual (and of x, w and b, as without an epilogue) against central differences of
+/// `sum(y * r)`, which is linear in each, so exact up to the forward's f32 rounding.
+fn epilogue_gradients_match_finite_differences() {
+    let c = &case([2, 3, 5, 4], 4, 3, 2, DOWN, true);
+    let i = inputs(c, 90);
+    let (b, co) = (c.x[0], c.cout);
+    let a = seeded(b * co, 95);
+    let res = seeded(i.dy.len(), 96);
+    let wshape = [co, c.x[1], c.k, c.k];
+    let forward = |tape: &mut Tape, v: [&[f32]; 5]| {
+        let shapes: [&[usize]; 5] = [&c.x, &wshape, &[co], &[b, co], &i.yshape];
+        let vars: Vec<_> = v
+            .iter()
+            .zip(shapes)
+            .map(|(d, s)| tape.leaf(up(&Cpu, s, d), true))
+            .collect();
+        let y = tape
+            .conv2d_with(
+                vars[0],
+                vars[1],
+                Some(vars[2]),
+                c.p,
+                Some(vars[3]),
+                Some(vars[4]),
+            )
+            .unwrap();
+        (vars, y)
+    };
+    let loss = |v: [&[f32]; 5]| {
+        let mut tape = Tape::inference(&Cpu);
+        let (_, y) = forward(&mut tape, v);
+        dot(&down(&Cpu, tape.value(y)), &i.dy)
+    };
+    let all: [&[f32]; 5] = [&i.x, &i.w, &i.b, &a, &res];
+    let mut tape = Tape::new(&Cpu);
+    let (vars, y) = forward(&mut tape, all);
+    let mut grads = tape.backward(y, up(&Cpu, &i.yshape, &i.dy)).unwrap();
+    let (h, atol, rtol) = (1e-2, 2e-3, 1e-3);
+    for (k, name) in ["dx", "dw", "db", "d add", "d residual"].iter().enumerate() {
+        let got = down(&Cpu, &grads.take(vars[k]).expect("a gradient"));
+        gradcheck(name, all[k], &got, h, atol, rtol, |vp| {
+            let mut v = all;
+            v[k] = vp;
+            loss(v)
+        });
+    }
+}
+
 fn params_constructors() {
     assert_eq!(
         Conv2dParams::new(2, 1),
@@ -235,6 +361,15 @@ fn bad_inputs_are_errors(be: &dyn Backend) {
     assert!(
         invalid(be.conv2d(&x, &t(&[4, 3, 0, 3]), None, &p)),
         "empty kernel"
+    );
+    let with = |add: Option<&Tensor>, residual: Option<&Tensor>| {
+        be.conv2d_with(&x, &w, None, &p, &Conv2dEpilogue { add, residual })
+    };
+    assert!(shape_err(with(Some(&t(&[2, 3])), None)), "add [B, Cin]");
+    assert!(shape_err(with(Some(&t(&[4])), None)), "add without batch");
+    assert!(
+        shape_err(with(None, Some(&t(&[2, 4, 5, 4])))),
+        "residual shape"
     );
 
     let back = |w: &Tensor, dy: &Tensor, p: &Conv2dParams| be.conv2d_backward(&x, w, dy, p, true);
@@ -316,9 +451,17 @@ fn tensor_from_the_other_backend_is_an_error(g: &Gpu) {
 }
 
 tests! {
-    cpu: [gradients_match_finite_differences, params_constructors, bad_input_is_an_error_on_cpu],
+    cpu: [
+        gradients_match_finite_differences,
+        epilogue_gradients_match_finite_differences,
+        epilogue_equals_separate_adds_on_cpu,
+        params_constructors,
+        bad_input_is_an_error_on_cpu,
+    ],
     gpu: [
         forward_and_backward_match_cpu,
+        epilogue_matches_cpu,
+        epilogue_equals_separate_adds_on_gpu,
         bad_input_is_an_error_on_gpu,
         tensor_from_the_other_backend_is_an_error,
     ],

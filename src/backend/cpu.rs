@@ -4,7 +4,7 @@
 use super::Backend;
 use crate::error::Result;
 use crate::ops::attention::{self, AttentionOutput};
-use crate::ops::conv2d::{self, Conv2dParams};
+use crate::ops::conv2d::{self, Conv2dEpilogue, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
 use crate::ops::grads::{self, GradPlan, Partials};
@@ -103,14 +103,15 @@ impl Backend for Cpu {
         layout::cpu::transpose(x)
     }
 
-    fn conv2d(
+    fn conv2d_with(
         &self,
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
         p: &Conv2dParams,
+        e: &Conv2dEpilogue,
     ) -> Result<Tensor> {
-        conv2d::cpu::forward(x, w, b, p)
+        conv2d::cpu::forward(x, w, b, p, e)
     }
 
     fn conv2d_grad_splits(&self, x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize> {

@@ -5,7 +5,7 @@ use super::Backend;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::attention::{self, AttentionOutput};
-use crate::ops::conv2d::{self, Conv2dParams};
+use crate::ops::conv2d::{self, Conv2dEpilogue, Conv2dParams};
 use crate::ops::diffusion::{self, DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::{self, TimestepEmbeddingParams};
 use crate::ops::grads::{self, GradPlan, Partials};
@@ -94,14 +94,15 @@ impl Backend for Gpu {
         layout::gpu::transpose(self, x)
     }
 
-    fn conv2d(
+    fn conv2d_with(
         &self,
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
         p: &Conv2dParams,
+        e: &Conv2dEpilogue,
     ) -> Result<Tensor> {
-        conv2d::gpu::forward(self, x, w, b, p)
+        conv2d::gpu::forward(self, x, w, b, p, e)
     }
 
     fn conv2d_grad_splits(&self, x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize> {

@@ -10,7 +10,7 @@
 
 use crate::error::Result;
 use crate::ops::attention::AttentionOutput;
-use crate::ops::conv2d::{Conv2dGrads, Conv2dParams};
+use crate::ops::conv2d::{Conv2dEpilogue, Conv2dGrads, Conv2dParams};
 use crate::ops::diffusion::{DdimStepCoefficients, DdpmStepCoefficients};
 use crate::ops::embedding::TimestepEmbeddingParams;
 use crate::ops::grads::{GradPlan, Partials};
@@ -73,6 +73,17 @@ pub trait Backend: Send + Sync {
         w: &Tensor,
         b: Option<&Tensor>,
         p: &Conv2dParams,
+    ) -> Result<Tensor> {
+        self.conv2d_with(x, w, b, p, &Conv2dEpilogue::default())
+    }
+    /// A convolution that also adds what `e` holds to its output, in the same pass.
+    fn conv2d_with(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+        e: &Conv2dEpilogue,
     ) -> Result<Tensor>;
     /// How many parts this backend splits a convolution's weight and bias gradients into.
     fn conv2d_grad_splits(&self, x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<usize>;

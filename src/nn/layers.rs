@@ -39,6 +39,20 @@ impl Conv2d {
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
         tape.conv2d(x, p[self.weight], Some(p[self.bias]), self.params)
     }
+
+    /// The convolution plus `add [B, Cout]` broadcast over the pixels and a `residual` of the
+    /// output's shape, both added by the convolution's epilogue.
+    pub fn forward_with(
+        &self,
+        tape: &mut Tape,
+        p: &[Var],
+        x: Var,
+        add: Option<Var>,
+        residual: Option<Var>,
+    ) -> Result<Var> {
+        let (w, b) = (p[self.weight], Some(p[self.bias]));
+        tape.conv2d_with(x, w, b, self.params, add, residual)
+    }
 }
 
 /// `nn.Linear` with bias, over `[rows, in]`.

@@ -50,17 +50,17 @@ impl ResnetBlock2D {
 
     /// `x [B, Cin, H, W]`, `temb_act = SiLU(temb) [B, T]` (shared by every block).
     pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var, temb_act: Var) -> Result<Var> {
+        // Group norm + SiLU is one op; the time embedding and the shortcut are added by the
+        // epilogues of conv1 and conv2.
         let h = self.norm1.forward_silu(tape, p, x)?;
-        let h = self.conv1.forward(tape, p, h)?;
         let t = self.time_emb_proj.forward(tape, p, temb_act)?;
-        let h = tape.add_per_channel(h, t)?;
+        let h = self.conv1.forward_with(tape, p, h, Some(t), None)?;
         let h = self.norm2.forward_silu(tape, p, h)?;
         let h = tape.dropout(h, self.dropout)?;
-        let h = self.conv2.forward(tape, p, h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(tape, p, x)?,
             None => x,
         };
-        tape.add(shortcut, h)
+        self.conv2.forward_with(tape, p, h, None, Some(shortcut))
     }
 }

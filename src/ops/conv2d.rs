@@ -18,6 +18,12 @@
 //! db[co] = sum_{b, oy, ox} dy[b, co, oy, ox]                                    (4)
 //! ```
 //!
+//! The forward can add more to `y` in the same pass (its epilogue, `Conv2dEpilogue`): a value
+//! per (sample, output channel), `y += add[b, co]` (a resnet's time embedding), and a tensor
+//! of y's shape, `y += residual` (a resnet's skip connection). Both are sums, so their
+//! gradients are `dy` summed over the pixels and `dy` itself, and the backward of the
+//! convolution is unchanged.
+//!
 //! The weight and bias gradients (2) and (4) are written as partial sums into a step's arena
 //! (see `ops/grads.rs`): the GPU splits the reduction over `B Ho Wo` into parts, the CPU
 //! computes each sum whole (one part).
@@ -33,6 +39,16 @@ use super::check_rank;
 use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+
+/// What a convolution adds to its output besides the bias, in the same pass:
+/// `y[b, co, oy, ox] += add[b, co] + residual[b, co, oy, ox]`.
+#[derive(Clone, Copy, Default)]
+pub struct Conv2dEpilogue<'a> {
+    /// `[B, Cout]`, broadcast over the pixels.
+    pub add: Option<&'a Tensor>,
+    /// Of the output's shape.
+    pub residual: Option<&'a Tensor>,
+}
 
 /// Stride and padding (top, bottom, left, right) of a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +172,31 @@ impl Geometry {
         Ok(())
     }
 
+    /// The bias and the epilogue's tensors have their shapes.
+    fn check_forward(
+        &self,
+        op: &'static str,
+        b: Option<&Tensor>,
+        e: &Conv2dEpilogue,
+    ) -> Result<()> {
+        if let Some(b) = b {
+            self.check_bias(op, b)?;
+        }
+        if let Some(a) = e.add {
+            if a.shape() != [self.batch, self.cout] {
+                let want = format!("an epilogue add of [{}, {}]", self.batch, self.cout);
+                return Err(Error::shape(op, want, a.shape()));
+            }
+        }
+        if let Some(r) = e.residual {
+            if r.shape() != self.out_shape() {
+                let want = format!("a residual of {:?}", self.out_shape());
+                return Err(Error::shape(op, want, r.shape()));
+            }
+        }
+        Ok(())
+    }
+
     /// The parts of the weight gradient and of the bias gradient fit their arenas.
     fn check_partials(&self, op: &'static str, dw: &Partials, db: Option<&Partials>) -> Result<()> {
         dw.check(op, self.cout * self.k())?;
@@ -200,6 +241,8 @@ struct Params {
     ho: u32,
     wo: u32,
     has_bias: u32,
+    /// The forward's epilogue: bit 0 adds `add[b, co]`, bit 1 the residual.
+    epilogue: u32,
     /// Reduction indices per split of a split-K pass.
     split_len: u32,
     /// Number of splits of a split-K pass.
@@ -379,19 +422,31 @@ pub(crate) mod cpu {
         }
     }
 
-    /// Forward pass, equation (1) per image plus the bias, images in parallel.
-    pub fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: &Conv2dParams) -> Result<Tensor> {
+    /// Forward pass, equation (1) per image plus the bias and the epilogue, images in
+    /// parallel: each image's output starts as bias + add + residual and the product
+    /// accumulates onto it.
+    pub fn forward(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+        e: &Conv2dEpilogue,
+    ) -> Result<Tensor> {
         const OP: &str = "conv2d";
         let g = Geometry::new(OP, x, w, p)?;
-        if let Some(b) = b {
-            g.check_bias(OP, b)?;
-        }
+        g.check_forward(OP, b, e)?;
         let xs = x.cpu_read(OP)?;
         let ws = w.cpu_read(OP)?;
         let bias = b.map(|b| b.cpu_read(OP)).transpose()?;
+        let add = e.add.map(|a| a.cpu_read(OP)).transpose()?;
+        let residual = e.residual.map(|r| r.cpu_read(OP)).transpose()?;
         let (k, ohw, pointwise) = (g.k(), g.out_hw(), g.is_pointwise(p));
         let par = inner_parallelism(g.batch);
-        let mut y = vec![0.0f32; g.batch * g.cout * ohw];
+        let mut y = match &residual {
+            Some(r) => r.to_vec(),
+            None => vec![0.0f32; g.batch * g.cout * ohw],
+        };
+        let accumulate = bias.is_some() || add.is_some() || residual.is_some();
         if ohw > 0 && g.cout > 0 {
             y.par_chunks_mut(g.cout * ohw).enumerate().for_each_init(
                 || vec![0.0f32; if pointwise { 0 } else { k * ohw }],
@@ -403,14 +458,16 @@ pub(crate) mod cpu {
                         im2col(&g, xb, col);
                         col
                     };
-                    if let Some(bias) = &bias {
-                        for (row, &bv) in yb.chunks_mut(ohw).zip(bias.iter()) {
-                            row.fill(bv);
+                    for (co, row) in yb.chunks_mut(ohw).enumerate() {
+                        let v = bias.as_ref().map_or(0.0, |b| b[co])
+                            + add.as_ref().map_or(0.0, |a| a[bi * g.cout + co]);
+                        if v != 0.0 {
+                            row.iter_mut().for_each(|o| *o += v);
                         }
                     }
                     let wm = Mat::rows(&ws, k);
                     let xm = Mat::rows(cols, ohw);
-                    matmul(yb, wm, xm, (g.cout, ohw, k), bias.is_some(), par);
+                    matmul(yb, wm, xm, (g.cout, ohw, k), accumulate, par);
                 },
             );
         }
@@ -497,7 +554,7 @@ pub(crate) mod cpu {
             transposed_conv(&g, p, &w.cpu_read(OP)?)
         };
         let dx_by_forward = match &transposed {
-            Some((wt, pt)) => Some(forward(dy, wt, None, pt)?),
+            Some((wt, pt)) => Some(forward(dy, wt, None, pt, &Conv2dEpilogue::default())?),
             None => None,
         };
         let xs = x.cpu_read(OP)?;
@@ -635,7 +692,7 @@ pub(crate) mod gpu {
         }
     }
 
-    const FORWARD: Kernel = kernel("conv2d_fwd", &[R, R, R, W]);
+    const FORWARD: Kernel = kernel("conv2d_fwd", &[R, R, R, W, R, R]);
     const BACKWARD_INPUT: Kernel = kernel("conv2d_bwd_input", &[R, R, W]);
     const BACKWARD_WEIGHT_PARTIAL: Kernel = kernel("conv2d_bwd_weight_partial", &[R, R, W]);
     pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT_PARTIAL];
@@ -656,6 +713,7 @@ pub(crate) mod gpu {
             ho: u(g.ho),
             wo: u(g.wo),
             has_bias: 0,
+            epilogue: 0,
             split_len: 0,
             splits: 0,
             out_offset: 0,
@@ -702,24 +760,29 @@ pub(crate) mod gpu {
         w: &Tensor,
         b: Option<&Tensor>,
         p: &Conv2dParams,
+        e: &Conv2dEpilogue,
     ) -> Result<Tensor> {
         const OP: &str = "conv2d";
         let g = Geometry::new(OP, x, w, p)?;
-        if let Some(b) = b {
-            g.check_bias(OP, b)?;
-        }
+        g.check_forward(OP, b, e)?;
         let (xb, wb) = (x.gpu_buffer(OP)?, w.gpu_buffer(OP)?);
         let bias = b.map(|b| b.gpu_buffer(OP)).transpose()?;
+        let add = e.add.map(|a| a.gpu_buffer(OP)).transpose()?;
+        let residual = e.residual.map(|r| r.gpu_buffer(OP)).transpose()?;
         let numel = g.batch * g.cout * g.out_hw();
         let y = g_.alloc(OP, numel)?;
         if numel > 0 {
             let mut u = params(&g);
             u.has_bias = bias.is_some() as u32;
+            u.epilogue = add.is_some() as u32 | (residual.is_some() as u32) << 1;
+            // An absent operand binds the weights in its place (never read).
             let args = [
                 Arg::read(xb),
                 Arg::read(wb),
                 Arg::read(bias.unwrap_or(wb)),
                 Arg::write(&y),
+                Arg::read(add.unwrap_or(wb)),
+                Arg::read(residual.unwrap_or(wb)),
             ];
             let workgroups = tile_grid(g.cout, g.batch * g.out_hw(), 1);
             g_.dispatch(&FORWARD, &u, &args, workgroups)?;

@@ -46,6 +46,21 @@ impl Kernel {
     }
 }
 
+/// Shaders built without wgpu's runtime bounds checks, which cost a compare and a select on
+/// every buffer access of the products' inner loops. Each index in them is guarded in the
+/// code, and the launchers check the rest before they dispatch:
+/// - `conv2d`: the tile loaders read `w`, `x` and `dy` only under `m < m_len`, `k < k_len` or
+///   `r < r_end` and the im2col window test; the stores write under `m < m_len` and
+///   `n < n_len`; the bias and epilogue operands are read under the same guards and the
+///   launcher checks their shapes; the parts' offsets `out_offset + splits Cout K` and
+///   `bias_offset + splits Cout` are checked against the arena (`Partials::check`).
+/// - `linear`: the tile loaders read under `row < m`, `l < k_end` and `col < n` through the
+///   strides the launcher derives from the checked shapes; the stores write under `r < m`
+///   and `c < n`, at `c_offset + splits m n`, which the launcher checks against the output.
+///
+/// Every other runtime check (loop bounding, integer division) stays on.
+const GUARDED_SHADERS: &[&str] = &["conv2d", "linear"];
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PipelineKey {
     shader: &'static str,
@@ -97,10 +112,21 @@ impl PipelineCache {
             .unwrap()
             .entry(kernel.shader)
             .or_insert_with(|| {
-                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                let desc = wgpu::ShaderModuleDescriptor {
                     label: Some(kernel.shader),
                     source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
-                })
+                };
+                if GUARDED_SHADERS.contains(&kernel.shader) {
+                    let checks = wgpu::ShaderRuntimeChecks {
+                        bounds_checks: false,
+                        ..wgpu::ShaderRuntimeChecks::checked()
+                    };
+                    // SAFETY: every buffer and array index of these shaders is guarded in the
+                    // code (see GUARDED_SHADERS); only the bounds checks are turned off.
+                    unsafe { device.create_shader_module_trusted(desc, checks) }
+                } else {
+                    device.create_shader_module(desc)
+                }
             })
             .clone();
         let bind_layout = self

@@ -2,6 +2,8 @@
 
 pub mod device;
 pub mod info;
+pub mod model;
 pub mod noise;
+pub mod progress;
 pub mod sample;
 pub mod train;

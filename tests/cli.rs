@@ -1,5 +1,6 @@
 //! The `diffwgpu` binary end to end: a short training run writes a complete pipeline folder,
-//! a resumed run continues exactly, and bad input gives a clear error.
+//! a resumed run continues exactly, sampling is deterministic and reports progress, and bad input
+//! gives a clear error.
 
 mod common;
 
@@ -242,6 +243,19 @@ fn sample_writes_deterministic_images() {
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "same seed, other images"
     );
+    // --batch-size is --batch by the name train uses.
+    let e = dir.join("e.png");
+    run(&[
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--batch-size",
+        "3",
+        "--output",
+        e.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&e).unwrap() == std::fs::read(&b).unwrap());
     let grid = image::open(&a).unwrap();
     assert_eq!((grid.width(), grid.height()), (38, 38));
     for i in 0..4 {
@@ -340,6 +354,41 @@ fn sample_writes_deterministic_images() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Without a terminal (stderr is a pipe here) `sample` prints a line every 10 % of the model
+/// evaluations instead of its hidden progress bar.
+fn sample_without_a_terminal_prints_progress_lines() {
+    let dir = scratch("progress");
+    let model = dir.join("model");
+    let o = train(&model, &["--steps", "1", "--sample-every", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.join("out.png");
+    let o = diffwgpu(&[
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--num",
+        "4",
+        "--batch-size",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "10",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(lines.len(), 10, "{err}");
+    assert!(lines[4].starts_with("step 10/20 | 2/4 images | "), "{err}");
+    assert!(lines[9].starts_with("step 20/20 | 4/4 images | "), "{err}");
+    assert!(lines[9].ends_with(" s"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn noise_pictures_the_forward_process() {
     let dir = scratch("noise");
     let out = dir.join("noise.png");
@@ -415,6 +464,7 @@ tests! {
         resumed_run_follows_the_same_loss_curve,
         bad_input_gives_clear_errors,
         sample_writes_deterministic_images,
+        sample_without_a_terminal_prints_progress_lines,
         noise_pictures_the_forward_process,
     ],
     gpu: [train_and_sample_on_the_gpu],

@@ -6,3 +6,9 @@
 pub fn interactive() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
+
+/// Whether unit `done` (from 1) of `total` is the first past one of `parts` even marks of
+/// the work (`parts = 10`: every 10 %); the last unit always is.
+pub fn at_mark(done: u64, total: u64, parts: u64) -> bool {
+    done >= 1 && done * parts / total > (done - 1) * parts / total
+}

@@ -1,5 +1,6 @@
 //! The subcommands of the `diffwgpu` binary.
 
+pub mod bench;
 pub mod device;
 pub mod info;
 pub mod model;

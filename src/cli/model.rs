@@ -29,4 +29,12 @@ impl ModelArgs {
             None => Ok(UNet2DConfig::preset(&self.preset)?),
         }
     }
+
+    /// The preset's name, or the config file's path.
+    pub fn name(&self) -> String {
+        match &self.config {
+            Some(path) => path.display().to_string(),
+            None => self.preset.clone(),
+        }
+    }
 }

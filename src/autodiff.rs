@@ -201,6 +201,8 @@ pub struct Tape<'b> {
     record: bool,
     /// Seed and next element offset of the dropout masks (training only).
     dropout: Option<(u64, u64)>,
+    /// Floating-point operations of the forward products so far (see [`Self::flops`]).
+    flops: u64,
 }
 
 /// The gradients `backward` found, indexed by variable.
@@ -231,6 +233,7 @@ impl<'b> Tape<'b> {
             nodes: Vec::new(),
             record: true,
             dropout: None,
+            flops: 0,
         }
     }
 
@@ -284,6 +287,14 @@ impl<'b> Tape<'b> {
             .expect("a value is read after backward dropped it")
     }
 
+    /// The forward pass's floating-point operations so far, counting `2 M N K` for every
+    /// product: a conv2d `2 B Cout Ho Wo Cin KH KW`, a linear layer `2 M N K`, attention
+    /// `4 B heads L^2 d` (`q k^T` and `p v`); normalisations and elementwise ops are not
+    /// counted.
+    pub fn flops(&self) -> u64 {
+        self.flops
+    }
+
     /// The shape of a variable.
     pub fn shape(&self, v: Var) -> &[usize] {
         self.value(v).shape()
@@ -327,6 +338,8 @@ impl<'b> Tape<'b> {
         };
         let (xv, wv, bv) = (self.value(x), self.value(w), b.map(|b| self.value(b)));
         let y = self.be.conv2d_with(xv, wv, bv, &p, &e)?;
+        let w_shape = self.shape(w);
+        self.flops += 2 * (y.numel() * w_shape[1..].iter().product::<usize>()) as u64;
         let inputs: Vec<Var> = [Some(x), Some(w), b, add, residual]
             .into_iter()
             .flatten()
@@ -346,6 +359,7 @@ impl<'b> Tape<'b> {
         let y = self
             .be
             .linear(self.value(x), self.value(w), b.map(|b| self.value(b)))?;
+        self.flops += 2 * (y.numel() * self.shape(x)[1]) as u64;
         let mut inputs = vec![x, w];
         inputs.extend(b);
         Ok(self.output(y, &inputs, || Op::Linear { x, w, b }))
@@ -358,6 +372,7 @@ impl<'b> Tape<'b> {
     pub fn linear_stacked(&mut self, x: Var, ws: &[Var], bs: &[Var]) -> Result<Var> {
         let (w, b) = (self.stacked(ws)?, self.stacked(bs)?);
         let y = self.be.linear(self.value(x), &w, Some(&b))?;
+        self.flops += 2 * (y.numel() * self.shape(x)[1]) as u64;
         let inputs = [&[x], ws, bs].concat();
         let (ws, bs) = (ws.to_vec(), bs.to_vec());
         Ok(self.output(y, &inputs, || Op::LinearStacked { x, ws, bs }))
@@ -449,6 +464,7 @@ impl<'b> Tape<'b> {
     /// giving `[B, L, C]`.
     pub fn attention(&mut self, qkv: Var, heads: usize) -> Result<Var> {
         let o = self.be.attention(self.value(qkv), heads)?;
+        self.flops += 4 * (o.out.numel() * self.shape(qkv)[1]) as u64;
         let lse = o.lse;
         Ok(self.output(o.out, &[qkv], || Op::Attention { qkv, heads, lse }))
     }

@@ -24,6 +24,12 @@ enum Command {
     Sample(Box<cli::sample::SampleArgs>),
     /// Picture the forward process: an image and its noisy versions under one or two schedules.
     Noise(cli::noise::NoiseArgs),
+    /// Time training steps and a sampling run of a model: images/s, TFLOP/s and, on the GPU,
+    /// dispatches, submits and peak memory per step.
+    ///
+    /// FLOPs count 2 M N K for every product of a forward pass (conv, linear, attention); a
+    /// training step counts as 3 forward passes (the backward pass as about twice the forward).
+    Bench(Box<cli::bench::BenchArgs>),
     /// List the GPU adapters wgpu finds and the device `--device auto` would pick.
     Info,
 }
@@ -33,6 +39,7 @@ fn main() -> Result<()> {
         Command::Train(args) => cli::train::run(*args),
         Command::Sample(args) => cli::sample::run(*args),
         Command::Noise(args) => cli::noise::run(args),
+        Command::Bench(args) => cli::bench::run(*args),
         Command::Info => cli::info::run(),
     }
 }

@@ -1,5 +1,6 @@
 //! The `diffwgpu` binary end to end: a short training run writes a complete pipeline folder,
-//! a resumed run continues exactly, and bad input gives a clear error.
+//! a resumed run continues exactly, sampling is deterministic and reports progress, `bench`
+//! reports speed and FLOPs, and bad input gives a clear error.
 
 mod common;
 
@@ -242,6 +243,19 @@ fn sample_writes_deterministic_images() {
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "same seed, other images"
     );
+    // --batch-size is --batch by the name train uses.
+    let e = dir.join("e.png");
+    run(&[
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--batch-size",
+        "3",
+        "--output",
+        e.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&e).unwrap() == std::fs::read(&b).unwrap());
     let grid = image::open(&a).unwrap();
     assert_eq!((grid.width(), grid.height()), (38, 38));
     for i in 0..4 {
@@ -340,6 +354,106 @@ fn sample_writes_deterministic_images() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Without a terminal (stderr is a pipe here) `sample` prints a line every 10 % of the model
+/// evaluations instead of its hidden progress bar.
+fn sample_without_a_terminal_prints_progress_lines() {
+    let dir = scratch("progress");
+    let model = dir.join("model");
+    let o = train(&model, &["--steps", "1", "--sample-every", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.join("out.png");
+    let o = diffwgpu(&[
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--num",
+        "4",
+        "--batch-size",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "10",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(lines.len(), 10, "{err}");
+    assert!(lines[4].starts_with("step 10/20 | 2/4 images | "), "{err}");
+    assert!(lines[9].starts_with("step 20/20 | 4/4 images | "), "{err}");
+    assert!(lines[9].ends_with(" s"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `diffwgpu bench --json` on `args`: its one JSON object.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec![
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--sample-steps",
+        "2",
+        "--json",
+    ];
+    all.extend_from_slice(args);
+    let o = diffwgpu(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("bench --json prints one JSON object")
+}
+
+/// A number of the bench report.
+fn number(report: &serde_json::Value, key: &str) -> f64 {
+    report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {report}"))
+}
+
+fn bench_reports_speed_and_flops() {
+    let r = bench_json(&["--device", "cpu"]);
+    assert_eq!(r["params"], 176_849, "{r}");
+    assert_eq!(r["preset"], "tiny", "{r}");
+    assert_eq!(r["batch_size"], 2, "{r}");
+    for key in [
+        "train_ms_per_step",
+        "train_ms_min",
+        "train_images_per_s",
+        "train_tflops",
+        "forward_gflop",
+        "sample_s",
+        "sample_images_per_s",
+        "sample_ms_per_eval",
+        "sample_tflops",
+    ] {
+        assert!(number(&r, key) > 0.0, "{key} in {r}");
+    }
+    for key in ["adapter", "dispatches_per_step", "peak_gpu_bytes"] {
+        assert!(r[key].is_null(), "{key} on the CPU in {r}");
+    }
+    for (extra, want) in [
+        (vec!["--preset", "huge"], "unknown preset"),
+        (vec!["--sample-steps", "1001"], "--sample-steps 1001"),
+    ] {
+        let mut args = vec!["bench", "--device", "cpu", "--batch-size", "2"];
+        args.extend(extra.iter().copied());
+        let o = diffwgpu(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        assert!(!err.contains("panicked"), "{extra:?} panicked: {err}");
+        assert!(
+            err.contains(want),
+            "{extra:?}: {err:?} does not mention {want:?}"
+        );
+    }
+}
+
 fn noise_pictures_the_forward_process() {
     let dir = scratch("noise");
     let out = dir.join("noise.png");
@@ -409,13 +523,26 @@ fn train_and_sample_on_the_gpu(_g: &Gpu) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// On the GPU the bench also reports the command stream and the memory of a step.
+fn bench_on_the_gpu_counts_dispatches(g: &Gpu) {
+    let r = bench_json(&["--device", "gpu"]);
+    assert_eq!(r["adapter"], g.adapter_info().name.as_str(), "{r}");
+    assert!(number(&r, "dispatches_per_step") > 0.0, "{r}");
+    assert!(number(&r, "submits_per_step") <= 2.0, "{r}");
+    assert!(number(&r, "dispatches_per_sample_step") > 0.0, "{r}");
+    assert!(number(&r, "host_record_ms") > 0.0, "{r}");
+    assert!(number(&r, "peak_gpu_bytes") > 0.0, "{r}");
+}
+
 tests! {
     cpu: [
         train_writes_a_pipeline_folder,
         resumed_run_follows_the_same_loss_curve,
         bad_input_gives_clear_errors,
         sample_writes_deterministic_images,
+        sample_without_a_terminal_prints_progress_lines,
+        bench_reports_speed_and_flops,
         noise_pictures_the_forward_process,
     ],
-    gpu: [train_and_sample_on_the_gpu],
+    gpu: [train_and_sample_on_the_gpu, bench_on_the_gpu_counts_dispatches],
 }

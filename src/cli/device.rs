@@ -14,30 +14,59 @@ pub enum DeviceChoice {
     Cpu,
 }
 
+/// The backend a command runs on.
+pub struct Device {
+    pub backend: Box<dyn Backend>,
+    /// The same backend as the concrete GPU, for its counters; `None` on the CPU.
+    pub gpu: Option<Gpu>,
+    /// Which backend and why.
+    pub why: String,
+}
+
+impl Device {
+    fn gpu(g: Gpu, why: String) -> Self {
+        Device {
+            backend: Box::new(g.clone()),
+            gpu: Some(g),
+            why,
+        }
+    }
+
+    fn cpu(why: String) -> Self {
+        Device {
+            backend: Box::new(Cpu),
+            gpu: None,
+            why,
+        }
+    }
+}
+
 /// Opens the chosen backend; the string says which one and why.
 pub fn open(choice: DeviceChoice) -> Result<(Box<dyn Backend>, String)> {
+    select(choice).map(|d| (d.backend, d.why))
+}
+
+/// Opens the chosen backend, keeping the GPU handle when it is one.
+pub fn select(choice: DeviceChoice) -> Result<Device> {
     match choice {
-        DeviceChoice::Cpu => Ok((Box::new(Cpu), format!("{} (--device cpu)", Cpu.name()))),
+        DeviceChoice::Cpu => Ok(Device::cpu(format!("{} (--device cpu)", Cpu.name()))),
         DeviceChoice::Gpu => {
             let g = Gpu::new().context("--device gpu: no usable GPU adapter; try --device cpu")?;
             let why = format!("GPU: {} (--device gpu)", g.name());
-            Ok((Box::new(g), why))
+            Ok(Device::gpu(g, why))
         }
         DeviceChoice::Auto => match Gpu::new() {
             Ok(g) if !g.is_software() => {
                 let why = format!("GPU: {} (auto: a hardware adapter was found)", g.name());
-                Ok((Box::new(g), why))
+                Ok(Device::gpu(g, why))
             }
-            Ok(g) => Ok((
-                Box::new(Cpu),
-                format!(
-                    "{} (auto: the only GPU adapter, {}, is a software renderer, slower than \
-                     the CPU backend; --device gpu forces it)",
-                    Cpu.name(),
-                    g.name()
-                ),
-            )),
-            Err(e) => Ok((Box::new(Cpu), format!("{} (auto: {e})", Cpu.name()))),
+            Ok(g) => Ok(Device::cpu(format!(
+                "{} (auto: the only GPU adapter, {}, is a software renderer, slower than the \
+                 CPU backend; --device gpu forces it)",
+                Cpu.name(),
+                g.name()
+            ))),
+            Err(e) => Ok(Device::cpu(format!("{} (auto: {e})", Cpu.name()))),
         },
     }
 }

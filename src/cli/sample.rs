@@ -20,6 +20,7 @@ use diffwgpu::{Backend, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::device::{self, DeviceChoice};
+use super::progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SamplerName {
@@ -69,8 +70,8 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 16)]
     num: usize,
     /// Images per model evaluation (default: all of them at once).
-    #[arg(long)]
-    batch: Option<usize>,
+    #[arg(long, alias = "batch")]
+    batch_size: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
@@ -189,7 +190,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if n == 0 {
         bail!("--num 0: nothing to sample");
     }
-    let batch = args.batch.unwrap_or(n).clamp(1, n);
+    let batch = args.batch_size.unwrap_or(n).clamp(1, n);
 
     let (be, why) = device::open(args.device)?;
     let be: &dyn Backend = be.as_ref();
@@ -202,7 +203,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .map(|(spec, v)| be.upload(&spec.shape, v))
         .collect::<diffwgpu::Result<_>>()?;
 
-    let bar = ProgressBar::new((steps * n.div_ceil(batch)) as u64);
+    let evaluations = (steps * n.div_ceil(batch)) as u64;
+    let bar = ProgressBar::new(evaluations);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
@@ -220,6 +222,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
         }),
         None => None,
     };
+    // Without a terminal the bar is hidden: a line every 10 % of the model evaluations.
+    let interactive = progress::interactive();
     let started = Instant::now();
     let mut out = Vec::with_capacity(n * per_image);
     for first in (0..n).step_by(batch) {
@@ -270,7 +274,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
                     }
                 }
                 bar.inc(1);
-                let done = out.len() / per_image;
+                // Images whose last step has run.
+                let done = first + if view.index + 1 == view.total { b } else { 0 };
                 let elapsed = started.elapsed().as_secs_f64();
                 let progress = bar.position() as f64 / bar.length().unwrap_or(1) as f64;
                 let ips = if progress > 0.0 {
@@ -279,6 +284,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
                     0.0
                 };
                 bar.set_message(format!("{done}/{n} images | {ips:.2} img/s"));
+                if !interactive && progress::at_mark(bar.position(), evaluations, 10) {
+                    eprintln!(
+                        "step {}/{evaluations} | {done}/{n} images | {elapsed:.1} s",
+                        bar.position()
+                    );
+                }
                 Ok(())
             },
         )?;

@@ -26,6 +26,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::device::{self, DeviceChoice};
+use super::model::ModelArgs;
+use super::progress;
 
 /// The noise schedule, by the names users know (`cosine` is diffusers' `squaredcos_cap_v2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -101,12 +103,8 @@ pub struct TrainArgs {
     /// MNIST IDX files (gzipped or not). Default: the embedded MNIST digits (9,000).
     #[arg(long)]
     data: Option<String>,
-    /// Model size: tiny, mnist or cifar10.
-    #[arg(long, default_value = "mnist", conflicts_with = "config")]
-    preset: String,
-    /// A diffusers UNet2DModel config.json instead of a preset.
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Noise schedule.
     #[arg(long, value_enum, default_value = "linear")]
     schedule: ScheduleName,
@@ -190,18 +188,9 @@ struct RunRecord {
 
 impl RunRecord {
     fn from_args(a: &TrainArgs) -> Result<Self> {
-        let unet = match &a.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read the model config {}", path.display()))?;
-                UNet2DConfig::from_json(&text)
-                    .with_context(|| format!("in the model config {}", path.display()))?
-            }
-            None => UNet2DConfig::preset(&a.preset)?,
-        };
         Ok(RunRecord {
             data: a.data.clone(),
-            unet,
+            unet: a.model.unet_config()?,
             schedule: a.schedule,
             timesteps: a.timesteps,
             prediction: a.prediction,
@@ -349,7 +338,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     // Without a terminal the bar is hidden: a line every LOG_EVERY steps instead.
     const LOG_EVERY: u64 = 100;
-    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let interactive = progress::interactive();
     let mut smoothed = Smoothed::default();
     let mut last = Instant::now();
     while trainer.state.step < record.steps {

@@ -55,12 +55,13 @@ impl GroupNormParams {
     }
 }
 
-/// `silu(z)` and `dy * silu'(z)` in f64, as the CPU reference computes them.
-fn silu(z: f64) -> f64 {
+/// `silu(z)` and `dy * silu'(z)`, in f32 as the elementwise ops compute them: the fused op
+/// equals group norm then `silu`.
+fn silu(z: f32) -> f32 {
     z / (1.0 + (-z).exp())
 }
 
-fn silu_backward(z: f64, dy: f64) -> f64 {
+fn silu_backward(z: f32, dy: f32) -> f32 {
     let s = 1.0 / (1.0 + (-z).exp());
     dy * s * (1.0 + z * (1.0 - s))
 }
@@ -230,8 +231,8 @@ pub(crate) mod cpu {
                     for (j, (yc, xc)) in yg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
                         let (gc, bc) = (gs[c0 + j] as f64, bs[c0 + j] as f64);
                         for (o, &v) in yc.iter_mut().zip(xc) {
-                            let z = (v as f64 - mu) * r * gc + bc;
-                            *o = (if p.silu { silu(z) } else { z }) as f32;
+                            let z = ((v as f64 - mu) * r * gc + bc) as f32;
+                            *o = if p.silu { silu(z) } else { z };
                         }
                     }
                     *mean_bg = mu as f32;
@@ -289,10 +290,9 @@ pub(crate) mod cpu {
         let (mean, rstd) = (saved.mean.cpu_read(OP)?, saved.rstd.cpu_read(OP)?);
         let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
         // dz = dy * act'(z) of one element of channel c.
-        let dz = |c: usize, xhat: f64, dy: f32| -> f64 {
-            let dy = dy as f64;
+        let dz = |c: usize, xhat: f64, dy: f32| -> f32 {
             if p.silu {
-                silu_backward(xhat * gs[c] as f64 + bs[c] as f64, dy)
+                silu_backward((xhat * gs[c] as f64 + bs[c] as f64) as f32, dy)
             } else {
                 dy
             }
@@ -309,12 +309,19 @@ pub(crate) mod cpu {
                     let (mu, r) = (mean[bg] as f64, rstd[bg] as f64);
                     let c0 = (bg % d.groups) * cg;
                     let (mut sum_u, mut sum_u_xhat) = (0.0f64, 0.0f64);
-                    for (j, (xc, dc)) in xg.chunks(s).zip(dyg.chunks(s)).enumerate() {
+                    // dz goes into dx's place first: the second pass reads it from there.
+                    for (j, ((xc, dc), dzc)) in xg
+                        .chunks(s)
+                        .zip(dyg.chunks(s))
+                        .zip(dxg.chunks_mut(s))
+                        .enumerate()
+                    {
                         let gc = gs[c0 + j] as f64;
                         let (mut dg, mut db) = (0.0f64, 0.0f64);
-                        for (&v, &g) in xc.iter().zip(dc) {
+                        for ((&v, &g), o) in xc.iter().zip(dc).zip(dzc) {
                             let xhat = (v as f64 - mu) * r;
-                            let g = dz(c0 + j, xhat, g);
+                            *o = dz(c0 + j, xhat, g);
+                            let g = *o as f64;
                             dg += g * xhat;
                             db += g;
                         }
@@ -323,15 +330,11 @@ pub(crate) mod cpu {
                         part[j] = (dg, db);
                     }
                     let (mean_u, mean_u_xhat) = (sum_u / len as f64, sum_u_xhat / len as f64);
-                    for (j, (dxc, (xc, dc))) in dxg
-                        .chunks_mut(s)
-                        .zip(xg.chunks(s).zip(dyg.chunks(s)))
-                        .enumerate()
-                    {
+                    for (j, (dxc, xc)) in dxg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
                         let gc = gs[c0 + j] as f64;
-                        for (o, (&v, &g)) in dxc.iter_mut().zip(xc.iter().zip(dc)) {
+                        for (o, &v) in dxc.iter_mut().zip(xc) {
                             let xhat = (v as f64 - mu) * r;
-                            let u = dz(c0 + j, xhat, g) * gc;
+                            let u = *o as f64 * gc;
                             *o = (r * (u - mean_u - xhat * mean_u_xhat)) as f32;
                         }
                     }

@@ -33,10 +33,10 @@ TESTS="parity_attention parity_conv2d parity_diffusion parity_elementwise parity
 parity_grads parity_group_norm parity_layout parity_linear parity_optim parity_random
 parity_reduce gpu_dispatch gpu_memory train sample"
 BENCHES="conv2d linear"
-# preset, batch, timed training steps
-PRESETS="tiny 8 20
+# preset, batch, timed training steps (PRESETS="tiny 2 1" tools/gpu_report.sh run: a smoke run)
+PRESETS=${PRESETS:-"tiny 8 20
 mnist 64 10
-cifar10 128 5"
+cifar10 128 5"}
 
 build() {
     set -e
@@ -46,20 +46,22 @@ build() {
     local t b exe
     for t in $TESTS; do
         exe=$(cargo test --release --no-run --test "$t" --message-format=json 2>/dev/null |
-            sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+            sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep "/deps/$t-")
         cp "$exe" "$dir/tests/$t"
     done
     for b in $BENCHES; do
         exe=$(cargo bench --no-run --bench "$b" --message-format=json 2>/dev/null |
-            sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+            sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep "/deps/$b-")
         cp "$exe" "$dir/benches/$b"
     done
     echo "built into $dir ($(du -sh "$dir" | cut -f1)); on the GPU machine: tools/gpu_report.sh run $dir"
 }
 
-# The value of "key": in a one-line JSON object (numbers and strings; null as empty).
+# The value of "key": in a one-line JSON object, numbers rounded to 3 significant digits
+# (null and a missing file as empty).
 json_field() {
-    sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" "$1" | sed 's/^null$//'
+    sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" "$1" 2>/dev/null |
+        sed 's/^null$//' | awk '/^[0-9.eE+-]+$/ { printf "%.3g\n", $1; next } { print }'
 }
 
 run() {

@@ -49,6 +49,19 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Runs the binary with `args` and checks that it fails with a message that contains `want`,
+/// without a panic.
+fn fails_clearly(args: &[&str], want: &str) {
+    let o = diffwgpu(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(
+        err.contains(want),
+        "{args:?}: {err:?} does not mention {want:?}"
+    );
+}
+
 fn losses(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("train_log.csv"))
         .unwrap()
@@ -171,14 +184,7 @@ fn bad_input_gives_clear_errors() {
         let mut args = vec!["train", "--device", "cpu", "--steps", "1", "--out"];
         args.push(out.to_str().unwrap());
         args.extend(extra.iter().copied());
-        let o = diffwgpu(&args);
-        let err = stderr(&o);
-        assert!(!o.status.success(), "{extra:?} succeeded");
-        assert!(!err.contains("panicked"), "{extra:?} panicked: {err}");
-        assert!(
-            err.contains(want),
-            "{extra:?}: {err:?} does not mention {want:?}"
-        );
+        fails_clearly(&args, want);
     }
     let o = diffwgpu(&[
         "train",
@@ -443,14 +449,7 @@ fn bench_reports_speed_and_flops() {
     ] {
         let mut args = vec!["bench", "--device", "cpu", "--batch-size", "2"];
         args.extend(extra.iter().copied());
-        let o = diffwgpu(&args);
-        let err = stderr(&o);
-        assert!(!o.status.success(), "{extra:?} succeeded");
-        assert!(!err.contains("panicked"), "{extra:?} panicked: {err}");
-        assert!(
-            err.contains(want),
-            "{extra:?}: {err:?} does not mention {want:?}"
-        );
+        fails_clearly(&args, want);
     }
 }
 

@@ -15,7 +15,10 @@
 //           arena[gamma_offset + b C + c] = sum_s dz * xhat,  arena[beta_offset + b C + c] = sum_s dz
 //       and from them the group means mean(u) = sum_c gamma_c dbeta_c / n,
 //       mean(u * xhat) = sum_c gamma_c dgamma_c / n;
-//       then dx = rstd * (u - mean(u) - xhat * mean(u * xhat)).
+//       then dx = rstd * (u - mean(u) - xhat * mean(u * xhat)) (+ dx_acc with p.has_acc: the
+//       gradient x already has from its other readers, added as dx is written). gamma and
+//       beta come as one buffer in both kernels, affine = [gamma | beta], so that eight storage
+//       bindings suffice.
 //   silu(z) = z sigmoid(z),  silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))).
 
 override WG: u32 = 256u;
@@ -29,22 +32,25 @@ struct Params {
     gamma_offset: u32,
     beta_offset: u32,
     silu: u32,
+    has_acc: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// group_norm_forward
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> gamma: array<f32>;
-@group(0) @binding(3) var<storage, read> beta: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
-@group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;
-@group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;
+// gamma | beta, [2 C]: one binding for both.
+@group(0) @binding(2) var<storage, read> affine: array<f32>;
 
-// group_norm_backward: x, gamma, beta, then these
-@group(0) @binding(4) var<storage, read> mean_in: array<f32>;
-@group(0) @binding(5) var<storage, read> rstd_in: array<f32>;
-@group(0) @binding(6) var<storage, read> dy: array<f32>;
+// group_norm_forward
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> mean_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> rstd_out: array<f32>;
+
+// group_norm_backward
+@group(0) @binding(3) var<storage, read> mean_in: array<f32>;
+@group(0) @binding(4) var<storage, read> rstd_in: array<f32>;
+@group(0) @binding(5) var<storage, read> dy: array<f32>;
+@group(0) @binding(6) var<storage, read> dx_acc: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(8) var<storage, read_write> arena: array<f32>;
 
@@ -117,7 +123,7 @@ fn group_norm_forward(@builtin(workgroup_id) wid: vec3<u32>,
 
     for (var i = lid; i < n; i += WG) {
         let c = c0 + i / p.spatial;
-        y[base + i] = act(((x[base + i] - shift) - m) * rstd * gamma[c] + beta[c]);
+        y[base + i] = act(((x[base + i] - shift) - m) * rstd * affine[c] + affine[p.channels + c]);
     }
     if (lid == 0u) {
         mean_out[bg] = shift + m;
@@ -146,25 +152,29 @@ fn group_norm_backward(@builtin(workgroup_id) wid: vec3<u32>,
     for (var j = 0u; j < cg; j++) {
         let c = c0 + j;
         let first = base + j * p.spatial;
-        var acc = vec2(0.0, 0.0);
+        var part = vec2(0.0, 0.0);
         for (var s = lid; s < p.spatial; s += WG) {
             let xhat = (x[first + s] - mean) * rstd;
-            let dz = act_backward(xhat * gamma[c] + beta[c], dy[first + s]);
-            acc += vec2(dz * xhat, dz);
+            let dz = act_backward(xhat * affine[c] + affine[p.channels + c], dy[first + s]);
+            part += vec2(dz * xhat, dz);
         }
-        let total = workgroup_sum(lid, acc);
+        let total = workgroup_sum(lid, part);
         if (lid == 0u) {
             arena[p.gamma_offset + row + c] = total.x;
             arena[p.beta_offset + row + c] = total.y;
         }
-        sums += gamma[c] * total.yx;
+        sums += affine[c] * total.yx;
     }
     let means = sums / f32(n);
 
     for (var i = lid; i < n; i += WG) {
         let c = c0 + i / p.spatial;
         let xhat = (x[base + i] - mean) * rstd;
-        let u = act_backward(xhat * gamma[c] + beta[c], dy[base + i]) * gamma[c];
-        dx[base + i] = rstd * (u - means.x - xhat * means.y);
+        let u = act_backward(xhat * affine[c] + affine[p.channels + c], dy[base + i]) * affine[c];
+        var v = rstd * (u - means.x - xhat * means.y);
+        if (p.has_acc != 0u) {
+            v += dx_acc[base + i];
+        }
+        dx[base + i] = v;
     }
 }

@@ -896,14 +896,20 @@ impl<'b> Tape<'b> {
                 let (xv, gv, bv) = (self.value(*x), self.value(*gamma), self.value(*beta));
                 let (s, c) = (be.group_norm_grad_splits(xv, gv, p)?, gv.numel());
                 let t = self.targets(sink, n, vec![(vec![*gamma], c, s), (vec![*beta], c, s)])?;
-                let need_dx = self.needs_grad[x.0];
+                let (need_dx, acc) = (self.needs_grad[x.0], self.take_acc(g, *x));
                 let (dgamma, dbeta) = (t.part(0), t.part(1));
-                let dx = be.group_norm_backward_into(
-                    xv, gv, bv, &saved, dy, p, need_dx, &dgamma, &dbeta,
+                g.grads[x.0] = be.group_norm_backward_into(
+                    xv,
+                    gv,
+                    bv,
+                    &saved,
+                    dy,
+                    p,
+                    need_dx,
+                    acc.as_ref(),
+                    &dgamma,
+                    &dbeta,
                 )?;
-                if let Some(dx) = dx {
-                    self.accumulate(g, *x, dx)?;
-                }
                 self.finish(&t, g)?;
             }
             Op::Silu { x } => {

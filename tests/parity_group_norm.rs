@@ -1,5 +1,7 @@
 //! Group norm forward and backward, plain and fused with SiLU: GPU vs CPU, the fused op
-//! against group norm then SiLU, accuracy with a large mean, finite differences, bad input.
+//! against group norm then SiLU, the backward adding an accumulated gradient, accuracy with a
+//! large mean, finite differences (also through the tape, where x has a second reader), bad
+//! input.
 //!
 //! Tolerance of the parity checks: 1e-4 absolute and relative. The CPU sums in f64, the GPU in
 //! f32 (trees of at most a few thousand O(1) terms, relative error ~1e-6), and `rstd` of a
@@ -9,6 +11,8 @@
 mod common;
 
 use common::*;
+use diffwgpu::autodiff::Tape;
+use diffwgpu::ops::grads::Partials;
 use diffwgpu::ops::group_norm::GroupNormParams;
 use diffwgpu::{Backend, Cpu, Error, Gpu};
 
@@ -126,6 +130,107 @@ fn fused_equals_group_norm_then_silu_on_cpu() {
 
 fn fused_equals_group_norm_then_silu_on_gpu(g: &Gpu) {
     check_fused_equals_group_norm_then_silu(g);
+}
+
+/// `dx + acc` from `group_norm_backward_into` on `be`, plain and fused.
+fn backward_with_acc(
+    be: &dyn Backend,
+    shape: &[usize],
+    p: &GroupNormParams,
+    inputs: [&[f32]; 5],
+) -> Vec<f32> {
+    let [x, gamma, beta, dy, acc] = inputs;
+    let c = [shape[1]];
+    let (tx, tg, tb) = (up(be, shape, x), up(be, &c, gamma), up(be, &c, beta));
+    let out = be.group_norm(&tx, &tg, &tb, p).unwrap();
+    let splits = be.group_norm_grad_splits(&tx, &tg, p).unwrap();
+    let arena = be.zeros(&[2 * splits * shape[1]]).unwrap();
+    let part = |offset| Partials {
+        arena: &arena,
+        offset,
+        splits,
+    };
+    let (dyt, acct) = (up(be, shape, dy), up(be, shape, acc));
+    let dx = be
+        .group_norm_backward_into(
+            &tx,
+            &tg,
+            &tb,
+            &out,
+            &dyt,
+            p,
+            true,
+            Some(&acct),
+            &part(0),
+            &part(splits * shape[1]),
+        )
+        .unwrap();
+    down(be, &dx.unwrap())
+}
+
+/// The backward's `acc` is added to dx: GPU vs CPU, and on each backend `dx + acc` equals the
+/// plain backward's dx plus acc (1e-5: one more rounding).
+fn check_accumulated_gradient(g: Option<&Gpu>) {
+    let shape = [2, 8, 5, 5];
+    let n: usize = shape.iter().product();
+    let (x, gamma, beta) = (seeded(n, 41), seeded(8, 42), seeded(8, 43));
+    let (dy, acc) = (seeded(n, 44), seeded(n, 45));
+    for p in both(4) {
+        let inputs = [&x[..], &gamma, &beta, &dy, &acc];
+        let backends: Vec<&dyn Backend> = match g {
+            Some(g) => vec![g],
+            None => vec![&Cpu],
+        };
+        for be in backends {
+            let got = backward_with_acc(be, &shape, &p, inputs);
+            let plain = run_all(be, &shape, &p, &x, &gamma, &beta, &dy);
+            let want: Vec<f32> = plain[3].1.iter().zip(&acc).map(|(d, a)| d + a).collect();
+            let name = format!("{} dx + acc silu={}", be.name(), p.silu);
+            assert_close(&name, &got, &want, 1e-5, 1e-5);
+        }
+        if let Some(g) = g {
+            let name = format!("dx + acc silu={}", p.silu);
+            parity(g, &name, 1e-4, 1e-4, |be| {
+                vec![("dx", backward_with_acc(be, &shape, &p, inputs))]
+            });
+        }
+    }
+}
+
+fn accumulated_gradient_is_added_on_cpu() {
+    check_accumulated_gradient(None);
+}
+
+fn accumulated_gradient_is_added_on_gpu(g: &Gpu) {
+    check_accumulated_gradient(Some(g));
+}
+
+/// Through the tape, x read by the fused group norm and by a residual sum: `sum((gn(x) + x)
+/// r)`. The residual's gradient reaches x first and the group norm's backward adds it as it
+/// writes dx; finite differences of x check the total.
+fn gradient_through_a_second_reader_matches_finite_differences() {
+    let shape = [2, 4, 3, 3];
+    let n: usize = shape.iter().product();
+    let x: Vec<f32> = seeded(n, 51).iter().map(|v| 2.0 * v).collect();
+    let (gamma, beta, r) = (seeded(4, 52), seeded(4, 53), seeded(n, 54));
+    let p = params(2).with_silu();
+    let forward = |tape: &mut Tape, x: &[f32]| {
+        let xv = tape.leaf(up(&Cpu, &shape, x), true);
+        let gv = tape.leaf(up(&Cpu, &[4], &gamma), false);
+        let bv = tape.leaf(up(&Cpu, &[4], &beta), false);
+        let y = tape.group_norm(xv, gv, bv, p).unwrap();
+        (xv, tape.add(y, xv).unwrap())
+    };
+    let loss = |x: &[f32]| {
+        let mut tape = Tape::inference(&Cpu);
+        let (_, y) = forward(&mut tape, x);
+        dot(&down(&Cpu, tape.value(y)), &r)
+    };
+    let mut tape = Tape::new(&Cpu);
+    let (xv, y) = forward(&mut tape, &x);
+    let mut grads = tape.backward(y, up(&Cpu, &shape, &r)).unwrap();
+    let dx = down(&Cpu, &grads.take(xv).unwrap());
+    gradcheck("dx through two readers", &x, &dx, 1e-2, 2e-3, 1e-2, loss);
 }
 
 /// Reference statistics of one group in f64, straight from the definition.
@@ -385,12 +490,15 @@ tests! {
         large_mean_is_accurate_on_cpu,
         gradients_match_finite_differences,
         fused_equals_group_norm_then_silu_on_cpu,
+        accumulated_gradient_is_added_on_cpu,
+        gradient_through_a_second_reader_matches_finite_differences,
         bad_input_is_an_error_on_cpu,
     ],
     gpu: [
         forward_and_backward_match_cpu,
         large_mean_is_accurate_on_gpu,
         fused_equals_group_norm_then_silu_on_gpu,
+        accumulated_gradient_is_added_on_gpu,
         bad_input_is_an_error_on_gpu,
         tensor_from_the_other_backend_is_an_error,
     ],

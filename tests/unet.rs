@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_close, loss_and_grads, read_tensors, seeded};
 use diffwgpu::autodiff::Tape;
-use diffwgpu::nn::{UNet2D, UNet2DConfig};
+use diffwgpu::nn::{UNet2D, UNet2DConfig, PARAM_ALIGN};
 use diffwgpu::{Backend, Cpu, Gpu, Tensor};
 
 /// A model, its parameter values, a batch and a target.
@@ -275,12 +275,36 @@ fn tiny_model_matches_diffusers_on_gpu(g: &Gpu) {
     check_tiny_model_matches_diffusers(g);
 }
 
+/// In the flat layout of every preset, each group norm's shift follows its scale without a
+/// gap (its kernels bind the two as one buffer, no copy) and every other parameter starts at
+/// a multiple of `PARAM_ALIGN`, where a GPU can bind it as a view.
+fn group_norm_scale_and_shift_lie_together() {
+    for preset in ["tiny", "mnist", "cifar10"] {
+        let model = UNet2D::new(&UNet2DConfig::preset(preset).unwrap()).unwrap();
+        let layout = model.params.layout();
+        let specs = &model.params.specs;
+        for (i, spec) in specs.iter().enumerate() {
+            let norm_shift = spec.name.ends_with(".bias")
+                && specs[i - 1].name == spec.name.replace(".bias", ".weight")
+                && spec.name.contains("norm");
+            if norm_shift {
+                let want = layout.offsets[i - 1] + spec.numel();
+                assert_eq!(layout.offsets[i], want, "{preset}: {} is apart", spec.name);
+            } else if layout.group_of(i).is_none() {
+                let at = layout.offsets[i];
+                assert_eq!(at % PARAM_ALIGN, 0, "{preset}: {} at {at}", spec.name);
+            }
+        }
+    }
+}
+
 tests! {
     cpu: [
         presets_have_diffusers_parameter_names_and_shapes,
         parameter_gradients_match_finite_differences,
         tiny_model_matches_diffusers_on_cpu,
         flat_gradients_equal_per_tensor_gradients_on_cpu,
+        group_norm_scale_and_shift_lie_together,
     ],
     gpu: [
         gpu_forward_and_gradients_match_cpu,

@@ -180,10 +180,11 @@ impl Backend for Cpu {
         dy: &Tensor,
         p: &GroupNormParams,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dgamma: &Partials,
         dbeta: &Partials,
     ) -> Result<Option<Tensor>> {
-        group_norm::cpu::backward_into(x, gamma, beta, saved, dy, p, need_dx, dgamma, dbeta)
+        group_norm::cpu::backward_into(x, gamma, beta, saved, dy, p, need_dx, acc, dgamma, dbeta)
     }
 
     fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {

@@ -171,10 +171,13 @@ impl Backend for Gpu {
         dy: &Tensor,
         p: &GroupNormParams,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dgamma: &Partials,
         dbeta: &Partials,
     ) -> Result<Option<Tensor>> {
-        group_norm::gpu::backward_into(self, x, gamma, beta, saved, dy, p, need_dx, dgamma, dbeta)
+        group_norm::gpu::backward_into(
+            self, x, gamma, beta, saved, dy, p, need_dx, acc, dgamma, dbeta,
+        )
     }
 
     fn attention(&self, qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {

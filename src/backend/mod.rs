@@ -198,7 +198,8 @@ pub trait Backend: Send + Sync {
         gamma: &Tensor,
         p: &GroupNormParams,
     ) -> Result<usize>;
-    /// `dx` when `need_dx`; the parts of dgamma and dbeta into one arena.
+    /// `dx + acc` when `need_dx` (`acc`, of x's shape, is the gradient x already has from
+    /// other readers; none adds nothing); the parts of dgamma and dbeta into one arena.
     #[allow(clippy::too_many_arguments)]
     fn group_norm_backward_into(
         &self,
@@ -209,6 +210,7 @@ pub trait Backend: Send + Sync {
         dy: &Tensor,
         p: &GroupNormParams,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dgamma: &Partials,
         dbeta: &Partials,
     ) -> Result<Option<Tensor>>;
@@ -230,8 +232,8 @@ pub trait Backend: Send + Sync {
             splits,
         };
         let (dgamma, dbeta) = (part(0), part(splits * c));
-        let dx =
-            self.group_norm_backward_into(x, gamma, beta, saved, dy, p, true, &dgamma, &dbeta)?;
+        let dx = self
+            .group_norm_backward_into(x, gamma, beta, saved, dy, p, true, None, &dgamma, &dbeta)?;
         Ok(GroupNormGrads {
             dx: dx.expect("dx was asked for"),
             dgamma: self.reduce_partials(&dgamma, c)?,

@@ -89,9 +89,13 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(list: &mut ParamList, name: &str, channels: usize, groups: usize, eps: f32) -> Self {
+        let weight = list.add(format!("{name}.weight"), &[channels], Init::Ones);
+        let bias = list.add(format!("{name}.bias"), &[channels], Init::Zeros);
+        // The kernels read scale and shift as one buffer.
+        list.place_together(&[weight, bias]);
         GroupNorm {
-            weight: list.add(format!("{name}.weight"), &[channels], Init::Ones),
-            bias: list.add(format!("{name}.bias"), &[channels], Init::Zeros),
+            weight,
+            bias,
             params: GroupNormParams::new(groups, eps),
         }
     }

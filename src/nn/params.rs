@@ -39,6 +39,10 @@ pub struct ParamList {
     /// attention's query, key and value weights: one matrix product): each group lies in
     /// the flat layout as one contiguous block, its members in order.
     pub groups: Vec<Vec<usize>>,
+    /// Parameters that lie side by side in the flat layout, each still read and differentiated
+    /// as its own tensor (a group norm's scale and shift, which its kernels bind as one
+    /// buffer: only the first of them starts at an aligned offset).
+    pub adjacent: Vec<Vec<usize>>,
 }
 
 impl ParamList {
@@ -57,6 +61,11 @@ impl ParamList {
         self.groups.push(members.to_vec());
     }
 
+    /// Declares that `members` lie side by side in the flat layout (see [`Self::adjacent`]).
+    pub fn place_together(&mut self, members: &[usize]) {
+        self.adjacent.push(members.to_vec());
+    }
+
     /// Where every parameter lives in a flat buffer.
     pub fn layout(&self) -> ParamLayout {
         let mut offsets = vec![0; self.specs.len()];
@@ -69,6 +78,7 @@ impl ParamList {
             let members = self
                 .groups
                 .iter()
+                .chain(&self.adjacent)
                 .find(|g| g.contains(&i))
                 .cloned()
                 .unwrap_or_else(|| vec![i]);
@@ -119,8 +129,8 @@ pub const PARAM_ALIGN: usize = 64;
 
 /// Where each parameter of a list lives in one flat buffer: the parameters in declaration
 /// order, each starting at a multiple of [`PARAM_ALIGN`], zeros between them — except the
-/// members of a group, which follow each other without a gap at the place of the group's
-/// first member, so that the group is one block. The weights, their gradients, AdamW's
+/// members of a group (or of a set placed together), which follow each other without a gap
+/// at the place of the first member, so that they are one block. The weights, their gradients, AdamW's
 /// moments and the EMA weights of a model are each one such buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamLayout {

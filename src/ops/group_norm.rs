@@ -15,7 +15,8 @@
 //!   dgamma_c = sum_{b, spatial} dz * xhat,   dbeta_c = sum_{b, spatial} dz
 //!
 //! The fusion saves a pass over the activations each way and keeps z out of memory: the
-//! backward recomputes it.
+//! backward recomputes it. The backward can also add the gradient x already has from its
+//! other readers (`acc`) as it writes dx, instead of a separate sum.
 //!
 //! dgamma and dbeta are written as partial sums into a step's arena (`ops/grads.rs`): one part
 //! per sample on the GPU, the whole sum on the CPU.
@@ -171,6 +172,19 @@ fn check_backward(
     Ok(d)
 }
 
+/// The accumulated gradient has x's shape and comes only with dx.
+fn check_acc(op: &'static str, x: &Tensor, acc: Option<&Tensor>, need_dx: bool) -> Result<()> {
+    match acc {
+        Some(_) if !need_dx => Err(Error::invalid(op, "an accumulated gradient without dx")),
+        Some(a) if a.shape() != x.shape() => Err(Error::shape(
+            op,
+            format!("an accumulated gradient of shape {:?}", x.shape()),
+            a.shape(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The parts of dgamma and dbeta fit their arena, as many of each.
 fn check_partials(op: &'static str, d: &Dims, dgamma: &Partials, dbeta: &Partials) -> Result<()> {
     dgamma.check(op, d.channels)?;
@@ -279,13 +293,16 @@ pub(crate) mod cpu {
         dy: &Tensor,
         p: &GroupNormParams,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dgamma_out: &Partials,
         dbeta_out: &Partials,
     ) -> Result<Option<Tensor>> {
         const OP: &str = "group_norm_backward";
         let d = check_backward(OP, x, gamma, beta, saved, dy, p)?;
+        check_acc(OP, x, acc, need_dx)?;
         check_partials(OP, &d, dgamma_out, dbeta_out)?;
         let (xs, gs, ds) = (x.cpu_read(OP)?, gamma.cpu_read(OP)?, dy.cpu_read(OP)?);
+        let acc = acc.map(|a| a.cpu_read(OP)).transpose()?;
         let bs = beta.cpu_read(OP)?;
         let (mean, rstd) = (saved.mean.cpu_read(OP)?, saved.rstd.cpu_read(OP)?);
         let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
@@ -352,6 +369,11 @@ pub(crate) mod cpu {
         }
         write_parts(dgamma_out, &dgamma)?;
         write_parts(dbeta_out, &dbeta)?;
+        if let Some(acc) = &acc {
+            dx.par_iter_mut()
+                .zip(acc.par_iter())
+                .for_each(|(o, a)| *o += a);
+        }
         Ok(need_dx.then(|| Tensor::from_cpu(x.shape(), dx)))
     }
 }
@@ -369,13 +391,15 @@ struct Params {
     beta_offset: u32,
     /// 1: SiLU after the normalization.
     silu: u32,
+    /// 1: dx adds the accumulated gradient.
+    has_acc: u32,
 }
 
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Access::{Read as R, ReadWrite as W};
     use crate::gpu::{grid, Access, Arg, Gpu, Kernel};
-    use crate::ops::ELEMENTWISE_CONSTANTS;
+    use crate::ops::{layout, ELEMENTWISE_CONSTANTS};
 
     const SOURCE: &str = include_str!("../../shaders/group_norm.wgsl");
 
@@ -390,7 +414,7 @@ pub(crate) mod gpu {
         }
     }
 
-    const FORWARD: Kernel = kernel("group_norm_forward", &[R, R, R, W, W, W]);
+    const FORWARD: Kernel = kernel("group_norm_forward", &[R, R, W, W, W]);
     const BACKWARD: Kernel = kernel("group_norm_backward", &[R, R, R, R, R, R, W, W]);
     pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD];
 
@@ -410,6 +434,20 @@ pub(crate) mod gpu {
             gamma_offset: 0,
             beta_offset: 0,
             silu: p.silu as u32,
+            has_acc: 0,
+        }
+    }
+
+    /// `[gamma | beta]` as one tensor: a view where they lie side by side (a model's flat
+    /// parameters place them so), else a copy.
+    fn affine(g: &Gpu, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+        let c = gamma.numel();
+        match Tensor::joined(&[gamma, beta], &[2 * c]) {
+            Some(joined) => Ok(joined),
+            None => {
+                let column = |t: &Tensor| t.reshape(&[1, c, 1, 1]);
+                layout::gpu::concat_channels(g, &column(gamma)?, &column(beta)?)
+            }
         }
     }
 
@@ -432,8 +470,7 @@ pub(crate) mod gpu {
             &params(&d, p),
             &[
                 Arg::read(x.gpu_buffer(OP)?),
-                Arg::read(gamma.gpu_buffer(OP)?),
-                Arg::read(beta.gpu_buffer(OP)?),
+                Arg::read(affine(g, gamma, beta)?.gpu_buffer(OP)?),
                 Arg::write(&y),
                 Arg::write(&mean),
                 Arg::write(&rstd),
@@ -449,7 +486,8 @@ pub(crate) mod gpu {
     }
 
     /// One workgroup per (sample, group): the per-(sample, channel) sums of dgamma and dbeta
-    /// as their parts, then dx from them (written even when `need_dx` is false, then dropped).
+    /// as their parts, then dx from them, plus `acc` when given (written even when `need_dx`
+    /// is false, then dropped).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into(
         g: &Gpu,
@@ -460,11 +498,13 @@ pub(crate) mod gpu {
         dy: &Tensor,
         p: &GroupNormParams,
         need_dx: bool,
+        acc: Option<&Tensor>,
         dgamma_out: &Partials,
         dbeta_out: &Partials,
     ) -> Result<Option<Tensor>> {
         const OP: &str = "group_norm_backward";
         let d = check_backward(OP, x, gamma, beta, saved, dy, p)?;
+        check_acc(OP, x, acc, need_dx)?;
         check_partials(OP, &d, dgamma_out, dbeta_out)?;
         if dgamma_out.splits != d.batch.max(1) || !dgamma_out.arena.shares_storage(dbeta_out.arena)
         {
@@ -478,6 +518,9 @@ pub(crate) mod gpu {
         u32::try_from(end).map_err(|_| Error::invalid(OP, "the arena exceeds 2^32 elements"))?;
         u.gamma_offset = dgamma_out.offset as u32;
         u.beta_offset = dbeta_out.offset as u32;
+        u.has_acc = acc.is_some() as u32;
+        let affine = affine(g, gamma, beta)?;
+        let xb = x.gpu_buffer(OP)?;
         let dx = g.alloc(OP, x.numel())?;
         let rows = d.batch * d.groups;
         if rows > 0 {
@@ -485,12 +528,12 @@ pub(crate) mod gpu {
                 &BACKWARD,
                 &u,
                 &[
-                    Arg::read(x.gpu_buffer(OP)?),
-                    Arg::read(gamma.gpu_buffer(OP)?),
-                    Arg::read(beta.gpu_buffer(OP)?),
+                    Arg::read(xb),
+                    Arg::read(affine.gpu_buffer(OP)?),
                     Arg::read(saved.mean.gpu_buffer(OP)?),
                     Arg::read(saved.rstd.gpu_buffer(OP)?),
                     Arg::read(dy.gpu_buffer(OP)?),
+                    Arg::read(acc.map(|a| a.gpu_buffer(OP)).transpose()?.unwrap_or(xb)),
                     Arg::write(&dx),
                     Arg::write(dgamma_out.arena.gpu_buffer(OP)?),
                 ],

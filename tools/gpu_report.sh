@@ -3,10 +3,12 @@
 #
 #   tools/gpu_report.sh build [DIR]   where cargo is: builds the release binary, the GPU test
 #                                     binaries and the op benches into DIR (default
-#                                     target/gpu-report), ready to copy to the GPU machine
+#                                     target/gpu-report), stripped, and packs them as
+#                                     DIR.tar.xz (about 16 MB) to copy to the GPU machine
 #   tools/gpu_report.sh run [DIR] [OUT]
-#                                     on the GPU machine, from the repository root: runs them
-#                                     and writes OUT (default gpu-report-out)/report.txt with
+#                                     on the GPU machine, from the repository root: unpacks
+#                                     DIR.tar.xz when DIR is not there, runs the binaries and
+#                                     writes OUT (default gpu-report-out)/report.txt with
 #                                     every figure, plus the raw JSON and logs
 #
 # `run` needs no Rust toolchain: only a Vulkan driver (or Metal, DX12) for the binaries and,
@@ -32,8 +34,8 @@ dir=${2:-target/gpu-report}
 TESTS="parity_attention parity_conv2d parity_diffusion parity_elementwise parity_embedding
 parity_grads parity_group_norm parity_layout parity_linear parity_optim parity_random
 parity_reduce gpu_dispatch gpu_memory train sample"
-BENCHES="conv2d linear"
-# preset, batch, timed training steps (PRESETS="tiny 2 1" tools/gpu_report.sh run: a smoke run)
+BENCHES=${BENCHES-"conv2d linear"}
+# preset, batch, timed training steps (a smoke run: PRESETS="tiny 2 1" BENCHES= ... run)
 PRESETS=${PRESETS:-"tiny 8 20
 mnist 64 10
 cifar10 128 5"}
@@ -54,7 +56,10 @@ build() {
             sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep "/deps/$b-")
         cp "$exe" "$dir/benches/$b"
     done
-    echo "built into $dir ($(du -sh "$dir" | cut -f1)); on the GPU machine: tools/gpu_report.sh run $dir"
+    find "$dir" -type f -exec strip {} +
+    tar -cJf "$dir.tar.xz" -C "$(dirname "$dir")" "$(basename "$dir")"
+    echo "built into $dir and $dir.tar.xz ($(du -h "$dir.tar.xz" | cut -f1)); on the GPU" \
+        "machine: tools/gpu_report.sh run $dir"
 }
 
 # The value of "key": in a one-line JSON object, numbers rounded to 3 significant digits
@@ -66,6 +71,9 @@ json_field() {
 
 run() {
     local out=${3:-gpu-report-out}
+    if [ ! -d "$dir" ] && [ -f "$dir.tar.xz" ]; then
+        tar -xJf "$dir.tar.xz" -C "$(dirname "$dir")"
+    fi
     mkdir -p "$out"
     local report="$out/report.txt"
     : >"$report"
@@ -145,7 +153,7 @@ case "$mode" in
 build) build ;;
 run) run "$@" ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac

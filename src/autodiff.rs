@@ -66,10 +66,6 @@ enum Op {
         a: Var,
         b: Var,
     },
-    AddPerChannel {
-        x: Var,
-        v: Var,
-    },
     ConcatChannels {
         a: Var,
         b: Var,
@@ -123,7 +119,6 @@ impl Op {
             | Op::Reshape { x }
             | Op::Dropout { x, .. } => vec![x],
             Op::Add { a, b } | Op::ConcatChannels { a, b } => vec![a, b],
-            Op::AddPerChannel { x, v } => vec![x, v],
             Op::Attention { qkv, .. } => vec![qkv],
         }
     }
@@ -429,12 +424,6 @@ impl<'b> Tape<'b> {
     pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
         let y = self.be.add(self.value(a), self.value(b))?;
         Ok(self.output(y, &[a, b], || Op::Add { a, b }))
-    }
-
-    /// `x [B, C, H, W] + v [B, C]` broadcast over H and W.
-    pub fn add_per_channel(&mut self, x: Var, v: Var) -> Result<Var> {
-        let y = self.be.add_per_channel(self.value(x), self.value(v))?;
-        Ok(self.output(y, &[x, v], || Op::AddPerChannel { x, v }))
     }
 
     /// `torch.cat([a, b], dim=1)`.
@@ -919,13 +908,6 @@ impl<'b> Tape<'b> {
             Op::Add { a, b } => {
                 self.accumulate(g, *a, dy.clone())?;
                 self.accumulate(g, *b, dy.clone())?;
-            }
-            Op::AddPerChannel { x, v } => {
-                self.accumulate(g, *x, dy.clone())?;
-                if self.needs_grad[v.0] {
-                    let dv = be.add_per_channel_backward(dy)?;
-                    self.accumulate(g, *v, dv)?;
-                }
             }
             Op::ConcatChannels { a, b } => {
                 let (da, db) = be.split_channels(dy, self.shape(*a)[1])?;

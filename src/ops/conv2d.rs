@@ -791,7 +791,7 @@ pub(crate) mod gpu {
     }
 
     /// Backward pass: dx by the gather-form implicit GEMM (3) when `need_dx`; the parts of
-    /// dW by split-K tiles of (2) and of db by split channel sums of (4), into the arena.
+    /// dW by split-K tiles of (2) and of db (4) from the same pass's staged dy, into the arena.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into(
         g_: &Gpu,

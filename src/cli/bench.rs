@@ -120,6 +120,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let be: &dyn Backend = device.backend.as_ref();
     let gpu = device.gpu.as_ref();
     eprintln!("device: {}", device.why);
+    if let Some(g) = gpu {
+        // Every pipeline built now: the timed runs (sampling has no warm-up) build none.
+        g.build_pipelines(&diffwgpu::ops::gpu_kernels())?;
+    }
     let model = UNet2D::new(&cfg)?;
     let params = model.params.count();
     let state = TrainState::new(be, &model, &model.params.initial_values(args.seed))?;

@@ -10,6 +10,10 @@
 //   mse_loss_with_grad:     the same, and grad_i = grad_scale * (a_i - b_i) for every i of
 //                           chunk w (grad_scale = 2 d_loss / N): the MSE loss's first pass
 //                           and its gradient in one
+//   weighted_mse_loss_with_grad:
+//                           the same with every term times its sample's weight
+//                           w_s = weights[i / sample_len]: out[w] = scale * sum w_s (a_i - b_i)^2,
+//                           grad_i = grad_scale * w_s (a_i - b_i) (Min-SNR-gamma weighting)
 
 override WG: u32 = 256u;
 override ITEMS: u32 = 16u;
@@ -19,6 +23,7 @@ struct Params {
     n: u32,
     scale: f32,
     grad_scale: f32,
+    sample_len: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,11 +32,12 @@ struct Params {
 // One-input entries write at binding 2.
 @group(0) @binding(2) var<storage, read_write> out1: array<f32>;
 
-// Two-input entries read b at binding 2 and write at binding 3; mse_loss_with_grad writes
-// the gradient at 4.
+// Two-input entries read b at binding 2 and write at binding 3; the MSE losses write the
+// gradient at 4, and the weighted one reads one weight per sample at 5.
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(4) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(5) var<storage, read> weights: array<f32>;
 
 var<workgroup> scratch: array<f32, WG>;
 
@@ -127,6 +133,29 @@ fn mse_loss_with_grad(@builtin(workgroup_id) wid: vec3<u32>,
             let d = a[i] - b[i];
             grad[i] = p.grad_scale * d;
             acc += d * d;
+        }
+    }
+    let total = workgroup_sum(lid, acc);
+    if (lid == 0u && is_chunk(w)) {
+        out2[w] = p.scale * total;
+    }
+}
+
+// With weights of one, w * d is d exactly and every other operation is mse_loss_with_grad's:
+// the two give the same bits.
+@compute @workgroup_size(WG)
+fn weighted_mse_loss_with_grad(@builtin(workgroup_id) wid: vec3<u32>,
+                               @builtin(num_workgroups) nwg: vec3<u32>,
+                               @builtin(local_invocation_index) lid: u32) {
+    let w = chunk_index(wid, nwg);
+    var acc = 0.0;
+    for (var k = 0u; k < ITEMS; k++) {
+        let i = w * CHUNK + k * WG + lid;
+        if (i < p.n) {
+            let d = a[i] - b[i];
+            let wd = weights[i / p.sample_len] * d;
+            grad[i] = p.grad_scale * wd;
+            acc += wd * d;
         }
     }
     let total = workgroup_sum(lid, acc);

@@ -230,6 +230,16 @@ impl Backend for Cpu {
         reduce::cpu::mse_loss_with_grad(pred, target, d_loss)
     }
 
+    fn weighted_mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        weights: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        reduce::cpu::weighted_mse_loss_with_grad(pred, target, weights, d_loss)
+    }
+
     fn q_sample(
         &self,
         x0: &Tensor,

@@ -223,6 +223,16 @@ impl Backend for Gpu {
         reduce::gpu::mse_loss_with_grad(self, pred, target, d_loss)
     }
 
+    fn weighted_mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        weights: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        reduce::gpu::weighted_mse_loss_with_grad(self, pred, target, weights, d_loss)
+    }
+
     fn q_sample(
         &self,
         x0: &Tensor,

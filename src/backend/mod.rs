@@ -275,6 +275,16 @@ pub trait Backend: Send + Sync {
         target: &Tensor,
         d_loss: f32,
     ) -> Result<(Tensor, Tensor)>;
+    /// The per-sample weighted loss `(1/B) sum_b weights_b mean_i (pred_bi - target_bi)^2`
+    /// (`pred [B, ...]`, `weights [B]`) and its gradient
+    /// `d pred_bi = d_loss * 2 weights_b (pred_bi - target_bi) / N`, made together.
+    fn weighted_mse_loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        weights: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)>;
 
     // ---- diffusion (ops/diffusion.rs) -------------------------------------------------------
     /// `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`, `t [B]` one timestep per sample,

@@ -3,9 +3,15 @@
 //!   sum(x) = sum_i x_i,  mean(x) = sum(x) / N,  sum_squares(x) = sum_i x_i^2,
 //!   mse_loss(p, t) = (1/N) sum_i (p_i - t_i)^2,  d p_i = d_loss * 2 (p_i - t_i) / N.
 //!
-//! `mse_loss_with_grad` gives the loss and its gradient `d p` together: on the GPU one pass
-//! over `p` and `t` writes `d p` and the first partial sums of the squared errors, which the
-//! summing passes then reduce like any other.
+//! The per-sample weighted MSE loss of a batch of `B` samples of `M = N / B` elements each,
+//! with sample `b(i) = floor(i / M)` of element `i` and one weight `w_b` per sample (the loss
+//! weighting of Min-SNR-gamma, Hang et al. 2023):
+//!   loss = (1/B) sum_b w_b (1/M) sum_{i in b} (p_i - t_i)^2 = (1/N) sum_i w_b(i) (p_i - t_i)^2,
+//!   d p_i = d_loss * 2 w_b(i) (p_i - t_i) / N.
+//!
+//! `mse_loss_with_grad` and `weighted_mse_loss_with_grad` give the loss and its gradient `d p`
+//! together: on the GPU one pass over `p` and `t` writes `d p` and the first partial sums of
+//! the (weighted) squared errors, which the summing passes then reduce like any other.
 //!
 //! CPU: the elements are cut into chunks of `CPU_CHUNK`, each chunk is summed in f64 (in
 //! parallel for large tensors) and the chunk sums are added in f64; only the result is rounded
@@ -19,8 +25,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::check_same_shape;
-use crate::error::Result;
+use super::{check_rank, check_same_shape};
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 #[repr(C)]
@@ -32,6 +38,32 @@ struct Params {
     scale: f32,
     /// Factor of the gradient `mse_loss_with_grad` writes: `2 d_loss / N`.
     grad_scale: f32,
+    /// Elements per sample `M` of the weighted MSE loss (0 for the other passes).
+    sample_len: u32,
+}
+
+/// Checks the operands of the weighted MSE loss (`pred` and `target` of one shape `[B, ...]`,
+/// `weights [B]`) and returns the elements per sample `M`.
+fn check_weighted(
+    op: &'static str,
+    pred: &Tensor,
+    target: &Tensor,
+    weights: &Tensor,
+) -> Result<usize> {
+    check_same_shape(op, pred, target)?;
+    check_rank(op, "weights", weights, 1)?;
+    let batch = pred.shape().first().copied().unwrap_or(0);
+    if pred.shape().is_empty() || weights.numel() != batch {
+        return Err(Error::shape(
+            op,
+            format!(
+                "weights [{batch}], one per sample of a batch {:?}",
+                pred.shape()
+            ),
+            weights.shape(),
+        ));
+    }
+    Ok(pred.numel() / batch.max(1))
 }
 
 pub(crate) mod cpu {
@@ -42,18 +74,30 @@ pub(crate) mod cpu {
     /// Elements summed sequentially (in f64) per task.
     const CPU_CHUNK: usize = 1 << 14;
 
-    /// `sum_i f(a_i, b_i)` accumulated in f64 per chunk, chunks in parallel.
-    fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64 + Sync) -> f64 {
-        let chunk =
-            |(ca, cb): (&[f32], &[f32])| -> f64 { ca.iter().zip(cb).map(|(&x, &y)| f(x, y)).sum() };
+    /// `sum_i f(i, a_i, b_i)` accumulated in f64 per chunk, chunks in parallel.
+    fn sum_f64_indexed(a: &[f32], b: &[f32], f: impl Fn(usize, f32, f32) -> f64 + Sync) -> f64 {
+        let chunk = |(c, (ca, cb)): (usize, (&[f32], &[f32]))| -> f64 {
+            let start = c * CPU_CHUNK;
+            ca.iter()
+                .zip(cb)
+                .enumerate()
+                .map(|(j, (&x, &y))| f(start + j, x, y))
+                .sum()
+        };
         if a.len() <= CPU_CHUNK {
-            chunk((a, b))
+            chunk((0, (a, b)))
         } else {
             a.par_chunks(CPU_CHUNK)
                 .zip(b.par_chunks(CPU_CHUNK))
+                .enumerate()
                 .map(chunk)
                 .sum()
         }
+    }
+
+    /// `sum_i f(a_i, b_i)` accumulated in f64 per chunk, chunks in parallel.
+    fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64 + Sync) -> f64 {
+        sum_f64_indexed(a, b, |_, x, y| f(x, y))
     }
 
     fn scalar(v: f64) -> Tensor {
@@ -109,12 +153,50 @@ pub(crate) mod cpu {
             Tensor::from_cpu(pred.shape(), dp),
         ))
     }
+
+    /// `(1/N) sum_i w_b(i) (p_i - t_i)^2` with `b(i) = i / m`, the weighted squared errors
+    /// summed in f64 in the chunks of `mean_squared_error` (so that weights of one give its
+    /// value exactly).
+    fn weighted_mean_squared_error(p: &[f32], t: &[f32], w: &[f32], m: usize) -> Tensor {
+        let squared_error = sum_f64_indexed(p, t, |i, a, b| {
+            let d = a as f64 - b as f64;
+            d * d * w[i / m] as f64
+        });
+        scalar(squared_error / p.len() as f64)
+    }
+
+    /// The weighted loss, and `d pred_i = d_loss * 2 w_b(i) (pred_i - target_i) / N`.
+    pub fn weighted_mse_loss_with_grad(
+        pred: &Tensor,
+        target: &Tensor,
+        weights: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let op = "weighted_mse_loss_with_grad";
+        let m = check_weighted(op, pred, target, weights)?;
+        let (p, t, w) = (
+            pred.cpu_read(op)?,
+            target.cpu_read(op)?,
+            weights.cpu_read(op)?,
+        );
+        let s = 2.0 * d_loss / p.len() as f32;
+        let dp: Vec<f32> = p
+            .par_iter()
+            .zip(&t[..])
+            .enumerate()
+            .map(|(i, (&a, &b))| s * (w[i / m] * (a - b)))
+            .collect();
+        Ok((
+            weighted_mean_squared_error(&p, &t, &w, m),
+            Tensor::from_cpu(pred.shape(), dp),
+        ))
+    }
 }
 
 pub(crate) mod gpu {
     use super::*;
     use crate::gpu::Access::{Read as R, ReadWrite as W};
-    use crate::gpu::{grid, Access, Arg, Gpu, GpuBuffer, Kernel};
+    use crate::gpu::{grid, Access, Arg, Gpu, GpuBuffer, GpuSlice, Kernel};
     use crate::ops::ELEMENTWISE_WG;
 
     const SOURCE: &str = include_str!("../../shaders/reduce.wgsl");
@@ -141,11 +223,15 @@ pub(crate) mod gpu {
     const SQUARED_ERROR_PARTIALS: Kernel = kernel("squared_error_partials", &[R, R, W]);
     /// pred, target; partials, d_pred.
     const MSE_LOSS_WITH_GRAD: Kernel = kernel("mse_loss_with_grad", &[R, R, W, W]);
+    /// pred, target; partials, d_pred; weights.
+    const WEIGHTED_MSE_LOSS_WITH_GRAD: Kernel =
+        kernel("weighted_mse_loss_with_grad", &[R, R, W, W, R]);
     pub(crate) const KERNELS: &[Kernel] = &[
         SUM_PARTIALS,
         SUM_SQUARES_PARTIALS,
         SQUARED_ERROR_PARTIALS,
         MSE_LOSS_WITH_GRAD,
+        WEIGHTED_MSE_LOSS_WITH_GRAD,
     ];
 
     fn params(n: usize, scale: f32) -> Params {
@@ -153,18 +239,28 @@ pub(crate) mod gpu {
             n: n as u32,
             scale,
             grad_scale: 0.0,
+            sample_len: 0,
         }
     }
 
+    /// What the first pass of an MSE loss with its gradient also binds: the gradient buffer
+    /// and its factor `2 d_loss / N`, and for the weighted loss the weights `[B]` with the
+    /// elements per sample.
+    struct GradPass<'a> {
+        d_pred: &'a GpuBuffer,
+        grad_scale: f32,
+        weights: Option<(GpuSlice<'a>, usize)>,
+    }
+
     /// Reduces `inputs` to shape `[1]`: pass 1 runs `first` (sum of `x`, of `x^2`, or of
-    /// `(a - b)^2`) into per-workgroup partials, then `sum_partials` passes follow until one
-    /// value remains. The last pass multiplies by `scale`. With `grad`, pass 1 also writes
-    /// the MSE gradient into its buffer, with its factor.
+    /// `(a - b)^2`, weighted or not) into per-workgroup partials, then `sum_partials` passes
+    /// follow until one value remains. The last pass multiplies by `scale`. With `grad`,
+    /// pass 1 also writes the MSE gradient into its buffer.
     fn reduce(
         g: &Gpu,
         first: &Kernel,
         inputs: &[&Tensor],
-        grad: Option<(&GpuBuffer, f32)>,
+        grad: Option<GradPass<'_>>,
         scale: f32,
     ) -> Result<Tensor> {
         let entry = first.entry;
@@ -172,15 +268,19 @@ pub(crate) mod gpu {
         let workgroups = n.div_ceil(GPU_CHUNK).max(1);
         let last_scale = |wg: usize| if wg == 1 { scale } else { 1.0 };
         let partials = g.alloc(entry, workgroups)?;
-        let mut args: Vec<Arg> = Vec::with_capacity(4);
+        let mut args: Vec<Arg> = Vec::with_capacity(5);
         for t in inputs {
             args.push(Arg::read(t.gpu_buffer(entry)?));
         }
         args.push(Arg::write(&partials));
         let mut p = params(n, last_scale(workgroups));
-        if let Some((buffer, grad_scale)) = grad {
-            args.push(Arg::write(buffer));
-            p.grad_scale = grad_scale;
+        if let Some(pass) = grad {
+            args.push(Arg::write(pass.d_pred));
+            p.grad_scale = pass.grad_scale;
+            if let Some((weights, m)) = pass.weights {
+                args.push(Arg::read(weights));
+                p.sample_len = m as u32;
+            }
         }
         g.dispatch(first, &p, &args, grid(workgroups as u32))?;
         sum_to_one(g, entry, partials, workgroups, scale)
@@ -246,11 +346,45 @@ pub(crate) mod gpu {
         check_same_shape(OP, pred, target)?;
         let n = pred.numel();
         let d_pred = g.alloc(OP, n)?;
+        let pass = GradPass {
+            d_pred: &d_pred,
+            grad_scale: 2.0 * d_loss / n as f32,
+            weights: None,
+        };
         let loss = reduce(
             g,
             &MSE_LOSS_WITH_GRAD,
             &[pred, target],
-            Some((&d_pred, 2.0 * d_loss / n as f32)),
+            Some(pass),
+            1.0 / n as f32,
+        )?;
+        Ok((loss, Tensor::from_gpu(pred.shape(), d_pred)))
+    }
+
+    /// As `mse_loss_with_grad`, each element's squared error and gradient times its sample's
+    /// weight, in the same single pass.
+    pub fn weighted_mse_loss_with_grad(
+        g: &Gpu,
+        pred: &Tensor,
+        target: &Tensor,
+        weights: &Tensor,
+        d_loss: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        const OP: &str = "weighted_mse_loss_with_grad";
+        let m = check_weighted(OP, pred, target, weights)?;
+        let weights = weights.gpu_buffer(OP)?;
+        let n = pred.numel();
+        let d_pred = g.alloc(OP, n)?;
+        let pass = GradPass {
+            d_pred: &d_pred,
+            grad_scale: 2.0 * d_loss / n as f32,
+            weights: Some((weights, m)),
+        };
+        let loss = reduce(
+            g,
+            &WEIGHTED_MSE_LOSS_WITH_GRAD,
+            &[pred, target],
+            Some(pass),
             1.0 / n as f32,
         )?;
         Ok((loss, Tensor::from_gpu(pred.shape(), d_pred)))

@@ -1,25 +1,28 @@
-//! Training: the tiny model overfits a fixed batch on both backends, the trainer's update is
-//! AdamW with clipping, the learning-rate schedule and the EMA by their formulas, whole
-//! training steps give the same updates, moments and EMA on both backends, a resumed run
-//! continues exactly on each backend, and the schedules.
+//! Training: the tiny model overfits a fixed batch on both backends (with the plain and the
+//! Min-SNR-weighted loss), the trainer's update is AdamW with clipping, the learning-rate
+//! schedule and the EMA by their formulas, whole training steps give the same updates, moments
+//! and EMA on both backends, a resumed run continues exactly on each backend, the schedules,
+//! and the Min-SNR-gamma weights by hand and in the trainer's step.
 
 mod common;
 
 use common::{assert_close, down, seeded};
 use diffwgpu::autodiff::Tape;
-use diffwgpu::diffusion::NoiseSchedule;
+use diffwgpu::diffusion::{NoiseSchedule, PredictionType};
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
 use diffwgpu::ops::optim::{AdamWParams, StepTensors};
+use diffwgpu::train::min_snr::{min_snr_weight, min_snr_weights, snr};
 use diffwgpu::train::{HostState, LrSchedule, TrainHyper, TrainState, Trainer};
-use diffwgpu::{Backend, Cpu, Gpu};
+use diffwgpu::{Backend, Cpu, Error, Gpu};
 
 fn tiny() -> UNet2D {
     UNet2D::new(&UNet2DConfig::preset("tiny").unwrap()).unwrap()
 }
 
 /// Fixed `x_t`, `t` and target: plain regression, which a working model, backward pass and
-/// optimizer drive towards zero loss on `be`.
-fn check_overfits_one_fixed_batch(be: &dyn Backend) {
+/// optimizer drive towards zero loss on `be`; with `weights`, each sample's loss weighted
+/// (`weighted_mse_loss_with_grad`).
+fn check_overfits_one_fixed_batch(be: &dyn Backend, weights: Option<&[f32]>) {
     let model = tiny();
     let values = model.params.initial_values(3);
     let shape = [2, 1, 16, 16];
@@ -30,6 +33,7 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend) {
     let xt = be.upload(&shape, &x).unwrap();
     let t = be.upload(&[2], &[10.0, 500.0]).unwrap();
     let target = be.upload(&shape, &target).unwrap();
+    let weights = weights.map(|w| be.upload(&[2], w).unwrap());
     let mut grads = be.zeros(&[state.layout.total]).unwrap();
     let mut plan = None;
     let mut losses = Vec::new();
@@ -38,9 +42,12 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend) {
         let p = tape.params(&state.param_views().unwrap());
         let xv = tape.leaf(xt.clone(), false);
         let out = model.forward(&mut tape, &p, xv, &t).unwrap();
-        let (loss, d) = be
-            .mse_loss_with_grad(tape.value(out), &target, 1.0)
-            .unwrap();
+        let pred = tape.value(out);
+        let (loss, d) = match &weights {
+            None => be.mse_loss_with_grad(pred, &target, 1.0),
+            Some(w) => be.weighted_mse_loss_with_grad(pred, &target, w, 1.0),
+        }
+        .unwrap();
         let layout = state.layout.clone();
         let norm2 = tape
             .backward_params(out, d, &layout, &mut plan, &mut grads)
@@ -67,6 +74,11 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend) {
     }
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(
+        losses.iter().all(|l| l.is_finite()),
+        "{}: a loss is not finite: {losses:?}",
+        be.name()
+    );
+    assert!(
         last * 10.0 <= first,
         "{}: loss went from {first} to {last} in {STEPS} steps (want a 10x fall)",
         be.name()
@@ -74,11 +86,34 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend) {
 }
 
 fn tiny_model_overfits_one_fixed_batch_on_cpu() {
-    check_overfits_one_fixed_batch(&Cpu);
+    check_overfits_one_fixed_batch(&Cpu, None);
 }
 
 fn tiny_model_overfits_one_fixed_batch_on_gpu(g: &Gpu) {
-    check_overfits_one_fixed_batch(g);
+    check_overfits_one_fixed_batch(g, None);
+}
+
+/// The Min-SNR-gamma weights (gamma 5, epsilon) of the fixed batch's timesteps 10 and 500
+/// under the linear schedule: about 0.011 (snr about 450) and 1.
+fn min_snr_weights_of_the_fixed_batch() -> Vec<f32> {
+    let schedule = NoiseSchedule::linear(1000, 1e-4, 0.02).unwrap();
+    let w = min_snr_weights(
+        &schedule.alphas_cumprod,
+        &[10.0, 500.0],
+        5.0,
+        PredictionType::Epsilon,
+    )
+    .unwrap();
+    assert!(w[0] < 0.02 && w[1] == 1.0, "weights {w:?}");
+    w
+}
+
+fn tiny_model_overfits_with_min_snr_weights_on_cpu() {
+    check_overfits_one_fixed_batch(&Cpu, Some(&min_snr_weights_of_the_fixed_batch()));
+}
+
+fn tiny_model_overfits_with_min_snr_weights_on_gpu(g: &Gpu) {
+    check_overfits_one_fixed_batch(g, Some(&min_snr_weights_of_the_fixed_batch()));
 }
 
 fn hyper() -> TrainHyper {
@@ -395,6 +430,147 @@ fn learning_rate_and_ema_schedules() {
     assert_eq!(h.ema_decay_at(u32::MAX as u64), 0.9999);
 }
 
+/// The Min-SNR-gamma weights against values worked out by hand for gamma 5: at
+/// `abar` = 0.5, 0.8, 0.9 the SNR `abar / (1 - abar)` is 1, 4, 9, so epsilon gets
+/// `min(snr, 5) / snr` = 1, 1, 5/9, v `min(snr, 5) / (snr + 1)` = 1/2, 4/5, 1/2, and x_0
+/// `min(snr, 5)` = 1, 4, 5; then at timesteps of the linear schedule, and bad timesteps.
+fn min_snr_weights_by_hand() {
+    use PredictionType::{Epsilon, Sample, VPrediction};
+    let cases = [
+        (0.5, [1.0, 0.5, 1.0]),
+        (0.8, [1.0, 0.8, 4.0]),
+        (0.9, [5.0 / 9.0, 0.5, 5.0]),
+    ];
+    for (abar, [eps, v, x0]) in cases {
+        let got = [Epsilon, VPrediction, Sample].map(|p| min_snr_weight(abar, 5.0, p));
+        // abar is rounded to f32: the SNR is off by a few parts in 1e7.
+        assert_close(&format!("abar {abar}"), &got, &[eps, v, x0], 0.0, 1e-6);
+    }
+    // Linear schedule, beta from 1e-4 to 0.02: abar_0 = 1 - 1e-4 (snr 9999; in f32, 1 - abar_0
+    // is off by up to an ulp of 1, 6e-4 of it), and abar_999 about 4.0358e-5 (snr about
+    // 4.036e-5).
+    let schedule = NoiseSchedule::linear(1000, 1e-4, 0.02).unwrap();
+    let ac = &schedule.alphas_cumprod;
+    let eps = min_snr_weights(ac, &[0.0, 999.0], 5.0, Epsilon).unwrap();
+    assert_close("epsilon t = 0, 999", &eps, &[5.0 / 9999.0, 1.0], 0.0, 1e-3);
+    let x0 = min_snr_weights(ac, &[0.0, 999.0], 5.0, Sample).unwrap();
+    assert_close("x_0 t = 0, 999", &x0, &[5.0, 4.036e-5], 0.0, 1e-3);
+    let v = min_snr_weights(ac, &[999.0], 5.0, VPrediction).unwrap();
+    assert_close("v t = 999", &v, &[4.036e-5], 0.0, 1e-3);
+    // A timestep with no signal at all weighs 1 for epsilon, not 0/0.
+    assert_eq!(min_snr_weight(0.0, 5.0, Epsilon), 1.0);
+    assert!(matches!(
+        min_snr_weights(ac, &[1000.0], 5.0, Epsilon),
+        Err(Error::Invalid { .. })
+    ));
+}
+
+/// With one sample a batch, the Min-SNR step is the plain step scaled by the weight of the
+/// step's timestep: the same model output and target (the same seeds), the loss and every
+/// gradient times `w`. Gamma is half the SNR of that timestep, so that the weight is well
+/// away from 1 for every prediction target (1/2 for epsilon).
+fn min_snr_step_is_the_plain_step_times_the_weight() {
+    let values = tiny().params.initial_values(12);
+    let x0 = seeded(256, 70);
+    for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
+        let h = TrainHyper {
+            batch_size: 1,
+            prediction_type: prediction,
+            ..hyper()
+        };
+        let mut plain = trainer_from(&Cpu, &values, tiny(), h.clone());
+        let t = plain.timesteps(0)[0];
+        let abar = plain.schedule.alphas_cumprod[t as usize];
+        let gamma = (snr(abar) / 2.0) as f32;
+        let snr_gamma = Some(gamma);
+        let mut weighted = trainer_from(&Cpu, &values, tiny(), TrainHyper { snr_gamma, ..h });
+        let w = min_snr_weight(abar, gamma, prediction);
+        let (a, b) = (
+            plain.gradients(&x0).unwrap(),
+            weighted.gradients(&x0).unwrap(),
+        );
+        let name = format!("{prediction:?} at t = {t} (weight {w})");
+        let scaled = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| w * x).collect() };
+        let loss = down(&Cpu, &b.loss);
+        assert_close(&name, &loss, &scaled(down(&Cpu, &a.loss)), 0.0, 1e-6);
+        let grads = down(&Cpu, &b.grads);
+        assert_close(&name, &grads, &scaled(down(&Cpu, &a.grads)), 1e-9, 1e-4);
+    }
+}
+
+/// Min-SNR steps on the GPU give the CPU's loss and gradient norm.
+fn min_snr_steps_match_across_backends(g: &Gpu) {
+    let values = tiny().params.initial_values(13);
+    let h = TrainHyper {
+        snr_gamma: Some(5.0),
+        ..hyper()
+    };
+    let mut cpu = trainer_from(&Cpu, &values, tiny(), h.clone());
+    let mut gpu = trainer_from(g, &values, tiny(), h);
+    for step in 0..2 {
+        let x0 = seeded(3 * 256, 80 + step);
+        let (a, b) = (cpu.step(&x0).unwrap(), gpu.step(&x0).unwrap());
+        assert!(a.loss.is_finite(), "loss {}", a.loss);
+        assert_close("loss", &[b.loss], &[a.loss], 1e-5, 1e-4);
+        assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-3);
+    }
+}
+
+/// Hyperparameters the optimizer or the loss cannot take are refused when the trainer is
+/// made, naming the setting.
+fn bad_hyperparameters_are_clear_errors() {
+    let values = tiny().params.initial_values(1);
+    let cases = [
+        (
+            TrainHyper {
+                adam_beta1: 1.0,
+                ..hyper()
+            },
+            "adam_beta1",
+        ),
+        (
+            TrainHyper {
+                adam_beta2: -0.1,
+                ..hyper()
+            },
+            "adam_beta2",
+        ),
+        (
+            TrainHyper {
+                adam_eps: 0.0,
+                ..hyper()
+            },
+            "adam_eps",
+        ),
+        (
+            TrainHyper {
+                snr_gamma: Some(0.0),
+                ..hyper()
+            },
+            "snr_gamma",
+        ),
+        (
+            TrainHyper {
+                snr_gamma: Some(f32::NAN),
+                ..hyper()
+            },
+            "snr_gamma",
+        ),
+    ];
+    for (h, name) in cases {
+        let model = tiny();
+        let state = TrainState::new(&Cpu, &model, &values).unwrap();
+        let schedule = NoiseSchedule::linear(1000, 1e-4, 0.02).unwrap();
+        match Trainer::new(&Cpu, model, schedule, h, state) {
+            Err(e @ Error::Invalid { .. }) => {
+                assert!(e.to_string().contains(name), "{e} does not name {name}")
+            }
+            Err(e) => panic!("{name}: the wrong error: {e}"),
+            Ok(_) => panic!("{name}: accepted"),
+        }
+    }
+}
+
 /// A batch too large for the adapter's largest buffer is an out-of-memory error that names
 /// the batch size and the bytes, and the device keeps working: a small step succeeds after.
 fn too_large_a_batch_is_a_clear_out_of_memory_error(g: &Gpu) {
@@ -481,6 +657,10 @@ tests! {
         resumed_training_continues_exactly_on_cpu,
         dropout_changes_the_step,
         learning_rate_and_ema_schedules,
+        tiny_model_overfits_with_min_snr_weights_on_cpu,
+        min_snr_weights_by_hand,
+        min_snr_step_is_the_plain_step_times_the_weight,
+        bad_hyperparameters_are_clear_errors,
     ],
     gpu: [
         too_large_a_batch_is_a_clear_out_of_memory_error,
@@ -489,5 +669,7 @@ tests! {
         tiny_model_overfits_one_fixed_batch_on_gpu,
         whole_training_steps_match_across_backends,
         dropout_steps_match_across_backends,
+        tiny_model_overfits_with_min_snr_weights_on_gpu,
+        min_snr_steps_match_across_backends,
     ],
 }

@@ -3,6 +3,7 @@
 //! a cosine decay, as `get_scheduler`) and the EMA decay (`EMAModel` with warmup).
 
 use crate::diffusion::PredictionType;
+use crate::error::{Error, Result};
 
 /// How the learning rate moves after the warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,9 @@ pub struct TrainHyper {
     pub ema_inv_gamma: f32,
     pub ema_power: f32,
     pub prediction_type: PredictionType,
+    /// Weight each sample's loss by Min-SNR-gamma with this gamma (`None`: unweighted);
+    /// see [`super::min_snr`].
+    pub snr_gamma: Option<f32>,
     /// Seeds the timesteps and the noise of every step (and the data order, by the caller).
     pub seed: u64,
 }
@@ -51,12 +55,40 @@ impl Default for TrainHyper {
             ema_inv_gamma: 1.0,
             ema_power: 0.75,
             prediction_type: PredictionType::Epsilon,
+            snr_gamma: None,
             seed: 0,
         }
     }
 }
 
 impl TrainHyper {
+    /// Checks the settings the optimizer and the loss take as they are: Adam's betas in
+    /// [0, 1), its epsilon and the Min-SNR gamma finite and positive.
+    pub fn check(&self) -> Result<()> {
+        let invalid = |msg: String| Err(Error::invalid("train", msg));
+        for (name, beta) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return invalid(format!("{name} must be in [0, 1), got {beta}"));
+            }
+        }
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        if !positive(self.adam_eps) {
+            return invalid(format!(
+                "adam_eps must be finite and positive, got {}",
+                self.adam_eps
+            ));
+        }
+        if let Some(gamma) = self.snr_gamma.filter(|&g| !positive(g)) {
+            return invalid(format!(
+                "snr_gamma must be finite and positive, got {gamma}"
+            ));
+        }
+        Ok(())
+    }
+
     /// The learning rate of optimizer step `k` (0-based), as torch's `LambdaLR` applies
     /// diffusers' warmup schedules: `lr k / warmup` during the warmup, then the decay.
     pub fn lr_at(&self, k: u64) -> f32 {

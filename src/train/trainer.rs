@@ -1,7 +1,9 @@
 //! One training step of DDPM (Algorithm 1 of Ho et al. 2020), on any backend:
 //!   t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
 //!   loss = mean((target - model(x_t, t))^2),  target = eps | v | x_0
-//! then backward through the tape, global-norm clipping, fused AdamW and the EMA update.
+//! (with a Min-SNR gamma, the mean over the batch of each sample's mean squared error times
+//! its weight, `train::min_snr`), then backward through the tape, global-norm clipping, fused
+//! AdamW and the EMA update.
 //!
 //! The weights, their gradients, AdamW's moments and the EMA weights each live in one flat
 //! buffer (`nn::ParamLayout`): the backward pass writes every parameter gradient into the flat
@@ -13,6 +15,7 @@
 //! checkpoint at step `k` continues exactly as the uninterrupted run would have.
 
 use super::hyper::TrainHyper;
+use super::min_snr::min_snr_weights;
 use crate::autodiff::Tape;
 use crate::backend::Backend;
 use crate::diffusion::{NoiseSchedule, PredictionType};
@@ -161,6 +164,7 @@ impl<'b> Trainer<'b> {
         if hyper.batch_size == 0 {
             return Err(Error::invalid("train", "batch size must be at least 1"));
         }
+        hyper.check()?;
         if state.layout != model.params.layout() {
             return Err(Error::invalid(
                 "train",
@@ -249,7 +253,8 @@ impl<'b> Trainer<'b> {
         let k = self.state.step;
         let started = std::time::Instant::now();
         let x0 = be.upload(&shape, x0)?;
-        let t = be.upload(&[shape[0]], &self.timesteps(k))?;
+        let timesteps = self.timesteps(k);
+        let t = be.upload(&[shape[0]], &timesteps)?;
         let noise_seed = stream_seed(self.hyper.seed, NOISE_STREAM);
         let eps = be.randn(&shape, noise_seed, k * numel as u64)?;
         let x_t = be.q_sample(&x0, &eps, &t, &self.alphas_cumprod)?;
@@ -269,7 +274,7 @@ impl<'b> Trainer<'b> {
         let p = tape.params(&self.state.param_views()?);
         let x = tape.leaf(x_t, false);
         let out = self.model.forward(&mut tape, &p, x, &t)?;
-        let (loss, d_out) = be.mse_loss_with_grad(tape.value(out), &target, 1.0)?;
+        let (loss, d_out) = self.loss_with_grad(tape.value(out), &target, &timesteps)?;
         let layout = &self.state.layout;
         let norm2 = tape.backward_params(out, d_out, layout, &mut self.plan, &mut self.grads)?;
         Ok(StepGradients {
@@ -278,6 +283,24 @@ impl<'b> Trainer<'b> {
             norm2,
             host_time: started.elapsed(),
         })
+    }
+
+    /// The loss of a step and its gradient w.r.t. the model's output: the mean squared error,
+    /// or with a Min-SNR gamma each sample's weighted by its timestep's weight.
+    fn loss_with_grad(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        timesteps: &[f32],
+    ) -> Result<(Tensor, Tensor)> {
+        let be = self.be;
+        let Some(gamma) = self.hyper.snr_gamma else {
+            return be.mse_loss_with_grad(pred, target, 1.0);
+        };
+        let ac = &self.schedule.alphas_cumprod;
+        let weights = min_snr_weights(ac, timesteps, gamma, self.hyper.prediction_type)?;
+        let weights = be.upload(&[weights.len()], &weights)?;
+        be.weighted_mse_loss_with_grad(pred, target, &weights, 1.0)
     }
 
     /// The update of one step from its gradients: clipping by the global norm, fused AdamW at

@@ -110,15 +110,33 @@ fn train_writes_a_pipeline_folder() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// Settings away from their defaults that change every step after the third: a resumed run
+/// that lost any of them would leave the uninterrupted run's loss curve.
+const RESUMED_SETTINGS: &[&str] = &[
+    "--adam-beta1",
+    "0.5",
+    "--adam-beta2",
+    "0.9",
+    "--adam-epsilon",
+    "1e-3",
+    "--snr-gamma",
+    "2",
+];
+
+/// A run stopped after 3 of 6 steps and resumed ends as the uninterrupted run, with
+/// non-default optimizer and loss settings that the resumed run reads from the checkpoint.
 fn resumed_run_follows_the_same_loss_curve() {
     let straight = scratch("straight");
-    let o = train(&straight, &["--steps", "6", "--sample-every", "0"]);
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["--steps", "6", "--sample-every", "0"];
+        args.extend_from_slice(RESUMED_SETTINGS);
+        args.extend_from_slice(extra);
+        train(out, &args)
+    };
+    let o = run(&straight, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let parted = scratch("parted");
-    let o = train(
-        &parted,
-        &["--steps", "6", "--sample-every", "0", "--stop-at", "3"],
-    );
+    let o = run(&parted, &["--stop-at", "3"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(losses(&parted).len(), 3);
     let o = diffwgpu(&[
@@ -179,12 +197,32 @@ fn bad_input_gives_clear_errors() {
         ),
         (vec!["--config", odd.to_str().unwrap()], "cannot be halved"),
         (vec!["--preset", "huge"], "unknown preset"),
+        (vec!["--adam-beta1", "1"], "--adam-beta1"),
+        (vec!["--adam-beta1", "-0.1"], "--adam-beta1"),
+        (vec!["--adam-beta2", "1.5"], "--adam-beta2"),
+        (vec!["--adam-beta2", "x"], "--adam-beta2"),
+        (vec!["--adam-epsilon", "0"], "--adam-epsilon"),
+        (vec!["--adam-epsilon", "-1e-8"], "--adam-epsilon"),
+        (vec!["--snr-gamma", "0"], "--snr-gamma"),
+        (vec!["--snr-gamma", "-5"], "--snr-gamma"),
+        (vec!["--snr-gamma", "inf"], "--snr-gamma"),
     ];
     for (extra, want) in cases {
         let mut args = vec!["train", "--device", "cpu", "--steps", "1", "--out"];
         args.push(out.to_str().unwrap());
         args.extend(extra.iter().copied());
         fails_clearly(&args, want);
+    }
+    // A resumed run takes its settings from its checkpoint.
+    for flag in [
+        "--adam-beta1",
+        "--adam-beta2",
+        "--adam-epsilon",
+        "--adam-weight-decay",
+        "--snr-gamma",
+    ] {
+        let resume = ["train", "--resume", out.to_str().unwrap(), flag, "0.5"];
+        fails_clearly(&resume, "cannot be used with");
     }
     let o = diffwgpu(&[
         "train",
@@ -197,6 +235,49 @@ fn bad_input_gives_clear_errors() {
     assert!(!o.status.success() && !err.contains("panicked"), "{err}");
     assert!(err.contains("training_state.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The pipeline's weights (the EMA of the weights of both steps) after two steps at the full
+/// learning rate with `extra`.
+fn weights_after_two_steps(name: &str, extra: &[&str]) -> Vec<u8> {
+    let out = scratch(name);
+    let mut args = vec!["--steps", "2", "--lr-warmup", "0", "--sample-every", "0"];
+    args.extend_from_slice(extra);
+    let o = train(&out, &args);
+    assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+    let weights = std::fs::read(out.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    weights
+}
+
+/// The AdamW flags reach the optimizer: their defaults spelled out give the default run's
+/// weights byte for byte, and each other value gives others (Adam's first step does not
+/// depend on the betas, so two steps are taken).
+fn adam_flags_reach_the_optimizer() {
+    let default = weights_after_two_steps("adam-default", &[]);
+    let spelled_out = weights_after_two_steps(
+        "adam-spelled-out",
+        &[
+            "--adam-beta1",
+            "0.95",
+            "--adam-beta2",
+            "0.999",
+            "--adam-epsilon",
+            "1e-8",
+            "--adam-weight-decay",
+            "1e-6",
+        ],
+    );
+    assert!(spelled_out == default, "the defaults spelled out differ");
+    for (flag, value) in [
+        ("--adam-beta1", "0.5"),
+        ("--adam-beta2", "0.9"),
+        ("--adam-epsilon", "1e-2"),
+        ("--adam-weight-decay", "10"),
+    ] {
+        let other = weights_after_two_steps("adam-other", &[flag, value]);
+        assert!(other != default, "{flag} {value} changed nothing");
+    }
 }
 
 /// Writes a safetensors file with one f32 tensor.
@@ -537,6 +618,7 @@ tests! {
     cpu: [
         train_writes_a_pipeline_folder,
         resumed_run_follows_the_same_loss_curve,
+        adam_flags_reach_the_optimizer,
         bad_input_gives_clear_errors,
         sample_writes_deterministic_images,
         sample_without_a_terminal_prints_progress_lines,

@@ -85,10 +85,14 @@ const RUN_OPTIONS: &[&str] = &[
     "lr",
     "lr_warmup",
     "lr_schedule",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
     "weight_decay",
     "max_grad_norm",
     "ema_max_decay",
     "ema_power",
+    "snr_gamma",
     "seed",
     "hflip",
     "out",
@@ -127,7 +131,20 @@ pub struct TrainArgs {
     lr_warmup: u64,
     #[arg(long, value_enum, default_value = "cosine")]
     lr_schedule: LrScheduleName,
-    #[arg(long, default_value_t = 1e-6)]
+    /// AdamW's beta1, the decay of its moving average of the gradient, in [0, 1)
+    /// (diffusers: --adam_beta1).
+    #[arg(long, value_parser = beta, default_value = "0.95", allow_hyphen_values = true)]
+    adam_beta1: f32,
+    /// AdamW's beta2, the decay of its moving average of the squared gradient, in [0, 1)
+    /// (diffusers: --adam_beta2).
+    #[arg(long, value_parser = beta, default_value = "0.999", allow_hyphen_values = true)]
+    adam_beta2: f32,
+    /// AdamW's epsilon, added to the root of the second moment, > 0
+    /// (diffusers: --adam_epsilon).
+    #[arg(long, value_parser = positive, default_value = "1e-8", allow_hyphen_values = true)]
+    adam_epsilon: f32,
+    /// AdamW's decoupled weight decay (diffusers: --adam_weight_decay).
+    #[arg(long, visible_alias = "adam-weight-decay", default_value_t = 1e-6)]
     weight_decay: f32,
     /// Clip the gradient to this global L2 norm; 0 turns clipping off.
     #[arg(long, default_value_t = 1.0)]
@@ -137,6 +154,11 @@ pub struct TrainArgs {
     ema_max_decay: f32,
     #[arg(long, default_value_t = 0.75)]
     ema_power: f32,
+    /// Weight each sample's loss by Min-SNR-gamma (Hang et al. 2023): min(SNR(t), GAMMA)
+    /// over SNR(t) for epsilon, over SNR(t) + 1 for v-prediction, alone for sample; the
+    /// paper and diffusers recommend 5 (diffusers: --snr_gamma). Default: off.
+    #[arg(long, value_name = "GAMMA", value_parser = positive, allow_hyphen_values = true)]
+    snr_gamma: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Random horizontal flips of the training images (off: digits are not symmetric).
@@ -165,7 +187,9 @@ pub struct TrainArgs {
 }
 
 /// Everything that defines a run: written to `train_config.json` and into the training state,
-/// so that `--resume` continues with exactly the same settings.
+/// so that `--resume` continues with exactly the same settings. The settings added later (the
+/// AdamW betas and epsilon, the Min-SNR gamma) read, from a run recorded before them, as what
+/// that run trained with.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunRecord {
     data: Option<String>,
@@ -178,12 +202,52 @@ struct RunRecord {
     lr: f32,
     lr_warmup: u64,
     lr_schedule: LrScheduleName,
+    #[serde(default = "default_adam_beta1")]
+    adam_beta1: f32,
+    #[serde(default = "default_adam_beta2")]
+    adam_beta2: f32,
+    #[serde(default = "default_adam_epsilon")]
+    adam_epsilon: f32,
     weight_decay: f32,
     max_grad_norm: f32,
     ema_max_decay: f32,
     ema_power: f32,
+    #[serde(default)]
+    snr_gamma: Option<f32>,
     seed: u64,
     hflip: bool,
+}
+
+fn default_adam_beta1() -> f32 {
+    TrainHyper::default().adam_beta1
+}
+
+fn default_adam_beta2() -> f32 {
+    TrainHyper::default().adam_beta2
+}
+
+fn default_adam_epsilon() -> f32 {
+    TrainHyper::default().adam_eps
+}
+
+/// Parses an Adam beta: a number in [0, 1).
+fn beta(s: &str) -> std::result::Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be in [0, 1), got {s}"))
+    }
+}
+
+/// Parses a finite number > 0.
+fn positive(s: &str) -> std::result::Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a finite number > 0, got {s}"))
+    }
 }
 
 impl RunRecord {
@@ -199,10 +263,14 @@ impl RunRecord {
             lr: a.lr,
             lr_warmup: a.lr_warmup,
             lr_schedule: a.lr_schedule,
+            adam_beta1: a.adam_beta1,
+            adam_beta2: a.adam_beta2,
+            adam_epsilon: a.adam_epsilon,
             weight_decay: a.weight_decay,
             max_grad_norm: a.max_grad_norm,
             ema_max_decay: a.ema_max_decay,
             ema_power: a.ema_power,
+            snr_gamma: a.snr_gamma,
             seed: a.seed,
             hflip: a.hflip,
         })
@@ -218,11 +286,15 @@ impl RunRecord {
                 LrScheduleName::Constant => LrSchedule::Constant,
                 LrScheduleName::Cosine => LrSchedule::Cosine,
             },
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_eps: self.adam_epsilon,
             weight_decay: self.weight_decay,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             ema_max_decay: self.ema_max_decay,
             ema_power: self.ema_power,
             prediction_type: self.prediction.prediction_type(),
+            snr_gamma: self.snr_gamma,
             seed: self.seed,
             ..TrainHyper::default()
         }

@@ -654,3 +654,47 @@ impl Smoothed {
         self.value / self.weight
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run recorded before the AdamW and Min-SNR settings existed resumes with the values
+    /// it trained with: the defaults, and no loss weighting.
+    #[test]
+    fn older_run_records_read_as_their_defaults() {
+        let record = RunRecord {
+            data: None,
+            unet: UNet2DConfig::preset("tiny").unwrap(),
+            schedule: ScheduleName::Linear,
+            timesteps: 1000,
+            prediction: PredictionName::Epsilon,
+            batch_size: 4,
+            steps: 10,
+            lr: 1e-4,
+            lr_warmup: 0,
+            lr_schedule: LrScheduleName::Cosine,
+            adam_beta1: 0.5,
+            adam_beta2: 0.9,
+            adam_epsilon: 1e-3,
+            weight_decay: 1e-6,
+            max_grad_norm: 1.0,
+            ema_max_decay: 0.9999,
+            ema_power: 0.75,
+            snr_gamma: Some(5.0),
+            seed: 0,
+            hflip: false,
+        };
+        let mut json = serde_json::to_value(&record).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        for key in ["adam_beta1", "adam_beta2", "adam_epsilon", "snr_gamma"] {
+            fields.remove(key).unwrap();
+        }
+        let old: RunRecord = serde_json::from_value(json).unwrap();
+        let (h, want) = (old.hyper(), TrainHyper::default());
+        assert_eq!(
+            (h.adam_beta1, h.adam_beta2, h.adam_eps, h.snr_gamma),
+            (want.adam_beta1, want.adam_beta2, want.adam_eps, None)
+        );
+    }
+}

@@ -28,6 +28,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::expf::sigmoid;
 use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -59,11 +60,11 @@ impl GroupNormParams {
 /// `silu(z)` and `dy * silu'(z)`, in f32 as the elementwise ops compute them: the fused op
 /// equals group norm then `silu`.
 fn silu(z: f32) -> f32 {
-    z / (1.0 + (-z).exp())
+    z * sigmoid(z)
 }
 
 fn silu_backward(z: f32, dy: f32) -> f32 {
-    let s = 1.0 / (1.0 + (-z).exp());
+    let s = sigmoid(z);
     dy * s * (1.0 + z * (1.0 - s))
 }
 

@@ -14,7 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::check_rank;
+use super::{check_rank, expf};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -251,7 +251,7 @@ pub(crate) mod cpu {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0;
                     for s in row.iter_mut() {
-                        *s = (*s - max).exp();
+                        *s = expf::exp(*s - max);
                         sum += *s;
                     }
                     row.iter_mut().for_each(|s| *s /= sum);
@@ -324,7 +324,7 @@ pub(crate) mod cpu {
                 let lse = &lsed[bh * l..(bh + 1) * l];
                 let mut p = scores(qh, kh, &dims, threads);
                 for (row, &lse_i) in p.chunks_exact_mut(l).zip(lse) {
-                    row.iter_mut().for_each(|s| *s = (*s - lse_i).exp());
+                    row.iter_mut().for_each(|s| *s = expf::exp(*s - lse_i));
                 }
                 let mut dv = vec![0.0; l * d];
                 matmul(

@@ -28,7 +28,9 @@
 //! (see `ops/grads.rs`): the GPU splits the reduction over `B Ho Wo` into parts, the CPU
 //! computes each sum whole (one part).
 //!
-//! The CPU runs (1)-(4) literally. The GPU never builds `X`: its kernels read the input through
+//! The CPU runs (1)-(4) literally, except that 3x3 stride-1 layers (most of a U-Net) go
+//! through Winograd's minimal filtering (`conv2d/winograd.rs`), forward, input gradient and
+//! weight gradient alike, with 4x fewer multiplications. The GPU never builds `X`: its kernels read the input through
 //! the index map above while they fill their tiles (implicit GEMM), and (3) is computed in
 //! gather form, `dx[b, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] dy[b, co, oy, ox]` over
 //! the `(oy, ox)` with `oy s + ky - pt = iy` and `ox s + kx - pl = ix`.
@@ -40,6 +42,8 @@ use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+mod winograd;
+
 /// What a convolution adds to its output besides the bias, in the same pass:
 /// `y[b, co, oy, ox] += add[b, co] + residual[b, co, oy, ox]`.
 #[derive(Clone, Copy, Default)]
@@ -48,6 +52,63 @@ pub struct Conv2dEpilogue<'a> {
     pub add: Option<&'a Tensor>,
     /// Of the output's shape.
     pub residual: Option<&'a Tensor>,
+}
+
+/// How the CPU backend computes a convolution's forward pass and weight gradient (its input
+/// gradient at stride 1 is a forward pass too). By default it picks `WinogradF4` for 3x3
+/// stride-1 layers of 8 channels or more and `Im2col` for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuAlgorithm {
+    /// (1)-(4) as written: im2col and one GEMM per image. Any shape.
+    Im2col,
+    /// Winograd `F(2x2, 3x3)`: 2.25x fewer multiplications; 3x3 at stride 1 only (other
+    /// shapes fall back to im2col).
+    WinogradF2,
+    /// Winograd `F(4x4, 3x3)`: 4x fewer multiplications; 3x3 at stride 1 only.
+    WinogradF4,
+}
+
+impl CpuAlgorithm {
+    /// `Backend::conv2d_with` on the CPU by this algorithm.
+    pub fn conv2d(
+        self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+        e: &Conv2dEpilogue,
+    ) -> Result<Tensor> {
+        cpu::forward_by(x, w, b, p, e, Some(self))
+    }
+
+    /// `Backend::conv2d_backward` on the CPU by this algorithm.
+    pub fn conv2d_backward(
+        self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        with_bias: bool,
+    ) -> Result<Conv2dGrads> {
+        use crate::backend::Backend;
+        let (nw, cout) = (w.numel(), w.shape().first().copied().unwrap_or(0));
+        let arena = crate::Cpu.zeros(&[nw + cout])?;
+        let part = |offset| Partials {
+            arena: &arena,
+            offset,
+            splits: 1,
+        };
+        let (dw, db) = (part(0), part(nw));
+        let db_out = with_bias.then_some(&db);
+        let dx = cpu::backward_into_by(x, w, dy, p, true, &dw, db_out, Some(self))?;
+        Ok(Conv2dGrads {
+            dx: dx.expect("dx was asked for"),
+            dw: crate::Cpu.reduce_partials(&dw, nw)?.reshape(w.shape())?,
+            db: with_bias
+                .then(|| crate::Cpu.reduce_partials(&db, cout))
+                .transpose()?,
+        })
+    }
 }
 
 /// Stride and padding (top, bottom, left, right) of a convolution.
@@ -412,6 +473,31 @@ pub(crate) mod cpu {
         });
     }
 
+    /// Fewest input and output channels for which Winograd beats im2col: with fewer, its
+    /// products are too thin to pay for the transforms.
+    const WINOGRAD_MIN_CHANNELS: usize = 8;
+
+    impl CpuAlgorithm {
+        /// Winograd `F(4x4, 3x3)` where it applies and pays, im2col elsewhere.
+        fn choose(g: &Geometry) -> CpuAlgorithm {
+            if winograd::applies(g) && g.cin.min(g.cout) >= WINOGRAD_MIN_CHANNELS {
+                CpuAlgorithm::WinogradF4
+            } else {
+                CpuAlgorithm::Im2col
+            }
+        }
+
+        /// The algorithm that runs for `g`: Winograd only where it applies.
+        fn for_geometry(algorithm: Option<CpuAlgorithm>, g: &Geometry) -> CpuAlgorithm {
+            match algorithm {
+                None => CpuAlgorithm::choose(g),
+                Some(CpuAlgorithm::Im2col) => CpuAlgorithm::Im2col,
+                Some(_) if !winograd::applies(g) => CpuAlgorithm::Im2col,
+                Some(a) => a,
+            }
+        }
+    }
+
     /// Parallelism inside one image's GEMM: none when the batch alone fills the threads.
     fn inner_parallelism(batch: usize) -> Parallelism {
         let threads = rayon::current_num_threads();
@@ -432,6 +518,18 @@ pub(crate) mod cpu {
         p: &Conv2dParams,
         e: &Conv2dEpilogue,
     ) -> Result<Tensor> {
+        forward_by(x, w, b, p, e, None)
+    }
+
+    /// [`forward`] by `algorithm`, or by the one [`CpuAlgorithm::choose`] picks.
+    pub(super) fn forward_by(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: &Conv2dParams,
+        e: &Conv2dEpilogue,
+        algorithm: Option<CpuAlgorithm>,
+    ) -> Result<Tensor> {
         const OP: &str = "conv2d";
         let g = Geometry::new(OP, x, w, p)?;
         g.check_forward(OP, b, e)?;
@@ -440,6 +538,23 @@ pub(crate) mod cpu {
         let bias = b.map(|b| b.cpu_read(OP)).transpose()?;
         let add = e.add.map(|a| a.cpu_read(OP)).transpose()?;
         let residual = e.residual.map(|r| r.cpu_read(OP)).transpose()?;
+        let addends = winograd::Addends {
+            bias: bias.as_deref(),
+            add: add.as_deref(),
+            residual: residual.as_deref(),
+        };
+        let y = match CpuAlgorithm::for_geometry(algorithm, &g) {
+            CpuAlgorithm::WinogradF4 => {
+                Some(winograd::forward::<winograd::F4>(&g, &xs, &ws, &addends))
+            }
+            CpuAlgorithm::WinogradF2 => {
+                Some(winograd::forward::<winograd::F2>(&g, &xs, &ws, &addends))
+            }
+            CpuAlgorithm::Im2col => None,
+        };
+        if let Some(y) = y {
+            return Ok(Tensor::from_cpu(&g.out_shape(), y));
+        }
         let (k, ohw, pointwise) = (g.k(), g.out_hw(), g.is_pointwise(p));
         let par = inner_parallelism(g.batch);
         let mut y = match &residual {
@@ -530,10 +645,10 @@ pub(crate) mod cpu {
         Ok(())
     }
 
-    /// Backward pass: (2) summed per thread then across threads, (3) per image, (4). At
-    /// stride 1, (3) is the forward pass of the transposed convolution (one GEMM of the
-    /// forward's shape per image instead of a thin GEMM and a col2im scatter). Returns dx
-    /// when `need_dx`; writes dW (and db) to their parts.
+    /// Backward pass: (4), then (2) and (3) by `algorithm` (or the one [`CpuAlgorithm::choose`]
+    /// picks). At stride 1, (3) is the forward pass of the transposed convolution (one
+    /// product of the forward's shape per image instead of a thin one and a col2im scatter).
+    /// Returns dx when `need_dx`; writes dW (and db) to their parts.
     pub fn backward_into(
         x: &Tensor,
         w: &Tensor,
@@ -543,10 +658,26 @@ pub(crate) mod cpu {
         dw_out: &Partials,
         db_out: Option<&Partials>,
     ) -> Result<Option<Tensor>> {
+        backward_into_by(x, w, dy, p, need_dx, dw_out, db_out, None)
+    }
+
+    /// [`backward_into`] by `algorithm`, or by the one [`CpuAlgorithm::choose`] picks.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_into_by(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        p: &Conv2dParams,
+        need_dx: bool,
+        dw_out: &Partials,
+        db_out: Option<&Partials>,
+        algorithm: Option<CpuAlgorithm>,
+    ) -> Result<Option<Tensor>> {
         const OP: &str = "conv2d_backward";
         let g = Geometry::new(OP, x, w, p)?;
         g.check_dy(OP, dy)?;
         g.check_partials(OP, dw_out, db_out)?;
+        let algorithm = CpuAlgorithm::for_geometry(algorithm, &g);
         let pointwise = g.is_pointwise(p);
         let transposed = if pointwise || !need_dx {
             None
@@ -554,21 +685,62 @@ pub(crate) mod cpu {
             transposed_conv(&g, p, &w.cpu_read(OP)?)
         };
         let dx_by_forward = match &transposed {
-            Some((wt, pt)) => Some(forward(dy, wt, None, pt, &Conv2dEpilogue::default())?),
+            Some((wt, pt)) => {
+                let none = Conv2dEpilogue::default();
+                Some(forward_by(dy, wt, None, pt, &none, Some(algorithm))?)
+            }
             None => None,
         };
         let xs = x.cpu_read(OP)?;
-        let ws = w.cpu_read(OP)?;
         let dys = dy.cpu_read(OP)?;
+        let need_col2im = need_dx && dx_by_forward.is_none();
+        let (dw, dx) = match algorithm {
+            CpuAlgorithm::WinogradF4 if !need_col2im => (
+                winograd::weight_gradient::<winograd::F4>(&g, &xs, &dys),
+                None,
+            ),
+            CpuAlgorithm::WinogradF2 if !need_col2im => (
+                winograd::weight_gradient::<winograd::F2>(&g, &xs, &dys),
+                None,
+            ),
+            _ => {
+                let ws = w.cpu_read(OP)?;
+                im2col_backward(&g, &xs, &ws, &dys, pointwise, need_col2im)
+            }
+        };
+        if let Some(db_out) = db_out {
+            let ohw = g.out_hw();
+            let sums: Vec<f32> = (0..g.cout)
+                .into_par_iter()
+                .map(|co| {
+                    (0..g.batch)
+                        .map(|bi| dys[(bi * g.cout + co) * ohw..][..ohw].iter().sum::<f32>())
+                        .sum()
+                })
+                .collect();
+            write_parts(OP, db_out, &sums)?;
+        }
+        write_parts(OP, dw_out, &dw)?;
+        Ok(match dx_by_forward {
+            Some(dx) => Some(dx),
+            None => dx.map(|dx| Tensor::from_cpu(x.shape(), dx)),
+        })
+    }
+
+    /// (2) summed per thread then across threads, and (3) by col2im per image when `need_dx`:
+    /// `dW [Cout, K]` and `dx`.
+    fn im2col_backward(
+        g: &Geometry,
+        xs: &[f32],
+        ws: &[f32],
+        dys: &[f32],
+        pointwise: bool,
+        need_dx: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
         let (k, ohw, chw) = (g.k(), g.out_hw(), g.cin * g.hw());
         let par = inner_parallelism(g.batch);
         let scratch_len = if pointwise { 0 } else { k * ohw };
-        let dcol_len = if dx_by_forward.is_some() {
-            0
-        } else {
-            scratch_len
-        };
-        let need_dx = need_dx && dx_by_forward.is_none();
+        let dcol_len = if need_dx { scratch_len } else { 0 };
         let mut dx = vec![0.0f32; if need_dx { g.batch * chw } else { 0 }];
         let dw = if chw == 0 || ohw == 0 || g.cout == 0 {
             vec![0.0f32; g.cout * k]
@@ -595,7 +767,7 @@ pub(crate) mod cpu {
                         let cols: &[f32] = if pointwise {
                             xb
                         } else {
-                            im2col(&g, xb, &mut t.col);
+                            im2col(g, xb, &mut t.col);
                             &t.col
                         };
                         // dW^T [k, Cout] += cols [k, HoWo] dy^T: the long operand row-major.
@@ -609,12 +781,12 @@ pub(crate) mod cpu {
                             par,
                         );
                         if let Some(dxb) = dxb {
-                            let wt = Mat::rows(&ws, k).transposed();
+                            let wt = Mat::rows(ws, k).transposed();
                             if pointwise {
                                 matmul(dxb, wt, dyb, (k, ohw, g.cout), false, par);
                             } else {
                                 matmul(&mut t.dcol, wt, dyb, (k, ohw, g.cout), false, par);
-                                col2im(&g, &t.dcol, dxb);
+                                col2im(g, &t.dcol, dxb);
                             }
                         }
                         t
@@ -629,28 +801,13 @@ pub(crate) mod cpu {
                     },
                 )
         };
-        if let Some(db_out) = db_out {
-            let sums: Vec<f32> = (0..g.cout)
-                .into_par_iter()
-                .map(|co| {
-                    (0..g.batch)
-                        .map(|bi| dys[(bi * g.cout + co) * ohw..][..ohw].iter().sum::<f32>())
-                        .sum()
-                })
-                .collect();
-            write_parts(OP, db_out, &sums)?;
-        }
         let mut dw_rows = vec![0.0f32; dw.len()];
         for (kk, row) in dw.chunks(g.cout.max(1)).enumerate() {
             for (co, &v) in row.iter().enumerate() {
                 dw_rows[co * k + kk] = v;
             }
         }
-        write_parts(OP, dw_out, &dw_rows)?;
-        Ok(match dx_by_forward {
-            Some(dx) => Some(dx),
-            None => need_dx.then(|| Tensor::from_cpu(x.shape(), dx)),
-        })
+        (dw_rows, need_dx.then_some(dx))
     }
 }
 

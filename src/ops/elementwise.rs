@@ -7,6 +7,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::check_same_shape;
+use super::expf::sigmoid;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -15,10 +16,6 @@ use crate::tensor::Tensor;
 struct Params {
     n: u32,
     scale: f32,
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// Checks the drop probability; returns the scale `1 / (1 - p)` of the kept elements.

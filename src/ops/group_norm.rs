@@ -28,6 +28,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::expf::sigmoid;
 use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -59,11 +60,11 @@ impl GroupNormParams {
 /// `silu(z)` and `dy * silu'(z)`, in f32 as the elementwise ops compute them: the fused op
 /// equals group norm then `silu`.
 fn silu(z: f32) -> f32 {
-    z / (1.0 + (-z).exp())
+    z * sigmoid(z)
 }
 
 fn silu_backward(z: f32, dy: f32) -> f32 {
-    let s = 1.0 / (1.0 + (-z).exp());
+    let s = sigmoid(z);
     dy * s * (1.0 + z * (1.0 - s))
 }
 
@@ -203,20 +204,55 @@ pub(crate) mod cpu {
 
     use super::*;
 
+    /// `sum f(x_i, y_i)` in f64, as eight interleaved partial sums so that the loop
+    /// vectorises (a single running f64 sum cannot be reordered).
+    #[inline(always)]
+    fn sum_f64(xs: &[f32], ys: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+        const L: usize = 8;
+        let mut acc = [0.0f64; L];
+        let (xc, yc) = (xs.chunks_exact(L), ys.chunks_exact(L));
+        let tail: f64 = (xc.remainder().iter().zip(yc.remainder()))
+            .map(|(&x, &y)| f(x as f64, y as f64))
+            .sum();
+        for (x, y) in xc.zip(yc) {
+            for l in 0..L {
+                acc[l] += f(x[l] as f64, y[l] as f64);
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    }
+
     /// Mean and 1/std of one group, in f64 over shifted data (two passes).
     fn statistics(xg: &[f32], eps: f32) -> (f64, f64) {
         let n = xg.len() as f64;
         let shift = xg.first().copied().unwrap_or(0.0) as f64;
-        let m = xg.iter().map(|&v| v as f64 - shift).sum::<f64>() / n;
-        let var = xg
-            .iter()
-            .map(|&v| {
-                let d = (v as f64 - shift) - m;
-                d * d
-            })
-            .sum::<f64>()
-            / n;
+        let m = sum_f64(xg, xg, |v, _| v - shift) / n;
+        let var = sum_f64(xg, xg, |v, _| ((v - shift) - m) * ((v - shift) - m)) / n;
         (shift + m, 1.0 / (var + eps as f64).sqrt())
+    }
+
+    /// A group's mean as two f32s, so that `x - mean` is computed in f32 to about an ulp of
+    /// the difference even where the mean is large against the spread (the first
+    /// subtraction is exact for `x` near the mean).
+    #[derive(Clone, Copy)]
+    struct Mean {
+        hi: f32,
+        lo: f32,
+    }
+
+    impl Mean {
+        fn new(mu: f64) -> Mean {
+            let hi = mu as f32;
+            Mean {
+                hi,
+                lo: (mu - hi as f64) as f32,
+            }
+        }
+
+        #[inline(always)]
+        fn centre(self, x: f32) -> f32 {
+            (x - self.hi) - self.lo
+        }
     }
 
     /// `y = act((x - mean) * rstd * gamma_c + beta_c)`, one task per (sample, group).
@@ -242,11 +278,15 @@ pub(crate) mod cpu {
                 .for_each(|(bg, ((yg, xg), (mean_bg, rstd_bg)))| {
                     let (mu, r) = statistics(xg, p.eps);
                     let c0 = (bg % d.groups) * cg;
+                    let m = Mean::new(mu);
                     for (j, (yc, xc)) in yg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
-                        let (gc, bc) = (gs[c0 + j] as f64, bs[c0 + j] as f64);
-                        for (o, &v) in yc.iter_mut().zip(xc) {
-                            let z = ((v as f64 - mu) * r * gc + bc) as f32;
-                            *o = if p.silu { silu(z) } else { z };
+                        // z = (x - mean) rstd gamma_c + beta_c, rstd gamma_c in f64.
+                        let (a, b) = ((r * gs[c0 + j] as f64) as f32, bs[c0 + j]);
+                        let z = xc.iter().map(|&v| m.centre(v) * a + b);
+                        if p.silu {
+                            yc.iter_mut().zip(z).for_each(|(o, z)| *o = silu(z));
+                        } else {
+                            yc.iter_mut().zip(z).for_each(|(o, z)| *o = z);
                         }
                     }
                     *mean_bg = mu as f32;
@@ -306,14 +346,6 @@ pub(crate) mod cpu {
         let bs = beta.cpu_read(OP)?;
         let (mean, rstd) = (saved.mean.cpu_read(OP)?, saved.rstd.cpu_read(OP)?);
         let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
-        // dz = dy * act'(z) of one element of channel c.
-        let dz = |c: usize, xhat: f64, dy: f32| -> f32 {
-            if p.silu {
-                silu_backward((xhat * gs[c] as f64 + bs[c] as f64) as f32, dy)
-            } else {
-                dy
-            }
-        };
         let mut dx = vec![0.0; xs.len()];
         // Per (sample, channel): (sum dz * xhat, sum dz).
         let mut partials = vec![(0.0f64, 0.0f64); d.batch * d.channels];
@@ -325,34 +357,45 @@ pub(crate) mod cpu {
                 .for_each(|(bg, ((dxg, (xg, dyg)), part))| {
                     let (mu, r) = (mean[bg] as f64, rstd[bg] as f64);
                     let c0 = (bg % d.groups) * cg;
+                    let m = Mean::new(mu);
                     let (mut sum_u, mut sum_u_xhat) = (0.0f64, 0.0f64);
-                    // dz goes into dx's place first: the second pass reads it from there.
+                    // dz = dy * act'(z) goes into dx's place first: the second pass reads it
+                    // from there.
                     for (j, ((xc, dc), dzc)) in xg
                         .chunks(s)
                         .zip(dyg.chunks(s))
                         .zip(dxg.chunks_mut(s))
                         .enumerate()
                     {
-                        let gc = gs[c0 + j] as f64;
-                        let (mut dg, mut db) = (0.0f64, 0.0f64);
-                        for ((&v, &g), o) in xc.iter().zip(dc).zip(dzc) {
-                            let xhat = (v as f64 - mu) * r;
-                            *o = dz(c0 + j, xhat, g);
-                            let g = *o as f64;
-                            dg += g * xhat;
-                            db += g;
+                        let c = c0 + j;
+                        if p.silu {
+                            let (a, b) = ((r * gs[c] as f64) as f32, bs[c]);
+                            for ((o, &v), &g) in dzc.iter_mut().zip(xc).zip(dc) {
+                                *o = silu_backward(m.centre(v) * a + b, g);
+                            }
+                        } else {
+                            dzc.copy_from_slice(dc);
                         }
+                        // sum dz xhat = rstd sum dz (x - mean)
+                        let dg = r * sum_f64(dzc, xc, |g, v| g * (v - mu));
+                        let db = sum_f64(dzc, dzc, |g, _| g);
+                        let gc = gs[c] as f64;
                         sum_u += gc * db;
                         sum_u_xhat += gc * dg;
                         part[j] = (dg, db);
                     }
                     let (mean_u, mean_u_xhat) = (sum_u / len as f64, sum_u_xhat / len as f64);
+                    // dx = rstd (dz gamma_c - mean_u - xhat mean_u_xhat) (+ acc)
+                    let (shift, slope) = ((r * mean_u) as f32, r * r * mean_u_xhat);
+                    let acc_g = acc.as_ref().map(|a| &a[bg * len..][..len]);
                     for (j, (dxc, xc)) in dxg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
-                        let gc = gs[c0 + j] as f64;
+                        let (a, b) = ((r * gs[c0 + j] as f64) as f32, slope as f32);
                         for (o, &v) in dxc.iter_mut().zip(xc) {
-                            let xhat = (v as f64 - mu) * r;
-                            let u = *o as f64 * gc;
-                            *o = (r * (u - mean_u - xhat * mean_u_xhat)) as f32;
+                            *o = *o * a - m.centre(v) * b - shift;
+                        }
+                        if let Some(acc_g) = acc_g {
+                            let acc_c = &acc_g[j * s..][..s];
+                            dxc.iter_mut().zip(acc_c).for_each(|(o, a)| *o += a);
                         }
                     }
                 });
@@ -369,11 +412,6 @@ pub(crate) mod cpu {
         }
         write_parts(dgamma_out, &dgamma)?;
         write_parts(dbeta_out, &dbeta)?;
-        if let Some(acc) = &acc {
-            dx.par_iter_mut()
-                .zip(acc.par_iter())
-                .for_each(|(o, a)| *o += a);
-        }
         Ok(need_dx.then(|| Tensor::from_cpu(x.shape(), dx)))
     }
 }

@@ -7,6 +7,7 @@ pub mod conv2d;
 pub mod diffusion;
 pub mod elementwise;
 pub mod embedding;
+mod expf;
 pub mod grads;
 pub mod group_norm;
 pub mod layout;

@@ -1,0 +1,747 @@
+//! Winograd's minimal filtering for the CPU's 3x3 stride-1 convolutions (Lavin & Gray 2016,
+//! "Fast Algorithms for Convolutional Neural Networks").
+//!
+//! `F(m x m, 3x3)` computes an `m x m` output tile from an `a x a` input tile `d`
+//! (`a = m + 2`) and a 3x3 filter `g` as
+//!
+//! ```text
+//! Y = A^T [ (G g G^T) ⊙ (B^T d B) ] A                                            (1)
+//! ```
+//!
+//! with `a^2` multiplications instead of `9 m^2`. Summed over input channels, the elementwise
+//! product at each of the `a^2` positions `ξ` of the transformed tile is a matrix product:
+//!
+//! ```text
+//! U[ξ] = (G g G^T)[ξ]                 [Cout, Cin]     the filters
+//! V[ξ] = (B^T d B)[ξ]                 [Cin, T]        the input tiles (T of them)
+//! M[ξ] = U[ξ] V[ξ]                    [Cout, T]                                  (2)
+//! y tile = A^T M A
+//! ```
+//!
+//! (1) is linear in `g`, so the weight gradient is its adjoint: with the output tile's
+//! gradient `dY`,
+//!
+//! ```text
+//! dM = A dY A^T,   dU[ξ] = sum_tiles dM[ξ] V[ξ]^T,   dw = G^T dU G               (3)
+//! ```
+//!
+//! and the input gradient at stride 1 is the forward pass of the transposed convolution, so it
+//! comes through (2) as well. The tiles of a chunk of images are transformed `LANES` at a time
+//! (one tile per SIMD lane), the `a^2` products run on the `gemm` crate, and the images are
+//! split across threads in chunks small enough that a chunk's `V` and `M` stay in cache.
+//!
+//! `F(4x4, 3x3)` (4x fewer multiplications than the direct sum) is what the convolutions use;
+//! `F(2x2, 3x3)` (2.25x) is kept beside it, the smaller-error variant the tests and the
+//! benchmark compare against. Both are exact in exact arithmetic; in f32 the error of
+//! `F(4x4, 3x3)` grows with the transforms' constants (up to 8 and 1/24), about 4x that of
+//! the direct sum (BENCHMARKS.md has the measured figures).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::Geometry;
+
+/// Tiles transformed together, one per SIMD lane (two AVX2 registers of f32).
+const LANES: usize = 16;
+
+type Lanes = [f32; LANES];
+
+/// Largest input tile side of the variants below.
+const MAX_A: usize = 6;
+
+/// Tiles per chunk of work the transforms and products run on, at least: fewer make the
+/// products too small for the GEMM kernels to pay their set-up.
+const MIN_CHUNK_TILES: usize = 64;
+
+/// Floats of `V` and `M` one chunk may hold before it is cut (about a core's L2 cache).
+const CHUNK_FLOATS: usize = 384 * 1024;
+
+#[inline(always)]
+fn lanes(f: impl Fn(usize) -> f32) -> Lanes {
+    let mut out = [0.0; LANES];
+    for (l, o) in out.iter_mut().enumerate() {
+        *o = f(l);
+    }
+    out
+}
+
+/// Sets column `c` of a tile of lane vectors.
+#[inline(always)]
+fn set_column(tile: &mut [[Lanes; MAX_A]; MAX_A], c: usize, col: &[Lanes; MAX_A]) {
+    for (row, v) in tile.iter_mut().zip(col) {
+        row[c] = *v;
+    }
+}
+
+/// Column `c` of a tile of lane vectors.
+#[inline(always)]
+fn column(tile: &[[Lanes; MAX_A]; MAX_A], c: usize) -> [Lanes; MAX_A] {
+    let mut out = [[0.0; LANES]; MAX_A];
+    for (o, row) in out.iter_mut().zip(tile) {
+        *o = row[c];
+    }
+    out
+}
+
+/// One variant `F(m x m, 3x3)`: its three 1-D transforms and their adjoints. The 2-D
+/// transforms apply the 1-D ones along rows and then along columns.
+pub(crate) trait Variant: Sync {
+    /// Output tile side `m`.
+    const M: usize;
+    /// Input tile side `a = m + 2`.
+    const A: usize;
+    /// `B^T d` for one column `d` of `A` values (the rest of the array unused).
+    fn input(d: &[Lanes; MAX_A]) -> [Lanes; MAX_A];
+    /// `A^T v`: `A` values to `M`.
+    fn output(v: &[Lanes; MAX_A]) -> [Lanes; MAX_A];
+    /// `A o`, the adjoint of `output`: `M` values to `A`.
+    fn output_adjoint(o: &[Lanes; MAX_A]) -> [Lanes; MAX_A];
+    /// `G g`: three filter taps to `A` values.
+    fn filter(g: [f64; 3]) -> [f64; MAX_A];
+    /// `G^T u`, the adjoint of `filter`: `A` values to three.
+    fn filter_adjoint(u: &[f64; MAX_A]) -> [f64; 3];
+}
+
+/// `F(2x2, 3x3)`: points 0, 1, -1 and infinity.
+pub(crate) struct F2;
+
+impl Variant for F2 {
+    const M: usize = 2;
+    const A: usize = 4;
+
+    #[inline(always)]
+    fn input(d: &[Lanes; MAX_A]) -> [Lanes; MAX_A] {
+        let z = [0.0; LANES];
+        [
+            lanes(|l| d[0][l] - d[2][l]),
+            lanes(|l| d[1][l] + d[2][l]),
+            lanes(|l| d[2][l] - d[1][l]),
+            lanes(|l| d[1][l] - d[3][l]),
+            z,
+            z,
+        ]
+    }
+
+    #[inline(always)]
+    fn output(v: &[Lanes; MAX_A]) -> [Lanes; MAX_A] {
+        let z = [0.0; LANES];
+        [
+            lanes(|l| v[0][l] + v[1][l] + v[2][l]),
+            lanes(|l| v[1][l] - v[2][l] - v[3][l]),
+            z,
+            z,
+            z,
+            z,
+        ]
+    }
+
+    #[inline(always)]
+    fn output_adjoint(o: &[Lanes; MAX_A]) -> [Lanes; MAX_A] {
+        let z = [0.0; LANES];
+        [
+            o[0],
+            lanes(|l| o[0][l] + o[1][l]),
+            lanes(|l| o[0][l] - o[1][l]),
+            lanes(|l| -o[1][l]),
+            z,
+            z,
+        ]
+    }
+
+    fn filter([g0, g1, g2]: [f64; 3]) -> [f64; MAX_A] {
+        [g0, (g0 + g1 + g2) / 2.0, (g0 - g1 + g2) / 2.0, g2, 0.0, 0.0]
+    }
+
+    fn filter_adjoint(u: &[f64; MAX_A]) -> [f64; 3] {
+        [
+            u[0] + (u[1] + u[2]) / 2.0,
+            (u[1] - u[2]) / 2.0,
+            (u[1] + u[2]) / 2.0 + u[3],
+        ]
+    }
+}
+
+/// `F(4x4, 3x3)`: points 0, 1, -1, 2, -2 and infinity.
+pub(crate) struct F4;
+
+impl Variant for F4 {
+    const M: usize = 4;
+    const A: usize = 6;
+
+    #[inline(always)]
+    fn input(d: &[Lanes; MAX_A]) -> [Lanes; MAX_A] {
+        [
+            lanes(|l| 4.0 * d[0][l] - 5.0 * d[2][l] + d[4][l]),
+            lanes(|l| -4.0 * (d[1][l] + d[2][l]) + d[3][l] + d[4][l]),
+            lanes(|l| 4.0 * (d[1][l] - d[2][l]) - d[3][l] + d[4][l]),
+            lanes(|l| 2.0 * (d[3][l] - d[1][l]) - d[2][l] + d[4][l]),
+            lanes(|l| 2.0 * (d[1][l] - d[3][l]) - d[2][l] + d[4][l]),
+            lanes(|l| 4.0 * d[1][l] - 5.0 * d[3][l] + d[5][l]),
+        ]
+    }
+
+    #[inline(always)]
+    fn output(v: &[Lanes; MAX_A]) -> [Lanes; MAX_A] {
+        let z = [0.0; LANES];
+        let s12: Lanes = lanes(|l| v[1][l] + v[2][l]);
+        let d12: Lanes = lanes(|l| v[1][l] - v[2][l]);
+        let s34: Lanes = lanes(|l| v[3][l] + v[4][l]);
+        let d34: Lanes = lanes(|l| v[3][l] - v[4][l]);
+        [
+            lanes(|l| v[0][l] + s12[l] + s34[l]),
+            lanes(|l| d12[l] + 2.0 * d34[l]),
+            lanes(|l| s12[l] + 4.0 * s34[l]),
+            lanes(|l| d12[l] + 8.0 * d34[l] + v[5][l]),
+            z,
+            z,
+        ]
+    }
+
+    #[inline(always)]
+    fn output_adjoint(o: &[Lanes; MAX_A]) -> [Lanes; MAX_A] {
+        let even: Lanes = lanes(|l| o[0][l] + o[2][l]);
+        let even4: Lanes = lanes(|l| o[0][l] + 4.0 * o[2][l]);
+        let odd: Lanes = lanes(|l| o[1][l] + o[3][l]);
+        let odd2: Lanes = lanes(|l| 2.0 * o[1][l] + 8.0 * o[3][l]);
+        [
+            o[0],
+            lanes(|l| even[l] + odd[l]),
+            lanes(|l| even[l] - odd[l]),
+            lanes(|l| even4[l] + odd2[l]),
+            lanes(|l| even4[l] - odd2[l]),
+            o[3],
+        ]
+    }
+
+    fn filter([g0, g1, g2]: [f64; 3]) -> [f64; MAX_A] {
+        [
+            g0 / 4.0,
+            -(g0 + g1 + g2) / 6.0,
+            -(g0 - g1 + g2) / 6.0,
+            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g2,
+        ]
+    }
+
+    fn filter_adjoint(u: &[f64; MAX_A]) -> [f64; 3] {
+        [
+            u[0] / 4.0 - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
+            (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
+            (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
+        ]
+    }
+}
+
+/// True where (2) applies: a 3x3 kernel at stride 1.
+pub(crate) fn applies(g: &Geometry) -> bool {
+    g.kh == 3 && g.kw == 3 && g.stride == 1
+}
+
+/// How the tiles of a convolution are laid out and cut into chunks of whole images.
+///
+/// The transforms read their tiles from a zero-padded copy of the chunk's planes, one tile
+/// `a x a` at `(ty m, tx m)` of a plane `th m + 2` rows by `tw m + 2` columns, and write the
+/// output tiles to planes `th m` by `tw m` that are cropped afterwards: no index is checked
+/// against the image's edge inside the loops. The copies hold one more image, all zeros,
+/// where lanes past a chunk's last tile read and write.
+#[derive(Clone, Copy)]
+struct Tiling {
+    /// Tile rows and columns of one image.
+    th: usize,
+    tw: usize,
+    /// Images per chunk.
+    images: usize,
+    /// Tiles of a full chunk, rounded up to whole lane groups: the row length of `V` and `M`.
+    n: usize,
+    /// Rows and columns of a padded input plane.
+    hp: usize,
+    wp: usize,
+    /// Rows and columns of an output plane of whole tiles.
+    ho_t: usize,
+    wo_t: usize,
+}
+
+impl Tiling {
+    fn new<T: Variant>(g: &Geometry) -> Tiling {
+        let (th, tw) = (g.ho.div_ceil(T::M), g.wo.div_ceil(T::M));
+        let per_image = (th * tw).max(1);
+        let per_tile = T::A * T::A * (g.cin + g.cout);
+        let fit = (CHUNK_FLOATS / per_tile.max(1)).max(MIN_CHUNK_TILES);
+        let mut images = (fit / per_image).clamp(1, g.batch.max(1));
+        // Leave every thread a chunk when the batch allows it.
+        let threads = rayon::current_num_threads();
+        if g.batch >= threads {
+            images = images.min(g.batch / threads);
+        }
+        Tiling {
+            th,
+            tw,
+            images,
+            n: (images * per_image).next_multiple_of(LANES),
+            hp: th * T::M + 2,
+            wp: tw * T::M + 2,
+            ho_t: th * T::M,
+            wo_t: tw * T::M,
+        }
+    }
+
+    /// For each lane of the group starting at tile `t0` of a chunk of `images` images, the
+    /// offset of its tile's top-left corner in an image-major stack of `channels` planes of
+    /// `rows x cols` (`images` itself, the zero image, past the last tile).
+    fn lane_offsets(
+        &self,
+        t0: usize,
+        images: usize,
+        channels: usize,
+        (rows, cols): (usize, usize),
+        m: usize,
+    ) -> [usize; LANES] {
+        let per_image = self.th * self.tw;
+        std::array::from_fn(|l| {
+            let t = (t0 + l).min(images * per_image);
+            let (b, ty, tx) = (t / per_image, t % per_image / self.tw, t % self.tw);
+            b * channels * rows * cols + ty * m * cols + tx * m
+        })
+    }
+}
+
+/// Copies `planes` planes `h x w` into planes `rows x cols` at row `top`, column `left`,
+/// zeros around them.
+fn pad_planes(
+    src: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    (top, left): (usize, usize),
+    (rows, cols): (usize, usize),
+    dst: &mut [f32],
+) {
+    let copied = h.min(rows - top.min(rows));
+    let width = w.min(cols - left.min(cols));
+    for (p, out) in dst.chunks_exact_mut(rows * cols).take(planes).enumerate() {
+        out[..top * cols].fill(0.0);
+        out[(top + copied) * cols..].fill(0.0);
+        for r in 0..copied {
+            let row = &mut out[(top + r) * cols..][..cols];
+            row[..left].fill(0.0);
+            row[left..left + width].copy_from_slice(&src[(p * h + r) * w..][..width]);
+            row[left + width..].fill(0.0);
+        }
+    }
+}
+
+/// One pass over a chunk's tiles, run through [`simd`].
+trait Pass {
+    fn run(self);
+}
+
+/// Runs `pass` compiled for AVX2 where the processor has it (the transforms are loops over
+/// lanes for the compiler to vectorise), else as it is.
+fn simd(pass: impl Pass) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(pass: impl Pass) {
+            pass.run()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor has AVX2, checked just above.
+            return unsafe { avx2(pass) };
+        }
+    }
+    pass.run()
+}
+
+/// `v [a^2, C, n] = B^T d B` of every tile of the padded planes `xp [images + 1, C, hp, wp]`.
+struct InputTiles<'a, T> {
+    tl: &'a Tiling,
+    channels: usize,
+    xp: &'a [f32],
+    images: usize,
+    v: &'a mut [f32],
+    variant: std::marker::PhantomData<T>,
+}
+
+impl<T: Variant> Pass for InputTiles<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let (a, n, tl) = (T::A, self.tl.n, self.tl);
+        let (plane, v_plane) = (tl.hp * tl.wp, self.channels * n);
+        // Every element of `d` and `e` that is read is written first in each iteration.
+        let mut d = [[[0.0f32; LANES]; MAX_A]; MAX_A];
+        let mut e = [[[0.0f32; LANES]; MAX_A]; MAX_A];
+        for t0 in (0..n).step_by(LANES) {
+            let dims = (tl.hp, tl.wp);
+            let offsets = tl.lane_offsets(t0, self.images, self.channels, dims, T::M);
+            for ci in 0..self.channels {
+                for (l, &o) in offsets.iter().enumerate() {
+                    let tile = &self.xp[o + ci * plane..];
+                    for (r, row) in d.iter_mut().enumerate().take(a) {
+                        for (c, &x) in tile[r * tl.wp..][..a].iter().enumerate() {
+                            row[c][l] = x;
+                        }
+                    }
+                }
+                // Along the rows' index (B^T d), then along the columns' ((B^T d) B).
+                for c in 0..a {
+                    set_column(&mut e, c, &T::input(&column(&d, c)));
+                }
+                for (i, row) in e.iter().enumerate().take(a) {
+                    let out = T::input(row);
+                    for (j, o) in out.iter().enumerate().take(a) {
+                        self.v[(i * a + j) * v_plane + ci * n + t0..][..LANES].copy_from_slice(o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `yp [images + 1, C, th m, tw m] = A^T M A` of every tile of `m [a^2, C, n]`.
+struct OutputTiles<'a, T> {
+    tl: &'a Tiling,
+    channels: usize,
+    m: &'a [f32],
+    images: usize,
+    yp: &'a mut [f32],
+    variant: std::marker::PhantomData<T>,
+}
+
+impl<T: Variant> Pass for OutputTiles<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let (a, n, tl) = (T::A, self.tl.n, self.tl);
+        let (plane, m_plane) = (tl.ho_t * tl.wo_t, self.channels * n);
+        // Every element of `rows` and `mi` that is read is written first in each iteration.
+        let mut rows = [[[0.0f32; LANES]; MAX_A]; MAX_A];
+        let mut mi = [[0.0f32; LANES]; MAX_A];
+        for t0 in (0..n).step_by(LANES) {
+            let dims = (tl.ho_t, tl.wo_t);
+            let offsets = tl.lane_offsets(t0, self.images, self.channels, dims, T::M);
+            for co in 0..self.channels {
+                for (i, row) in rows.iter_mut().enumerate().take(a) {
+                    for (j, v) in mi.iter_mut().enumerate().take(a) {
+                        v.copy_from_slice(&self.m[(i * a + j) * m_plane + co * n + t0..][..LANES]);
+                    }
+                    *row = T::output(&mi);
+                }
+                for c in 0..T::M {
+                    let col = T::output(&column(&rows, c));
+                    for (l, &o) in offsets.iter().enumerate() {
+                        let out = &mut self.yp[o + co * plane + c..];
+                        for (r, v) in col.iter().enumerate().take(T::M) {
+                            out[r * tl.wo_t] = v[l];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dm [a^2, C, n] = A dY A^T` of every tile of the planes `dyp [images + 1, C, th m, tw m]`.
+struct OutputAdjointTiles<'a, T> {
+    tl: &'a Tiling,
+    channels: usize,
+    dyp: &'a [f32],
+    images: usize,
+    dm: &'a mut [f32],
+    variant: std::marker::PhantomData<T>,
+}
+
+impl<T: Variant> Pass for OutputAdjointTiles<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let (a, n, tl) = (T::A, self.tl.n, self.tl);
+        let (plane, m_plane) = (tl.ho_t * tl.wo_t, self.channels * n);
+        // Every element of `o` and `e` that is read is written first in each iteration.
+        let mut o = [[[0.0f32; LANES]; MAX_A]; MAX_A];
+        let mut e = [[[0.0f32; LANES]; MAX_A]; MAX_A];
+        for t0 in (0..n).step_by(LANES) {
+            let dims = (tl.ho_t, tl.wo_t);
+            let offsets = tl.lane_offsets(t0, self.images, self.channels, dims, T::M);
+            for co in 0..self.channels {
+                for (l, &off) in offsets.iter().enumerate() {
+                    let tile = &self.dyp[off + co * plane..];
+                    for (r, row) in o.iter_mut().enumerate().take(T::M) {
+                        for (c, &v) in tile[r * tl.wo_t..][..T::M].iter().enumerate() {
+                            row[c][l] = v;
+                        }
+                    }
+                }
+                for c in 0..T::M {
+                    set_column(&mut e, c, &T::output_adjoint(&column(&o, c)));
+                }
+                for (i, row) in e.iter().enumerate().take(a) {
+                    let out = T::output_adjoint(row);
+                    for (j, v) in out.iter().enumerate().take(a) {
+                        self.dm[(i * a + j) * m_plane + co * n + t0..][..LANES].copy_from_slice(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The transformed filters `U [a^2, Cout, Cin]` of `w [Cout, Cin, 3, 3]`, `G g G^T` in f64.
+fn transform_filters<T: Variant>(g: &Geometry, w: &[f32]) -> Vec<f32> {
+    let (a, plane) = (T::A, g.cout * g.cin);
+    let mut u = vec![0.0f32; a * a * plane];
+    for (oc, taps) in w.chunks_exact(9).enumerate() {
+        let tap = |r: usize, c: usize| taps[r * 3 + c] as f64;
+        // (G g)[i][c] for each column c of the taps, then G along the columns.
+        let cols: [[f64; MAX_A]; 3] =
+            std::array::from_fn(|c| T::filter([0, 1, 2].map(|r| tap(r, c))));
+        for i in 0..a {
+            let out = T::filter([cols[0][i], cols[1][i], cols[2][i]]);
+            for j in 0..a {
+                u[(i * a + j) * plane + oc] = out[j] as f32;
+            }
+        }
+    }
+    u
+}
+
+/// The weight gradient `dw [Cout, Cin, 3, 3] = G^T dU G` of `dU [a^2, Cout, Cin]`, in f64.
+fn filters_adjoint<T: Variant>(g: &Geometry, du: &[f32]) -> Vec<f32> {
+    let (a, plane) = (T::A, g.cout * g.cin);
+    let mut dw = vec![0.0f32; plane * 9];
+    for (oc, taps) in dw.chunks_exact_mut(9).enumerate() {
+        let at = |i: usize, j: usize| du[(i * a + j) * plane + oc] as f64;
+        let rows: [[f64; 3]; MAX_A] = std::array::from_fn(|i| {
+            if i < a {
+                T::filter_adjoint(&std::array::from_fn(|j| if j < a { at(i, j) } else { 0.0 }))
+            } else {
+                [0.0; 3]
+            }
+        });
+        for c in 0..3 {
+            let col = T::filter_adjoint(&std::array::from_fn(|i| rows[i][c]));
+            for r in 0..3 {
+                taps[r * 3 + c] = col[r] as f32;
+            }
+        }
+    }
+    dw
+}
+
+/// What the forward pass adds to each output: the bias, a value per (image, channel) and a
+/// residual of the output's shape, all optional.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Addends<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub add: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+}
+
+/// `y = yp + addends`, the output planes cropped to `Ho x Wo`, for a chunk of `images`
+/// images starting at image `b0`.
+fn crop_output(g: &Geometry, tl: &Tiling, yp: &[f32], b0: usize, e: &Addends, y: &mut [f32]) {
+    let plane = tl.ho_t * tl.wo_t;
+    for (p, out) in y.chunks_exact_mut(g.out_hw()).enumerate() {
+        let (b, co) = (b0 + p / g.cout, p % g.cout);
+        let shift = e.bias.map_or(0.0, |v| v[co]) + e.add.map_or(0.0, |v| v[b * g.cout + co]);
+        for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
+            let src = &yp[p * plane + oy * tl.wo_t..][..g.wo];
+            row.iter_mut().zip(src).for_each(|(o, s)| *o = s + shift);
+        }
+        if let Some(r) = e.residual {
+            let r = &r[(b * g.cout + co) * g.out_hw()..][..g.out_hw()];
+            out.iter_mut().zip(r).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+/// `dst [m, n] (+)= a [m, k] b [k, n]` with `a` row-major and `b` given by its strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    assert!(dst.len() >= m * n && a.len() >= m * k);
+    assert!(k == 0 || n == 0 || (k - 1) * b_rs + (n - 1) * b_cs < b.len());
+    // SAFETY: the assertions keep every index the strides reach inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Parallelism inside one chunk's products: none when the chunks alone fill the threads.
+fn inner_parallelism(chunks: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if chunks >= threads {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads)
+    }
+}
+
+/// Per-thread buffers of a chunk: the padded input planes, `V`, `M` (or `dM`), and the
+/// output planes (or the padded `dy`).
+struct Scratch {
+    xp: Vec<f32>,
+    v: Vec<f32>,
+    m: Vec<f32>,
+    yp: Vec<f32>,
+}
+
+impl Scratch {
+    fn new<T: Variant>(g: &Geometry, tl: &Tiling) -> Scratch {
+        let (a2, n, images) = (T::A * T::A, tl.n, tl.images + 1);
+        Scratch {
+            xp: vec![0.0; images * g.cin * tl.hp * tl.wp],
+            v: vec![0.0; a2 * g.cin * n],
+            m: vec![0.0; a2 * g.cout * n],
+            yp: vec![0.0; images * g.cout * tl.ho_t * tl.wo_t],
+        }
+    }
+
+    /// Pads the chunk's `images` images of `x` and transforms their tiles into `V`.
+    fn input_tiles<T: Variant>(&mut self, g: &Geometry, tl: &Tiling, x: &[f32], images: usize) {
+        let (pad, dims) = ((g.pad_top, g.pad_left), (tl.hp, tl.wp));
+        pad_planes(x, images * g.cin, (g.h, g.w), pad, dims, &mut self.xp);
+        // The lanes past the last tile read the image after the chunk's: zeros.
+        self.xp[images * g.cin * tl.hp * tl.wp..][..g.cin * tl.hp * tl.wp].fill(0.0);
+        simd(InputTiles::<T> {
+            tl,
+            channels: g.cin,
+            xp: &self.xp,
+            images,
+            v: &mut self.v,
+            variant: std::marker::PhantomData,
+        });
+    }
+}
+
+/// Forward pass (2) of `x [B, Cin, H, W]` and `w [Cout, Cin, 3, 3]` plus the addends:
+/// `y [B, Cout, Ho, Wo]`.
+pub(crate) fn forward<T: Variant>(g: &Geometry, x: &[f32], w: &[f32], e: &Addends) -> Vec<f32> {
+    let mut y = vec![0.0f32; g.batch * g.cout * g.out_hw()];
+    if y.is_empty() || g.cin == 0 {
+        return y;
+    }
+    let tl = Tiling::new::<T>(g);
+    let u = transform_filters::<T>(g, w);
+    let (a2, n) = (T::A * T::A, tl.n);
+    let (x_image, y_image) = (g.cin * g.hw(), g.cout * g.out_hw());
+    let (chunks, threads) = (g.batch.div_ceil(tl.images), rayon::current_num_threads());
+    let par = inner_parallelism(chunks);
+    // One run of consecutive chunks per thread, so that each thread allocates one Scratch.
+    let per_thread = chunks.div_ceil(threads) * tl.images * y_image;
+    y.par_chunks_mut(per_thread)
+        .enumerate()
+        .for_each(|(run, yr)| {
+            let mut s = Scratch::new::<T>(g, &tl);
+            for (i, yc) in yr.chunks_mut(tl.images * y_image).enumerate() {
+                let b0 = (run * per_thread + i * tl.images * y_image) / y_image;
+                let images = yc.len() / y_image;
+                s.input_tiles::<T>(g, &tl, &x[b0 * x_image..][..images * x_image], images);
+                for xi in 0..a2 {
+                    gemm(
+                        &mut s.m[xi * g.cout * n..][..g.cout * n],
+                        &u[xi * g.cout * g.cin..][..g.cout * g.cin],
+                        &s.v[xi * g.cin * n..][..g.cin * n],
+                        (n, 1),
+                        (g.cout, n, g.cin),
+                        false,
+                        par,
+                    );
+                }
+                simd(OutputTiles::<T> {
+                    tl: &tl,
+                    channels: g.cout,
+                    m: &s.m,
+                    images,
+                    yp: &mut s.yp,
+                    variant: std::marker::PhantomData,
+                });
+                crop_output(g, &tl, &s.yp, b0, e, yc);
+            }
+        });
+    y
+}
+
+/// Weight gradient (3) of the convolution of `x [B, Cin, H, W]` given `dy [B, Cout, Ho, Wo]`:
+/// `dw [Cout, Cin, 3, 3]`.
+pub(crate) fn weight_gradient<T: Variant>(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (a2, plane) = (T::A * T::A, g.cout * g.cin);
+    if g.batch * g.out_hw() == 0 || plane == 0 {
+        return vec![0.0; plane * 9];
+    }
+    let tl = Tiling::new::<T>(g);
+    let n = tl.n;
+    let (x_image, y_image) = (g.cin * g.hw(), g.cout * g.out_hw());
+    let (chunks, threads) = (g.batch.div_ceil(tl.images), rayon::current_num_threads());
+    let par = inner_parallelism(chunks);
+    // One run of consecutive chunks per thread, each with one Scratch and one sum of dU.
+    let per_thread = chunks.div_ceil(threads);
+    let du = (0..chunks.div_ceil(per_thread))
+        .into_par_iter()
+        .map(|run| {
+            let mut s = Scratch::new::<T>(g, &tl);
+            let mut du = vec![0.0f32; a2 * plane];
+            for chunk in run * per_thread..((run + 1) * per_thread).min(chunks) {
+                let b0 = chunk * tl.images;
+                let images = tl.images.min(g.batch - b0);
+                s.input_tiles::<T>(g, &tl, &x[b0 * x_image..][..images * x_image], images);
+                let dims = (tl.ho_t, tl.wo_t);
+                let dyc = &dy[b0 * y_image..][..images * y_image];
+                pad_planes(dyc, images * g.cout, (g.ho, g.wo), (0, 0), dims, &mut s.yp);
+                s.yp[images * g.cout * dims.0 * dims.1..].fill(0.0);
+                simd(OutputAdjointTiles::<T> {
+                    tl: &tl,
+                    channels: g.cout,
+                    dyp: &s.yp,
+                    images,
+                    dm: &mut s.m,
+                    variant: std::marker::PhantomData,
+                });
+                for xi in 0..a2 {
+                    // dU[ξ] [Cout, Cin] += dM[ξ] [Cout, n] V[ξ]^T [n, Cin]
+                    gemm(
+                        &mut du[xi * plane..][..plane],
+                        &s.m[xi * g.cout * n..][..g.cout * n],
+                        &s.v[xi * g.cin * n..][..g.cin * n],
+                        (1, n),
+                        (g.cout, g.cin, n),
+                        true,
+                        par,
+                    );
+                }
+            }
+            du
+        })
+        .reduce(
+            || vec![0.0f32; a2 * plane],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
+                a
+            },
+        );
+    filters_adjoint::<T>(g, &du)
+}

@@ -53,6 +53,12 @@ const CASES: &[Case] = &[
         cout: 12,
         padding: [1; 4],
     },
+    // 384 filters: the filter transforms' blocks of 256, the second one partial.
+    Case {
+        x: [2, 16, 6, 7],
+        cout: 24,
+        padding: [1; 4],
+    },
 ];
 
 const ALGORITHMS: [CpuAlgorithm; 3] = [

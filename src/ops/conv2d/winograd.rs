@@ -483,45 +483,79 @@ impl<T: Variant> Pass for OutputAdjointTiles<'_, T> {
     }
 }
 
-/// The transformed filters `U [a^2, Cout, Cin]` of `w [Cout, Cin, 3, 3]`, `G g G^T` in f64.
+/// Filters transformed together: `U`'s positions are `Cout Cin` apart, so each block is
+/// transformed into a buffer of its own and copied out in runs of this many.
+const FILTER_BLOCK: usize = 256;
+
+/// `G g G^T` of one 3x3 filter, in f64: `(G g)` for each column of the taps, then `G` along
+/// the rows of that.
+fn filter_tile<T: Variant>(taps: &[f32]) -> [[f64; MAX_A]; MAX_A] {
+    let tap = |r: usize, c: usize| taps[r * 3 + c] as f64;
+    let cols: [[f64; MAX_A]; 3] = std::array::from_fn(|c| T::filter([0, 1, 2].map(|r| tap(r, c))));
+    std::array::from_fn(|i| T::filter([cols[0][i], cols[1][i], cols[2][i]]))
+}
+
+/// `G^T du G` of one transformed tile, in f64: the 3x3 weight gradient.
+fn filter_tile_adjoint<T: Variant>(du: &[[f64; MAX_A]; MAX_A]) -> [f32; 9] {
+    let rows: [[f64; 3]; MAX_A] = std::array::from_fn(|i| T::filter_adjoint(&du[i]));
+    let mut taps = [0.0f32; 9];
+    for c in 0..3 {
+        let col = T::filter_adjoint(&std::array::from_fn(|i| rows[i][c]));
+        for r in 0..3 {
+            taps[r * 3 + c] = col[r] as f32;
+        }
+    }
+    taps
+}
+
+/// The transformed filters `U [a^2, Cout, Cin]` of `w [Cout, Cin, 3, 3]`, blocks of filters
+/// in parallel.
 fn transform_filters<T: Variant>(g: &Geometry, w: &[f32]) -> Vec<f32> {
     let (a, plane) = (T::A, g.cout * g.cin);
-    let mut u = vec![0.0f32; a * a * plane];
-    for (oc, taps) in w.chunks_exact(9).enumerate() {
-        let tap = |r: usize, c: usize| taps[r * 3 + c] as f64;
-        // (G g)[i][c] for each column c of the taps, then G along the columns.
-        let cols: [[f64; MAX_A]; 3] =
-            std::array::from_fn(|c| T::filter([0, 1, 2].map(|r| tap(r, c))));
-        for i in 0..a {
-            let out = T::filter([cols[0][i], cols[1][i], cols[2][i]]);
-            for j in 0..a {
-                u[(i * a + j) * plane + oc] = out[j] as f32;
+    let blocks: Vec<Vec<f32>> = w
+        .par_chunks(9 * FILTER_BLOCK)
+        .map(|wb| {
+            let len = wb.len() / 9;
+            let mut ub = vec![0.0f32; a * a * len];
+            for (f, taps) in wb.chunks_exact(9).enumerate() {
+                let tile = filter_tile::<T>(taps);
+                for (xi, u) in ub.chunks_exact_mut(len).enumerate() {
+                    u[f] = tile[xi / a][xi % a] as f32;
+                }
             }
+            ub
+        })
+        .collect();
+    let mut u = vec![0.0f32; a * a * plane];
+    for (k, ub) in blocks.iter().enumerate() {
+        let len = ub.len() / (a * a);
+        for (xi, run) in ub.chunks_exact(len).enumerate() {
+            u[xi * plane + k * FILTER_BLOCK..][..len].copy_from_slice(run);
         }
     }
     u
 }
 
-/// The weight gradient `dw [Cout, Cin, 3, 3] = G^T dU G` of `dU [a^2, Cout, Cin]`, in f64.
+/// The weight gradient `dw [Cout, Cin, 3, 3] = G^T dU G` of `dU [a^2, Cout, Cin]`, blocks of
+/// filters in parallel.
 fn filters_adjoint<T: Variant>(g: &Geometry, du: &[f32]) -> Vec<f32> {
     let (a, plane) = (T::A, g.cout * g.cin);
     let mut dw = vec![0.0f32; plane * 9];
-    for (oc, taps) in dw.chunks_exact_mut(9).enumerate() {
-        let at = |i: usize, j: usize| du[(i * a + j) * plane + oc] as f64;
-        let rows: [[f64; 3]; MAX_A] = std::array::from_fn(|i| {
-            if i < a {
-                T::filter_adjoint(&std::array::from_fn(|j| if j < a { at(i, j) } else { 0.0 }))
-            } else {
-                [0.0; 3]
+    dw.par_chunks_mut(9 * FILTER_BLOCK)
+        .enumerate()
+        .for_each(|(k, dwb)| {
+            let len = dwb.len() / 9;
+            let runs: Vec<&[f32]> = (0..a * a)
+                .map(|xi| &du[xi * plane + k * FILTER_BLOCK..][..len])
+                .collect();
+            for (f, taps) in dwb.chunks_exact_mut(9).enumerate() {
+                let mut tile = [[0.0f64; MAX_A]; MAX_A];
+                for (xi, run) in runs.iter().enumerate() {
+                    tile[xi / a][xi % a] = run[f] as f64;
+                }
+                taps.copy_from_slice(&filter_tile_adjoint::<T>(&tile));
             }
         });
-        for c in 0..3 {
-            let col = T::filter_adjoint(&std::array::from_fn(|i| rows[i][c]));
-            for r in 0..3 {
-                taps[r * 3 + c] = col[r] as f32;
-            }
-        }
-    }
     dw
 }
 

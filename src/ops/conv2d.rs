@@ -323,14 +323,14 @@ pub(crate) mod cpu {
 
     /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
     #[derive(Clone, Copy)]
-    struct Mat<'a> {
+    pub(super) struct Mat<'a> {
         data: &'a [f32],
         rs: usize,
         cs: usize,
     }
 
     impl<'a> Mat<'a> {
-        fn rows(data: &'a [f32], cols: usize) -> Self {
+        pub(super) fn rows(data: &'a [f32], cols: usize) -> Self {
             Mat {
                 data,
                 rs: cols,
@@ -338,7 +338,7 @@ pub(crate) mod cpu {
             }
         }
 
-        fn transposed(self) -> Self {
+        pub(super) fn transposed(self) -> Self {
             Mat {
                 data: self.data,
                 rs: self.cs,
@@ -352,7 +352,7 @@ pub(crate) mod cpu {
     }
 
     /// `dst [m, n] = a [m, k] b [k, n]`, or `dst += a b` when `accumulate`; `dst` row-major.
-    fn matmul(
+    pub(super) fn matmul(
         dst: &mut [f32],
         a: Mat,
         b: Mat,
@@ -498,10 +498,11 @@ pub(crate) mod cpu {
         }
     }
 
-    /// Parallelism inside one image's GEMM: none when the batch alone fills the threads.
-    fn inner_parallelism(batch: usize) -> Parallelism {
+    /// Parallelism inside one GEMM of `tasks` run in parallel (images, chunks of images):
+    /// none when the tasks alone fill the threads.
+    pub(super) fn inner_parallelism(tasks: usize) -> Parallelism {
         let threads = rayon::current_num_threads();
-        if batch >= threads {
+        if tasks >= threads {
             Parallelism::None
         } else {
             Parallelism::Rayon(threads)

@@ -36,9 +36,9 @@
 //! `F(4x4, 3x3)` grows with the transforms' constants (up to 8 and 1/24), about 4x that of
 //! the direct sum (BENCHMARKS.md has the measured figures).
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::cpu::{inner_parallelism, matmul, Mat};
 use super::Geometry;
 
 /// Tiles transformed together, one per SIMD lane (two AVX2 registers of f32).
@@ -586,55 +586,6 @@ fn crop_output(g: &Geometry, tl: &Tiling, yp: &[f32], b0: usize, e: &Addends, y:
     }
 }
 
-/// `dst [m, n] (+)= a [m, k] b [k, n]` with `a` row-major and `b` given by its strides.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    dst: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    par: Parallelism,
-) {
-    assert!(dst.len() >= m * n && a.len() >= m * k);
-    assert!(k == 0 || n == 0 || (k - 1) * b_rs + (n - 1) * b_cs < b.len());
-    // SAFETY: the assertions keep every index the strides reach inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-/// Parallelism inside one chunk's products: none when the chunks alone fill the threads.
-fn inner_parallelism(chunks: usize) -> Parallelism {
-    let threads = rayon::current_num_threads();
-    if chunks >= threads {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads)
-    }
-}
-
 /// Per-thread buffers of a chunk: the padded input planes, `V`, `M` (or `dM`), and the
 /// output planes (or the padded `dy`).
 struct Scratch {
@@ -696,11 +647,10 @@ pub(crate) fn forward<T: Variant>(g: &Geometry, x: &[f32], w: &[f32], e: &Addend
                 let images = yc.len() / y_image;
                 s.input_tiles::<T>(g, &tl, &x[b0 * x_image..][..images * x_image], images);
                 for xi in 0..a2 {
-                    gemm(
+                    matmul(
                         &mut s.m[xi * g.cout * n..][..g.cout * n],
-                        &u[xi * g.cout * g.cin..][..g.cout * g.cin],
-                        &s.v[xi * g.cin * n..][..g.cin * n],
-                        (n, 1),
+                        Mat::rows(&u[xi * g.cout * g.cin..][..g.cout * g.cin], g.cin),
+                        Mat::rows(&s.v[xi * g.cin * n..][..g.cin * n], n),
                         (g.cout, n, g.cin),
                         false,
                         par,
@@ -757,11 +707,10 @@ pub(crate) fn weight_gradient<T: Variant>(g: &Geometry, x: &[f32], dy: &[f32]) -
                 });
                 for xi in 0..a2 {
                     // dU[ξ] [Cout, Cin] += dM[ξ] [Cout, n] V[ξ]^T [n, Cin]
-                    gemm(
+                    matmul(
                         &mut du[xi * plane..][..plane],
-                        &s.m[xi * g.cout * n..][..g.cout * n],
-                        &s.v[xi * g.cin * n..][..g.cin * n],
-                        (1, n),
+                        Mat::rows(&s.m[xi * g.cout * n..][..g.cout * n], n),
+                        Mat::rows(&s.v[xi * g.cin * n..][..g.cin * n], n).transposed(),
                         (g.cout, g.cin, n),
                         true,
                         par,

@@ -36,6 +36,9 @@
 //! `F(4x4, 3x3)` grows with the transforms' constants (up to 8 and 1/24), about 4x that of
 //! the direct sum (BENCHMARKS.md has the measured figures).
 
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::cpu::{inner_parallelism, matmul, Mat};
@@ -569,25 +572,42 @@ pub(crate) struct Addends<'a> {
 }
 
 /// `y = yp + addends`, the output planes cropped to `Ho x Wo`, for a chunk of `images`
-/// images starting at image `b0`.
-fn crop_output(g: &Geometry, tl: &Tiling, yp: &[f32], b0: usize, e: &Addends, y: &mut [f32]) {
+/// images starting at image `b0`; writes every element of `y`.
+fn crop_output(
+    g: &Geometry,
+    tl: &Tiling,
+    yp: &[f32],
+    b0: usize,
+    e: &Addends,
+    y: &mut [MaybeUninit<f32>],
+) {
     let plane = tl.ho_t * tl.wo_t;
     for (p, out) in y.chunks_exact_mut(g.out_hw()).enumerate() {
         let (b, co) = (b0 + p / g.cout, p % g.cout);
         let shift = e.bias.map_or(0.0, |v| v[co]) + e.add.map_or(0.0, |v| v[b * g.cout + co]);
+        let residual = e
+            .residual
+            .map(|r| &r[(b * g.cout + co) * g.out_hw()..][..g.out_hw()]);
         for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
             let src = &yp[p * plane + oy * tl.wo_t..][..g.wo];
-            row.iter_mut().zip(src).for_each(|(o, s)| *o = s + shift);
-        }
-        if let Some(r) = e.residual {
-            let r = &r[(b * g.cout + co) * g.out_hw()..][..g.out_hw()];
-            out.iter_mut().zip(r).for_each(|(o, v)| *o += v);
+            match residual {
+                Some(r) => {
+                    let r = &r[oy * g.wo..][..g.wo];
+                    for ((o, s), r) in row.iter_mut().zip(src).zip(r) {
+                        o.write(s + shift + r);
+                    }
+                }
+                None => row.iter_mut().zip(src).for_each(|(o, s)| {
+                    o.write(s + shift);
+                }),
+            }
         }
     }
 }
 
 /// Per-thread buffers of a chunk: the padded input planes, `V`, `M` (or `dM`), and the
 /// output planes (or the padded `dy`).
+#[derive(Default)]
 struct Scratch {
     xp: Vec<f32>,
     v: Vec<f32>,
@@ -595,15 +615,28 @@ struct Scratch {
     yp: Vec<f32>,
 }
 
+thread_local! {
+    /// The buffers of the last `Scratch` this thread recycled, for the next convolution.
+    static SPARE: RefCell<Option<Scratch>> = const { RefCell::new(None) };
+}
+
 impl Scratch {
+    /// Buffers of the sizes `g` and `tl` need, the last convolution's on this thread where
+    /// there was one: no allocation and no zero fill, so their contents are stale, and every
+    /// pass writes each element it later reads.
     fn new<T: Variant>(g: &Geometry, tl: &Tiling) -> Scratch {
         let (a2, n, images) = (T::A * T::A, tl.n, tl.images + 1);
-        Scratch {
-            xp: vec![0.0; images * g.cin * tl.hp * tl.wp],
-            v: vec![0.0; a2 * g.cin * n],
-            m: vec![0.0; a2 * g.cout * n],
-            yp: vec![0.0; images * g.cout * tl.ho_t * tl.wo_t],
-        }
+        let mut s = SPARE.with(|spare| spare.take()).unwrap_or_default();
+        s.xp.resize(images * g.cin * tl.hp * tl.wp, 0.0);
+        s.v.resize(a2 * g.cin * n, 0.0);
+        s.m.resize(a2 * g.cout * n, 0.0);
+        s.yp.resize(images * g.cout * tl.ho_t * tl.wo_t, 0.0);
+        s
+    }
+
+    /// Leaves the buffers to this thread's next convolution.
+    fn recycle(self) {
+        SPARE.with(|spare| spare.replace(Some(self)));
     }
 
     /// Pads the chunk's `images` images of `x` and transforms their tiles into `V`.
@@ -626,10 +659,12 @@ impl Scratch {
 /// Forward pass (2) of `x [B, Cin, H, W]` and `w [Cout, Cin, 3, 3]` plus the addends:
 /// `y [B, Cout, Ho, Wo]`.
 pub(crate) fn forward<T: Variant>(g: &Geometry, x: &[f32], w: &[f32], e: &Addends) -> Vec<f32> {
-    let mut y = vec![0.0f32; g.batch * g.cout * g.out_hw()];
-    if y.is_empty() || g.cin == 0 {
-        return y;
+    let len = g.batch * g.cout * g.out_hw();
+    if len == 0 || g.cin == 0 {
+        return vec![0.0; len];
     }
+    // Not zero-filled: every chunk's `crop_output` writes each of its elements.
+    let mut y: Vec<f32> = Vec::with_capacity(len);
     let tl = Tiling::new::<T>(g);
     let u = transform_filters::<T>(g, w);
     let (a2, n) = (T::A * T::A, tl.n);
@@ -638,7 +673,9 @@ pub(crate) fn forward<T: Variant>(g: &Geometry, x: &[f32], w: &[f32], e: &Addend
     let par = inner_parallelism(chunks);
     // One run of consecutive chunks per thread, so that each thread allocates one Scratch.
     let per_thread = chunks.div_ceil(threads) * tl.images * y_image;
-    y.par_chunks_mut(per_thread)
+    let unwritten = &mut y.spare_capacity_mut()[..len];
+    unwritten
+        .par_chunks_mut(per_thread)
         .enumerate()
         .for_each(|(run, yr)| {
             let mut s = Scratch::new::<T>(g, &tl);
@@ -666,7 +703,11 @@ pub(crate) fn forward<T: Variant>(g: &Geometry, x: &[f32], w: &[f32], e: &Addend
                 });
                 crop_output(g, &tl, &s.yp, b0, e, yc);
             }
+            s.recycle();
         });
+    // SAFETY: the runs and their chunks cover `0..len`, and `crop_output` wrote every element
+    // of each chunk.
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -717,6 +758,7 @@ pub(crate) fn weight_gradient<T: Variant>(g: &Geometry, x: &[f32], dy: &[f32]) -
                     );
                 }
             }
+            s.recycle();
             du
         })
         .reduce(

@@ -282,3 +282,57 @@ fn the_backend_default_agrees_with_im2col() {
         check(what, a, c, g, &r);
     }
 }
+
+/// Where Winograd does not apply (a 5x5 kernel, stride 2) the Winograd choices run im2col
+/// and agree with it exactly.
+#[test]
+fn winograd_falls_back_to_im2col_where_it_does_not_apply() {
+    let t = |s: &[usize], seed| Cpu.upload(s, &values(s.iter().product(), seed)).unwrap();
+    let x = t(&[2, 8, 9, 9], 1);
+    for (w_shape, p) in [
+        ([8, 8, 5, 5], Conv2dParams::new(1, 2)),
+        ([8, 8, 3, 3], Conv2dParams::new(2, 1)),
+    ] {
+        let w = t(&w_shape, 2);
+        let want = CpuAlgorithm::Im2col
+            .conv2d(&x, &w, None, &p, &Default::default())
+            .unwrap();
+        for a in [CpuAlgorithm::WinogradF2, CpuAlgorithm::WinogradF4] {
+            let got = a.conv2d(&x, &w, None, &p, &Default::default()).unwrap();
+            assert_eq!(
+                Cpu.to_vec(&got).unwrap(),
+                Cpu.to_vec(&want).unwrap(),
+                "{a:?} {w_shape:?}"
+            );
+        }
+    }
+}
+
+/// Bad shapes are errors naming the op, whichever algorithm is asked for.
+#[test]
+fn bad_shapes_are_errors_for_every_algorithm() {
+    let t = |s: &[usize]| Cpu.upload(s, &values(s.iter().product(), 9)).unwrap();
+    let (x, p) = (t(&[2, 4, 6, 6]), Conv2dParams::new(1, 1));
+    let dy = t(&[2, 3, 6, 6]);
+    for a in ALGORITHMS {
+        let forward = |w: &Tensor| a.conv2d(&x, w, None, &p, &Default::default());
+        assert!(matches!(
+            forward(&t(&[3, 5, 3, 3])),
+            Err(diffwgpu::Error::Shape { op: "conv2d", .. })
+        ));
+        assert!(matches!(
+            forward(&t(&[3, 4, 9])),
+            Err(diffwgpu::Error::Shape { op: "conv2d", .. })
+        ));
+        let backward = |w: &Tensor, dy: &Tensor| a.conv2d_backward(&x, w, dy, &p, true);
+        let wrong_dy = backward(&t(&[3, 4, 3, 3]), &t(&[2, 3, 5, 6]));
+        assert!(matches!(
+            wrong_dy,
+            Err(diffwgpu::Error::Shape {
+                op: "conv2d_backward",
+                ..
+            })
+        ));
+        assert!(backward(&t(&[3, 4, 9]), &dy).is_err());
+    }
+}

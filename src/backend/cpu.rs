@@ -11,6 +11,7 @@ use crate::ops::grads::{self, GradPlan, Partials};
 use crate::ops::group_norm::{self, GroupNormOutput, GroupNormParams};
 use crate::ops::linear;
 use crate::ops::optim::{self, AdamWParams, StepTensors};
+use crate::ops::solver_step::{self, SolverStepCoefficients, SolverStepInputs};
 use crate::ops::{broadcast, elementwise, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
 
@@ -296,6 +297,14 @@ impl Backend for Cpu {
         c: &DdimStepCoefficients,
     ) -> Result<Tensor> {
         diffusion::cpu::ddim_step(x_t, model_output, noise, c)
+    }
+
+    fn solver_step(
+        &self,
+        inputs: &SolverStepInputs,
+        c: &SolverStepCoefficients,
+    ) -> Result<(Tensor, Tensor)> {
+        solver_step::cpu::solver_step(inputs, c)
     }
 
     fn reduce_partials(&self, p: &Partials, n: usize) -> Result<Tensor> {

@@ -12,6 +12,7 @@ use crate::ops::grads::{self, GradPlan, Partials};
 use crate::ops::group_norm::{self, GroupNormOutput, GroupNormParams};
 use crate::ops::linear;
 use crate::ops::optim::{self, AdamWParams, StepTensors};
+use crate::ops::solver_step::{self, SolverStepCoefficients, SolverStepInputs};
 use crate::ops::{broadcast, elementwise, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
 
@@ -261,6 +262,14 @@ impl Backend for Gpu {
         c: &DdimStepCoefficients,
     ) -> Result<Tensor> {
         diffusion::gpu::ddim_step(self, x_t, model_output, noise, c)
+    }
+
+    fn solver_step(
+        &self,
+        inputs: &SolverStepInputs,
+        c: &SolverStepCoefficients,
+    ) -> Result<(Tensor, Tensor)> {
+        solver_step::gpu::solver_step(self, inputs, c)
     }
 
     fn reduce_partials(&self, p: &Partials, n: usize) -> Result<Tensor> {

@@ -17,6 +17,7 @@ use crate::ops::grads::{GradPlan, Partials};
 use crate::ops::group_norm::{GroupNormGrads, GroupNormOutput, GroupNormParams};
 use crate::ops::linear::LinearGrads;
 use crate::ops::optim::{AdamWParams, StepTensors};
+use crate::ops::solver_step::{SolverStepCoefficients, SolverStepInputs};
 use crate::tensor::{Device, Tensor};
 
 pub trait Backend: Send + Sync {
@@ -312,6 +313,14 @@ pub trait Backend: Send + Sync {
         noise: &Tensor,
         c: &DdimStepCoefficients,
     ) -> Result<Tensor>;
+    /// One step of a linear sampler (DPM-Solver++, Euler–Maruyama, Heun):
+    /// `d = convert(x_eval, model_output)`, `x_next = a x_base + b d + c prev + sigma z`;
+    /// returns `(x_next, d)`.
+    fn solver_step(
+        &self,
+        inputs: &SolverStepInputs,
+        c: &SolverStepCoefficients,
+    ) -> Result<(Tensor, Tensor)>;
 
     // ---- parameter gradients (ops/grads.rs) -------------------------------------------------
     /// The sum of the `p.splits` parts of a gradient of `n` values, shape `[n]`.

@@ -15,6 +15,7 @@ pub mod linear;
 pub mod optim;
 pub mod random;
 pub mod reduce;
+pub mod solver_step;
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -37,6 +38,7 @@ pub fn gpu_kernels() -> Vec<crate::gpu::Kernel> {
         optim::gpu::KERNELS,
         random::gpu::KERNELS,
         reduce::gpu::KERNELS,
+        solver_step::gpu::KERNELS,
     ]
     .concat()
 }

@@ -441,6 +441,148 @@ fn sample_writes_deterministic_images() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The continuous-time samplers through the CLI: DPM-Solver++ and the ODE are deterministic
+/// given x_T, the SDE draws fresh noise per seed but not per batch, a DPM-Solver++ scheduler
+/// config makes DPM-Solver++ the default, and options diffwgpu lacks are named.
+fn sample_runs_the_solvers() {
+    let dir = scratch("solvers");
+    let model = dir.join("model");
+    let o = train(&model, &["--steps", "2", "--sample-every", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let noise = dir.join("noise.safetensors");
+    let values: Vec<f32> = (0..3 * 256)
+        .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
+        .collect();
+    write_tensor(&noise, "noise", &[3, 1, 16, 16], &values);
+    // The samples of a run as raw float32 bytes.
+    let run = |model: &Path, name: &str, extra: &[&str]| -> Vec<u8> {
+        let png = dir.join(format!("{name}.png"));
+        let tensor = dir.join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--output",
+            png.to_str().unwrap(),
+            "--save-tensor",
+            tensor.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = diffwgpu(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        assert!(png.is_file(), "{extra:?}");
+        let bytes = std::fs::read(&tensor).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("samples").unwrap();
+        assert_eq!(t.shape(), &[3, 1, 16, 16], "{extra:?}");
+        t.data().to_vec()
+    };
+    let given = ["--noise", noise.to_str().unwrap()];
+    for sampler in ["dpm-solver++", "ode"] {
+        let with = |seed: &'static str| {
+            [
+                &["--sampler", sampler, "--steps", "4", "--seed", seed][..],
+                &given,
+            ]
+            .concat()
+        };
+        let a = run(&model, &format!("{sampler}-a"), &with("1"));
+        let b = run(&model, &format!("{sampler}-b"), &with("2"));
+        assert!(
+            a == b,
+            "{sampler}: a given x_T and another seed, other samples"
+        );
+    }
+    let sde = |name: &str, extra: &[&str]| {
+        let args = [
+            &["--sampler", "sde", "--steps", "5", "--num", "3"][..],
+            extra,
+        ]
+        .concat();
+        run(&model, name, &args)
+    };
+    let whole = sde("sde-whole", &[]);
+    assert!(
+        whole == sde("sde-batched", &["--batch", "2"]),
+        "sde: batches change samples"
+    );
+    assert!(
+        whole != sde("sde-seed", &["--seed", "7"]),
+        "sde: the seed is ignored"
+    );
+    // The trajectory pictures of a sampler that evaluates the model twice per step.
+    let traj = dir.join("traj.png");
+    let o = diffwgpu(&[
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--num",
+        "2",
+        "--sampler",
+        "ode",
+        "--steps",
+        "3",
+        "--trajectory",
+        "3",
+        "--output",
+        traj.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.join("traj-trajectory.png").is_file());
+    assert!(dir.join("traj-trajectory.gif").is_file());
+
+    // A DPMSolverMultistepScheduler config: DPM-Solver++ without --sampler, with its options.
+    let config_path = model.join("scheduler/scheduler_config.json");
+    let ddpm_config = std::fs::read_to_string(&config_path).unwrap();
+    let dpm = dir.join("dpm");
+    std::fs::create_dir_all(dpm.join("scheduler")).unwrap();
+    std::fs::create_dir_all(dpm.join("unet")).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(model.join("unet").join(f), dpm.join("unet").join(f)).unwrap();
+    }
+    let write_config = |order: u32| {
+        let mut config: serde_json::Value = serde_json::from_str(&ddpm_config).unwrap();
+        config["_class_name"] = "DPMSolverMultistepScheduler".into();
+        config["solver_order"] = order.into();
+        config["algorithm_type"] = "dpmsolver++".into();
+        let path = dpm.join("scheduler/scheduler_config.json");
+        std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    };
+    write_config(1);
+    let steps = [&["--steps", "4"][..], &given].concat();
+    let default = run(&dpm, "dpm-default", &steps);
+    let named = [&["--sampler", "dpm-solver++"][..], &steps].concat();
+    assert!(
+        default == run(&dpm, "dpm-named", &named),
+        "the default is not dpm-solver++"
+    );
+    // The config's solver_order 1 against the second order of a DDPM config's defaults.
+    assert!(
+        default != run(&model, "dpm-order2", &named),
+        "solver_order is ignored"
+    );
+    write_config(3);
+    let out = dir.join("never.png");
+    let o = diffwgpu(&[
+        "sample",
+        "--model",
+        dpm.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+    assert!(err.contains("solver_order"), "{err}");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Without a terminal (stderr is a pipe here) `sample` prints a line every 10 % of the model
 /// evaluations instead of its hidden progress bar.
 fn sample_without_a_terminal_prints_progress_lines() {
@@ -621,6 +763,7 @@ tests! {
         adam_flags_reach_the_optimizer,
         bad_input_gives_clear_errors,
         sample_writes_deterministic_images,
+        sample_runs_the_solvers,
         sample_without_a_terminal_prints_progress_lines,
         bench_reports_speed_and_flops,
         noise_pictures_the_forward_process,

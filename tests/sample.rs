@@ -6,7 +6,7 @@ mod common;
 use common::assert_close;
 use diffwgpu::diffusion::{
     inference_timesteps, sample, NoiseSchedule, NoiseStream, PredictionType, Sampler,
-    TimestepSpacing, VarianceType,
+    TimestepSpacing, UNetDenoiser, VarianceType,
 };
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
 use diffwgpu::{Backend, Cpu, Gpu, Tensor};
@@ -46,8 +46,10 @@ fn run(be: &dyn Backend, sampler: &Sampler, steps: usize) -> Vec<Vec<f32>> {
     let mut states = Vec::new();
     let x0 = sample(
         be,
-        &model,
-        &params,
+        &UNetDenoiser {
+            model: &model,
+            params: &params,
+        },
         &schedule,
         PredictionType::Epsilon,
         sampler,

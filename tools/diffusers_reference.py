@@ -59,6 +59,26 @@ Writes, under tests/fixtures/ of the repository:
       module is replaced by a function that returns `.noise` (asserted to be called exactly
       when t > 0).
 
+  dpm_solver_steps.json, dpm_solver_steps.safetensors
+      Whole runs of DPMSolverMultistepScheduler (algorithm_type "dpmsolver++") over the cases
+      of DPM_CASES, one step after another, on synthetic model outputs. The JSON lists each
+      case: the text of the scheduler config diffwgpu reads (as diffusers writes it, with
+      Python's -Infinity; a DDPMScheduler config where the case swaps
+      schedulers with DPMSolverMultistepScheduler.from_config, as a user does on a pipeline),
+      num_inference_steps, the timesteps and sigmas that set_timesteps gave. For every step
+      index i the safetensors hold `<case>.<i>.x_t`, `.model_output` and `.prev_sample`
+      ([2, 3, 4, 4]); x_t of step i + 1 is prev_sample of step i. x_0 is fixed per case,
+      x_T ~ N(0, I), and model_output is the exact prediction of the case's prediction_type
+      at x_t plus 0.3 * randn. The steps are evaluated in float64 as the DDPM and DDIM steps
+      above (the scheduler's float32 sigmas widened; its cast of the sample to float32 is
+      exact, as every stored x_t is float32).
+
+  dpm_solver_unet.safetensors
+      A whole sampling run of the UNet2DModel of unets/first_level_attention with
+      DPMSolverMultistepScheduler's defaults and 10 steps: `noise` (x_T, [2, 1, 8, 8]), the
+      `x_t` before every step as `x_t.<i>`, and the final `sample`, the model evaluated in
+      float64 as its reference above.
+
 Regenerate (from the repository root):
     python3 -m venv .venv && .venv/bin/pip install torch diffusers safetensors numpy
     .venv/bin/python tools/diffusers_reference.py
@@ -76,7 +96,7 @@ from unittest import mock
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.schedulers import scheduling_ddpm
 from safetensors.torch import load_file, save_file
 
@@ -140,6 +160,23 @@ SCHEDULER_CASES = [
           steps_offset=1), 50, 0.5),
 ]
 SCHEDULER_SAMPLE_SHAPE = (2, 3, 4, 4)
+
+# (name, from_ddpm, config, num_inference_steps): DPMSolverMultistepScheduler(**config), or with
+# from_ddpm its from_config of DDPMScheduler(**config)'s saved config.
+DPM_CASES = [
+    ("dpm_linear_epsilon_linspace_20", False, {}, 20),
+    ("dpm_from_ddpm_v_leading_10", True, dict(prediction_type="v_prediction"), 10),
+    ("dpm_cosine_sample_trailing_heun_sigma_min_clipped_25", False,
+     dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", timestep_spacing="trailing", solver_type="heun",
+          final_sigmas_type="sigma_min", lambda_min_clipped=-5.1), 25),
+    ("dpm_scaled_linear_epsilon_order1_leading_offset1_15", False,
+     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, solver_order=1, timestep_spacing="leading",
+          steps_offset=1), 15),
+    ("dpm_linear_epsilon_euler_at_final_sigma_min_16", False, dict(euler_at_final=True, final_sigmas_type="sigma_min"), 16),
+    ("dpm_linear_v_sigma_min_12", False, dict(prediction_type="v_prediction", final_sigmas_type="sigma_min"), 12),
+]
+DPM_UNET = "first_level_attention"
+DPM_UNET_STEPS = 10
 
 
 def step_indices(n):
@@ -430,6 +467,89 @@ def write_scheduler_steps():
     print(f"scheduler_steps.json: {len(cases)} cases")
 
 
+def float64_dpm_solver(scheduler):
+    """A copy of DPMSolverMultistepScheduler `scheduler` whose float32 sigmas are widened to
+    float64."""
+    wide = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    wide.set_timesteps(scheduler.num_inference_steps)
+    assert torch.equal(wide.timesteps, scheduler.timesteps)
+    wide.sigmas = scheduler.sigmas.double()
+    return wide
+
+
+def dpm_scheduler(from_ddpm, config):
+    """The case's scheduler, and the config text diffwgpu is given."""
+    if from_ddpm:
+        text = DDPMScheduler(**config).to_json_string()
+        return DPMSolverMultistepScheduler.from_config(json.loads(text)), text
+    scheduler = DPMSolverMultistepScheduler(**config)
+    return scheduler, scheduler.to_json_string()
+
+
+def write_dpm_solver_steps():
+    torch.manual_seed(4321)
+    tensors, cases = {}, []
+    for name, from_ddpm, config, steps in DPM_CASES:
+        scheduler, text = dpm_scheduler(from_ddpm, config)
+        scheduler.set_timesteps(steps)
+        wide = float64_dpm_solver(scheduler)
+        prediction_type = scheduler.config.prediction_type
+        x0 = 1.2 * (2 * torch.rand(SCHEDULER_SAMPLE_SHAPE, dtype=torch.float64) - 1)
+        x = torch.randn(SCHEDULER_SAMPLE_SHAPE).double()
+        for i, t in enumerate(scheduler.timesteps.tolist()):
+            alpha_prod = scheduler.alphas_cumprod[t].double()
+            eps = (x - alpha_prod.sqrt() * x0) / (1 - alpha_prod).sqrt()
+            model_output = prediction(prediction_type, x0, eps, alpha_prod)
+            model_output = (model_output + 0.3 * torch.randn(SCHEDULER_SAMPLE_SHAPE)).float()
+            prev = wide.step(model_output.double(), t, x).prev_sample
+            assert prev.dtype == torch.float64
+            for key, value in dict(x_t=x, model_output=model_output, prev_sample=prev).items():
+                tensors[f"{name}.{i}.{key}"] = value.float().contiguous()
+            x = prev.float().double()
+        print(f"{name}: {len(scheduler.timesteps)} steps")
+        cases.append({
+            "name": name,
+            "config": text,
+            "num_inference_steps": steps,
+            "timesteps": scheduler.timesteps.tolist(),
+            "sigmas": scheduler.sigmas.tolist(),
+        })
+    save_reference(os.path.join(FIXTURES, "dpm_solver_steps.safetensors"), tensors, {
+        "description": "DPMSolverMultistepScheduler runs of the cases of dpm_solver_steps.json: "
+                       "<case>.<i>.{x_t, model_output, prev_sample}; prev_sample evaluated in float64",
+    })
+    text = json.dumps({"diffusers_version": diffusers.__version__, "cases": cases}, indent=1)
+    text = re.sub(r"\[([-\d.e,\s]+)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    with open(os.path.join(FIXTURES, "dpm_solver_steps.json"), "w") as f:
+        f.write(text + "\n")
+    print(f"dpm_solver_steps.json: {len(cases)} cases")
+
+
+def write_dpm_solver_unet():
+    folder = os.path.join(FIXTURES, "unets", DPM_UNET)
+    model = UNet2DModel.from_pretrained(folder).double()
+    proj = model.time_proj
+    model.time_proj = Float64Timesteps(proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift)
+    scheduler = DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(DPM_UNET_STEPS)
+    wide = float64_dpm_solver(scheduler)
+    torch.manual_seed(99)
+    h, w = model.config.sample_size
+    noise = torch.randn(2, model.config.in_channels, h, w)
+    tensors, x = {"noise": noise}, noise.double()
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            tensors[f"x_t.{i}"] = x.float()
+            out = model(x, torch.full((x.shape[0],), float(t), dtype=torch.float64)).sample
+            x = wide.step(out, t, x).prev_sample
+    tensors["sample"] = x.float()
+    save_reference(os.path.join(FIXTURES, "dpm_solver_unet.safetensors"), tensors, {
+        "config": DPM_UNET,
+        "description": f"DPMSolverMultistepScheduler defaults, {DPM_UNET_STEPS} steps, with the UNet2DModel of "
+                       f"unets/{DPM_UNET} evaluated in float64: noise, x_t.<i>, sample",
+    })
+
+
 def main():
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}")
     check_presets_match_baseline()
@@ -442,6 +562,8 @@ def main():
         if name == OLD_NAMES_SOURCE:
             write_old_names_fixture(name, x, t, out)
     write_scheduler_steps()
+    write_dpm_solver_steps()
+    write_dpm_solver_unet()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@
 //! a mix.
 
 pub mod atomic;
+pub mod dpm_solver_config;
 pub mod pipeline;
 pub mod safetensors_io;
 pub mod scheduler_config;
@@ -28,7 +29,7 @@ pub use pipeline::{
     load_pipeline, save_pipeline, write_json_atomic, UnetFolder, DIFFUSERS_VERSION,
 };
 pub use safetensors_io::{read_safetensors, write_safetensors, NamedTensor};
-pub use scheduler_config::SchedulerConfig;
+pub use scheduler_config::{SchedulerConfig, DPM_SOLVER_SCHEDULER};
 pub use training_state::{TrainingState, TRAINING_STATE_FILE};
 pub use unet_weights::unet_weights;
 

@@ -1,17 +1,22 @@
 //! The scheduler configuration: the keys of diffusers' `DDPMScheduler`
 //! `scheduler_config.json`, with the same defaults. `DDIMScheduler` configs read too (they add
-//! `set_alpha_to_one`); unknown keys are ignored. Options diffwgpu does not implement are
+//! `set_alpha_to_one`), and `DPMSolverMultistepScheduler` configs (their solver keys are in
+//! `dpm_solver_config.rs`); unknown keys are ignored. Options diffwgpu does not implement are
 //! accepted only at their "off" value and refused otherwise, naming the key.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::dpm_solver_config::{python_json_in, python_json_out, DpmSolverKeys};
 use super::pipeline::DIFFUSERS_VERSION;
-use crate::diffusion::{BetaSchedule, NoiseSchedule, PredictionType, VarianceType};
+use crate::diffusion::{BetaSchedule, DpmSolver, NoiseSchedule, PredictionType, VarianceType};
 use crate::error::{Error, Result};
 
 /// The scheduler classes whose configs describe a schedule diffwgpu builds.
-const SCHEDULERS: [&str; 2] = ["DDPMScheduler", "DDIMScheduler"];
+const SCHEDULERS: [&str; 3] = ["DDPMScheduler", "DDIMScheduler", DPM_SOLVER_SCHEDULER];
+
+/// The class name of DPM-Solver++'s scheduler.
+pub const DPM_SOLVER_SCHEDULER: &str = "DPMSolverMultistepScheduler";
 
 /// The ways diffusers spaces the inference timesteps.
 const TIMESTEP_SPACINGS: [&str; 3] = ["leading", "trailing", "linspace"];
@@ -31,7 +36,8 @@ pub struct SchedulerConfig {
     pub beta_schedule: String,
     /// An explicit list of betas; only `null` is supported.
     pub trained_betas: Option<Value>,
-    pub variance_type: String,
+    /// `null` in `DPMSolverMultistepScheduler` configs: `fixed_small` for DDPM steps.
+    pub variance_type: Option<String>,
     pub clip_sample: bool,
     pub clip_sample_range: f64,
     pub prediction_type: String,
@@ -47,6 +53,9 @@ pub struct SchedulerConfig {
     /// `alphas_cumprod[0]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub set_alpha_to_one: Option<bool>,
+    /// `DPMSolverMultistepScheduler` only: the solver's options.
+    #[serde(flatten)]
+    pub dpm: DpmSolverKeys,
 }
 
 impl Default for SchedulerConfig {
@@ -60,7 +69,7 @@ impl Default for SchedulerConfig {
             beta_end: 0.02,
             beta_schedule: "linear".into(),
             trained_betas: None,
-            variance_type: "fixed_small".into(),
+            variance_type: Some("fixed_small".into()),
             clip_sample: true,
             clip_sample_range: 1.0,
             prediction_type: "epsilon".into(),
@@ -71,6 +80,7 @@ impl Default for SchedulerConfig {
             steps_offset: 0,
             rescale_betas_zero_snr: false,
             set_alpha_to_one: None,
+            dpm: DpmSolverKeys::default(),
         }
     }
 }
@@ -94,17 +104,43 @@ fn config_error(e: Error) -> Error {
 
 impl SchedulerConfig {
     /// Reads a `scheduler_config.json` and checks that diffwgpu can build it.
+    /// Python's `-Infinity` and friends are read as the floats they are.
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: SchedulerConfig = serde_json::from_str(text)
-            .map_err(|e| bad(format!("not a valid scheduler config: {e}")))?;
+        let invalid = |e: serde_json::Error| bad(format!("not a valid scheduler config: {e}"));
+        let value: Value = serde_json::from_str(&python_json_in(text)).map_err(invalid)?;
+        let mut config: SchedulerConfig = serde_json::from_value(value.clone()).map_err(invalid)?;
+        if config.class_name == DPM_SOLVER_SCHEDULER && value.get("timestep_spacing").is_none() {
+            config.timestep_spacing = "linspace".into();
+        }
         config.validate()?;
         Ok(config)
     }
 
-    /// The config as diffusers writes it (pretty JSON, keys sorted).
+    /// The config as diffusers writes it (pretty JSON, keys sorted, non-finite floats as
+    /// Python writes them).
     pub fn to_json(&self) -> String {
         let value = serde_json::to_value(self).expect("a scheduler config always serializes");
-        serde_json::to_string_pretty(&value).expect("a JSON value always serializes")
+        python_json_out(
+            &serde_json::to_string_pretty(&value).expect("a JSON value always serializes"),
+        )
+    }
+
+    /// A `DPMSolverMultistepScheduler` config of this schedule running `solver`: the beta,
+    /// prediction and spacing keys kept, as `DPMSolverMultistepScheduler.from_config` keeps
+    /// them.
+    pub fn with_dpm_solver(&self, solver: &DpmSolver) -> Self {
+        SchedulerConfig {
+            class_name: DPM_SOLVER_SCHEDULER.into(),
+            variance_type: None,
+            set_alpha_to_one: None,
+            dpm: DpmSolverKeys::from_solver(solver),
+            ..self.clone()
+        }
+    }
+
+    /// The DPM-Solver++ options of this config (diffusers' defaults for keys it lacks).
+    pub fn dpm_solver(&self) -> Result<DpmSolver> {
+        self.dpm.solver().map_err(bad)
     }
 
     /// Checks every key diffwgpu depends on; the error names the key and the fix.
@@ -145,6 +181,9 @@ impl SchedulerConfig {
         }
         self.prediction_type()?;
         self.variance_type()?;
+        if self.class_name == DPM_SOLVER_SCHEDULER {
+            self.dpm_solver()?;
+        }
         self.schedule()?;
         Ok(())
     }
@@ -183,12 +222,15 @@ impl SchedulerConfig {
 
     /// The variance of the DDPM step: `fixed_small` or `fixed_large`.
     pub fn variance_type(&self) -> Result<VarianceType> {
-        VarianceType::from_name(&self.variance_type).map_err(|_| {
+        let Some(name) = &self.variance_type else {
+            return Ok(VarianceType::FixedSmall);
+        };
+        VarianceType::from_name(name).map_err(|_| {
             bad(format!(
                 "unsupported variance_type = {:?}; diffwgpu samples with fixed_small or \
                  fixed_large (a learned variance needs a model that predicts it), so set one \
                  of those",
-                self.variance_type
+                name
             ))
         })
     }

@@ -14,7 +14,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use diffwgpu::autodiff::Tape;
 use diffwgpu::checkpoint::SchedulerConfig;
-use diffwgpu::diffusion::{inference_timesteps, sample, NoiseStream, Sampler, TimestepSpacing};
+use diffwgpu::diffusion::{
+    inference_timesteps, sample, NoiseStream, Sampler, TimestepSpacing, UNetDenoiser,
+};
 use diffwgpu::gpu::GpuStats;
 use diffwgpu::nn::UNet2D;
 use diffwgpu::train::{TrainHyper, TrainState, Trainer};
@@ -280,8 +282,10 @@ fn time_sampling(
     let started = Instant::now();
     sample(
         be,
-        &trainer.model,
-        weights,
+        &UNetDenoiser {
+            model: &trainer.model,
+            params: weights,
+        },
         &trainer.schedule,
         trainer.hyper.prediction_type,
         sampler,

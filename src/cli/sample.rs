@@ -1,6 +1,6 @@
 //! `diffwgpu sample`: generates images from a pipeline folder (one `train` wrote, or diffusers')
-//! with DDPM ancestral sampling or DDIM, and writes a PNG grid, one PNG per image, and the raw
-//! samples on request.
+//! with DDPM ancestral sampling, DDIM, DPM-Solver++, or the reverse SDE or probability-flow
+//! ODE, and writes a PNG grid, one PNG per image, and the raw samples on request.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,9 +10,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diffwgpu::checkpoint::{
     load_pipeline, read_safetensors, unet_weights, write_safetensors, NamedTensor,
+    DPM_SOLVER_SCHEDULER,
 };
 use diffwgpu::diffusion::{
-    inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, TimestepSpacing, VarianceType,
+    inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, TimestepSpacing, UNetDenoiser,
+    VarianceType,
 };
 use diffwgpu::images;
 use diffwgpu::nn::UNet2D;
@@ -28,6 +30,26 @@ pub enum SamplerName {
     Ddpm,
     /// DDIM (Song et al. 2021); deterministic with --eta 0.
     Ddim,
+    /// DPM-Solver++ (Lu et al. 2022), second-order multistep, as diffusers'
+    /// DPMSolverMultistepScheduler; options from the scheduler config.
+    #[value(name = "dpm-solver++")]
+    DpmSolver,
+    /// The reverse VP-SDE by Euler–Maruyama (Song et al. 2021).
+    Sde,
+    /// The probability-flow ODE by Heun's method: two model evaluations per step but the last.
+    Ode,
+}
+
+impl SamplerName {
+    /// Steps when --steps is not given.
+    fn default_steps(self, t_max: usize) -> usize {
+        match self {
+            SamplerName::Ddpm | SamplerName::Sde => t_max,
+            SamplerName::Ddim => 50,
+            SamplerName::DpmSolver => 20,
+            SamplerName::Ode => 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,9 +71,12 @@ pub struct SampleArgs {
     /// `unet` folder beside a `scheduler` folder.
     #[arg(long)]
     model: PathBuf,
-    #[arg(long, value_enum, default_value = "ddpm")]
-    sampler: SamplerName,
-    /// Denoising steps (default: every training timestep for ddpm, 50 for ddim).
+    /// The sampler (default: dpm-solver++ for a model whose scheduler is
+    /// DPMSolverMultistepScheduler, ddpm otherwise).
+    #[arg(long, value_enum)]
+    sampler: Option<SamplerName>,
+    /// Denoising steps (default: every training timestep for ddpm and sde, 50 for ddim, 20 for
+    /// dpm-solver++, 50 for ode).
     #[arg(long)]
     steps: Option<usize>,
     /// DDIM's noise scale: 0 is the deterministic ODE sampler, 1 is DDPM-like.
@@ -148,34 +173,50 @@ pub fn run(args: SampleArgs) -> Result<()> {
         Some(false) => None,
         None => scheduler.clip(),
     };
-    let (sampler, steps) = match args.sampler {
+    let sampler_name = args
+        .sampler
+        .unwrap_or(if scheduler.class_name == DPM_SOLVER_SCHEDULER {
+            SamplerName::DpmSolver
+        } else {
+            SamplerName::Ddpm
+        });
+    let steps = args.steps.unwrap_or(sampler_name.default_steps(t_max));
+    if steps == 0 || steps > t_max {
+        bail!("--steps {steps} must be between 1 and the model's {t_max} training timesteps");
+    }
+    let sampler = match sampler_name {
         SamplerName::Ddpm => {
             let variance_type = match args.variance {
                 Some(VarianceName::FixedSmall) => VarianceType::FixedSmall,
                 Some(VarianceName::FixedLarge) => VarianceType::FixedLarge,
                 None => scheduler.variance_type()?,
             };
-            let sampler = Sampler::Ddpm {
+            Sampler::Ddpm {
                 variance_type,
                 clip_sample,
-            };
-            (sampler, args.steps.unwrap_or(t_max))
+            }
         }
         SamplerName::Ddim => {
             if !(0.0..=1.0).contains(&args.eta) {
                 bail!("--eta {} is outside [0, 1]", args.eta);
             }
-            let sampler = Sampler::Ddim {
+            Sampler::Ddim {
                 eta: args.eta,
                 clip_sample,
-            };
-            (sampler, args.steps.unwrap_or(50))
+            }
         }
+        SamplerName::DpmSolver => Sampler::DpmSolver(scheduler.dpm_solver()?),
+        SamplerName::Sde => Sampler::Sde,
+        SamplerName::Ode => Sampler::Ode,
     };
-    if steps == 0 || steps > t_max {
-        bail!("--steps {steps} must be between 1 and the model's {t_max} training timesteps");
-    }
-    let timesteps = inference_timesteps(t_max, steps, spacing, scheduler.steps_offset)?;
+    let timesteps = match &sampler {
+        Sampler::DpmSolver(solver) => {
+            solver.timesteps(&schedule, steps, spacing, scheduler.steps_offset)?
+        }
+        _ => inference_timesteps(t_max, steps, spacing, scheduler.steps_offset)?,
+    };
+    // DPM-Solver++ may leave out timesteps below its lambda_min_clipped.
+    let steps = timesteps.len();
 
     let cfg = &model.config;
     let (c, s) = (cfg.in_channels, cfg.size());
@@ -240,8 +281,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
         };
         let x0 = sample(
             be,
-            &model,
-            &params,
+            &UNetDenoiser {
+                model: &model,
+                params: &params,
+            },
             &schedule,
             prediction_type,
             &sampler,
@@ -326,7 +369,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "{n} images in {secs:.1} s ({:.2} images/s) with {} steps of {:?}: {}",
         n as f64 / secs,
         steps,
-        args.sampler,
+        sampler_name,
         args.output.display()
     );
     Ok(())

@@ -17,6 +17,7 @@ use diffwgpu::checkpoint::{
 use diffwgpu::data::{Batcher, Dataset};
 use diffwgpu::diffusion::{
     inference_timesteps, sample, NoiseStream, PredictionType, Sampler, TimestepSpacing,
+    UNetDenoiser,
 };
 use diffwgpu::images;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
@@ -583,8 +584,10 @@ fn sample_grid(
     };
     let x0 = sample(
         be,
-        &trainer.model,
-        &trainer.state.ema_views()?,
+        &UNetDenoiser {
+            model: &trainer.model,
+            params: &trainer.state.ema_views()?,
+        },
         &trainer.schedule,
         trainer.hyper.prediction_type,
         &sampler,

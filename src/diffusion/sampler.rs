@@ -5,17 +5,21 @@
 //!   sequence to the next (`x_t -> x_{t-1}` over all T of them by default).
 //! - DDIM (Song et al. 2021): `x_t -> x_{t'}` with `t' = t - T / n` as diffusers steps,
 //!   deterministic at `eta = 0`.
+//! - DPM-Solver++ (`dpm_solver.rs`): the multistep solver of the probability-flow ODE,
+//!   carrying the previous step's `x0_hat`.
+//! - The reverse SDE by Euler–Maruyama and the probability-flow ODE by Heun
+//!   (`continuous.rs`); Heun evaluates the model twice per step but the last.
 //!
 //! Timestep sequences follow diffusers' `timestep_spacing` so that the same model, steps and
 //! spacing visit the same timesteps as diffusers' schedulers. Image `j` of `N` draws the noise
 //! of step `i` at element offset `((i + 1) N + j) * numel(image)` of the seed's stream (its
 //! `x_T` at `j * numel(image)`): a seed fixes every image, whatever the batches.
 
-use crate::autodiff::Tape;
 use crate::backend::Backend;
-use crate::diffusion::{NoiseSchedule, PredictionType, VarianceType};
+use crate::diffusion::continuous::{ode_step, sde_step};
+use crate::diffusion::{Denoiser, DpmSolver, NoiseSchedule, PredictionType, VarianceType};
 use crate::error::{Error, Result};
-use crate::nn::UNet2D;
+use crate::ops::solver_step::SolverStepInputs;
 use crate::tensor::Tensor;
 
 /// How inference timesteps are spread over `0 .. T` (diffusers' names).
@@ -82,6 +86,11 @@ pub fn inference_timesteps(
                 .collect()
         }
     };
+    within_schedule(ts, t_max)
+}
+
+/// `ts` if every timestep is one of the schedule's `t_max`.
+pub(crate) fn within_schedule(ts: Vec<usize>, t_max: usize) -> Result<Vec<usize>> {
     if let Some(&t) = ts.iter().find(|&&t| t >= t_max) {
         return Err(Error::invalid(
             "sampling",
@@ -103,6 +112,12 @@ pub enum Sampler {
         eta: f32,
         clip_sample: Option<f32>,
     },
+    /// DPM-Solver++ over timesteps from `DpmSolver::timesteps`.
+    DpmSolver(DpmSolver),
+    /// The reverse VP-SDE by Euler–Maruyama.
+    Sde,
+    /// The probability-flow ODE by Heun's method.
+    Ode,
 }
 
 /// One step of the reverse process, as the sampler reports it.
@@ -149,12 +164,11 @@ impl NoiseStream {
     }
 }
 
-/// Runs the reverse process from `x_T` with the given weights; returns `x_0`.
+/// Runs the reverse process of `model` from `x_T`; returns `x_0`.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     be: &dyn Backend,
-    model: &UNet2D,
-    params: &[Tensor],
+    model: &dyn Denoiser,
     schedule: &NoiseSchedule,
     prediction_type: PredictionType,
     sampler: &Sampler,
@@ -163,18 +177,12 @@ pub fn sample(
     noise: NoiseStream,
     on_step: &mut dyn FnMut(&StepView) -> Result<()>,
 ) -> Result<Tensor> {
-    let c = &model.config;
+    let [c, h, w] = model.image_shape();
     let n = x_t.shape().first().copied().unwrap_or(0);
-    let want = [n, c.in_channels, c.size(), c.size()];
-    if x_t.shape() != want || n == 0 {
+    if x_t.shape() != [n, c, h, w] || n == 0 {
         return Err(Error::shape(
             "sample",
-            format!(
-                "x_T of shape [N, {}, {}, {}]",
-                c.in_channels,
-                c.size(),
-                c.size()
-            ),
+            format!("x_T of shape [N, {c}, {h}, {w}]"),
             x_t.shape(),
         ));
     }
@@ -189,15 +197,15 @@ pub fn sample(
         no_noise = Some(z.clone());
         Ok(z)
     };
+    let sigmas = match sampler {
+        Sampler::DpmSolver(s) => s.sigmas(schedule, timesteps)?,
+        _ => Vec::new(),
+    };
+    // DPM-Solver++'s x0_hat of the previous step.
+    let mut history: Option<Tensor> = None;
     for (i, &t) in timesteps.iter().enumerate() {
         let t_prev = timesteps.get(i + 1).copied();
-        let tt = be.upload(&[n], &vec![t as f32; n])?;
-        let mut tape = Tape::inference(be);
-        let p = tape.leaves(params, false);
-        let xv = tape.leaf(x.clone(), false);
-        let out = model.forward(&mut tape, &p, xv, &tt)?;
-        let out = tape.value(out).clone();
-        drop(tape);
+        let out = model.predict(be, &x, t as f64)?;
         on_step(&StepView {
             index: i,
             total: timesteps.len(),
@@ -206,6 +214,13 @@ pub fn sample(
             model_output: &out,
         })?;
         let z_shape = x.shape().to_vec();
+        let at_x = |prev, noise| SolverStepInputs {
+            x_eval: &x,
+            model_output: &out,
+            x_base: &x,
+            prev,
+            noise,
+        };
         x = match sampler {
             Sampler::Ddpm {
                 variance_type,
@@ -237,6 +252,38 @@ pub fn sample(
                     zeros(be, &z_shape)?
                 };
                 be.ddim_step(&x, &out, &z, &k)?
+            }
+            Sampler::DpmSolver(solver) => {
+                let k = solver.step(&sigmas, i, prediction_type)?;
+                let (next, x0) = be.solver_step(&at_x(history.as_ref(), None), &k)?;
+                history = Some(x0);
+                next
+            }
+            Sampler::Sde => {
+                let k = sde_step(schedule, t, t_prev, prediction_type)?;
+                let z = match t_prev {
+                    Some(_) => Some(noise.step(be, &z_shape, i)?),
+                    None => None,
+                };
+                be.solver_step(&at_x(None, z.as_ref()), &k)?.0
+            }
+            Sampler::Ode => {
+                let heun = ode_step(schedule, t, t_prev, prediction_type)?;
+                let (predicted, eps) = be.solver_step(&at_x(None, None), &heun.predictor)?;
+                match (heun.corrector, t_prev) {
+                    (Some(k), Some(t_prev)) => {
+                        let out = model.predict(be, &predicted, t_prev as f64)?;
+                        let corrector = SolverStepInputs {
+                            x_eval: &predicted,
+                            model_output: &out,
+                            x_base: &x,
+                            prev: Some(&eps),
+                            noise: None,
+                        };
+                        be.solver_step(&corrector, &k)?.0
+                    }
+                    _ => predicted,
+                }
             }
         };
     }

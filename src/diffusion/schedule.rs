@@ -200,6 +200,25 @@ impl NoiseSchedule {
         self.alphas_cumprod.len()
     }
 
+    /// `abar` at a point `t` of `[0, T - 1]` in f64: the table at whole timesteps, and
+    /// between them `log abar` interpolated linearly (the continuous time of the ODE
+    /// likelihood; the network's timestep embedding takes fractions as they are).
+    pub fn alpha_bar_at(&self, t: f64) -> Result<f64> {
+        let last = self.num_train_timesteps() - 1;
+        if !(0.0..=last as f64).contains(&t) {
+            return Err(Error::invalid(
+                "alpha_bar_at",
+                format!("time {t} is outside the schedule's [0, {last}]"),
+            ));
+        }
+        let (i, f) = (t.floor() as usize, t.fract());
+        let at = |i: usize| self.alphas_cumprod[i] as f64;
+        if f == 0.0 {
+            return Ok(at(i));
+        }
+        Ok((at(i).ln() * (1.0 - f) + at(i + 1).ln() * f).exp())
+    }
+
     /// `abar_t` in f64, checking that `t` is a timestep of the schedule.
     fn abar(&self, op: &'static str, t: usize) -> Result<f64> {
         self.alphas_cumprod

@@ -10,6 +10,7 @@ pub mod diffusion;
 pub mod error;
 pub mod gpu;
 pub mod images;
+pub mod likelihood;
 pub mod nn;
 pub mod ops;
 pub mod rng;

@@ -3,7 +3,7 @@
 //! the exact denoiser of Gaussian data, whose every answer is known in closed form, so that
 //! samplers and likelihoods can be checked against the truth rather than against themselves.
 
-use crate::autodiff::Tape;
+use crate::autodiff::{Tape, Var};
 use crate::backend::Backend;
 use crate::diffusion::{NoiseSchedule, PredictionType};
 use crate::error::{Error, Result};
@@ -12,12 +12,34 @@ use crate::tensor::Tensor;
 
 /// A model of the reverse process.
 pub trait Denoiser {
-    /// The model output at `x [N, C, H, W]` and timestep `t` (the same for every image; a
-    /// fraction between training timesteps where the caller needs one).
-    fn predict(&self, be: &dyn Backend, x: &Tensor, t: f64) -> Result<Tensor>;
+    /// The model output at `x [N, C, H, W]`, image `i` at timestep `t[i]` (a fraction between
+    /// training timesteps where the caller needs one).
+    fn predict(&self, be: &dyn Backend, x: &Tensor, t: &[f64]) -> Result<Tensor>;
+
+    /// The output as `predict` gives it, and the vector-Jacobian product `v^T d output / d x`
+    /// (per image, since images do not interact), `v` of the shape of `x`.
+    fn predict_vjp(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        t: &[f64],
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
 
     /// The shape `[C, H, W]` of one image.
     fn image_shape(&self) -> [usize; 3];
+}
+
+/// Checks one timestep per image of `x`.
+fn check_times(op: &'static str, x: &Tensor, t: &[f64]) -> Result<usize> {
+    let n = x.shape().first().copied().unwrap_or(0);
+    if t.len() != n {
+        return Err(Error::invalid(
+            op,
+            format!("{} timesteps for a batch of {n} images", t.len()),
+        ));
+    }
+    Ok(n)
 }
 
 /// The U-Net with its weights on a backend.
@@ -26,15 +48,42 @@ pub struct UNetDenoiser<'a> {
     pub params: &'a [Tensor],
 }
 
-impl Denoiser for UNetDenoiser<'_> {
-    fn predict(&self, be: &dyn Backend, x: &Tensor, t: f64) -> Result<Tensor> {
-        let n = x.shape().first().copied().unwrap_or(0);
-        let tt = be.upload(&[n], &vec![t as f32; n])?;
-        let mut tape = Tape::inference(be);
+impl UNetDenoiser<'_> {
+    /// The forward pass on `tape`: its input and output variables.
+    fn forward(&self, tape: &mut Tape, x: &Tensor, t: &[f64], grad: bool) -> Result<(Var, Var)> {
+        let n = check_times("unet", x, t)?;
+        let times: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+        let tt = tape.backend().upload(&[n], &times)?;
         let p = tape.leaves(self.params, false);
-        let xv = tape.leaf(x.clone(), false);
-        let out = self.model.forward(&mut tape, &p, xv, &tt)?;
+        let xv = tape.leaf(x.clone(), grad);
+        let out = self.model.forward(tape, &p, xv, &tt)?;
+        Ok((xv, out))
+    }
+}
+
+impl Denoiser for UNetDenoiser<'_> {
+    fn predict(&self, be: &dyn Backend, x: &Tensor, t: &[f64]) -> Result<Tensor> {
+        let mut tape = Tape::inference(be);
+        let (_, out) = self.forward(&mut tape, x, t, false)?;
         Ok(tape.value(out).clone())
+    }
+
+    /// Backpropagates `v` through a recorded forward pass to the input alone.
+    fn predict_vjp(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        t: &[f64],
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut tape = Tape::new(be);
+        let (xv, out) = self.forward(&mut tape, x, t, true)?;
+        let y = tape.value(out).clone();
+        let mut grads = tape.backward(out, v.clone())?;
+        let vjp = grads
+            .take(xv)
+            .ok_or_else(|| Error::invalid("unet", "no gradient reached the input"))?;
+        Ok((y, vjp))
     }
 
     fn image_shape(&self) -> [usize; 3] {
@@ -56,49 +105,98 @@ pub struct GaussianDenoiser {
 }
 
 impl GaussianDenoiser {
-    /// `log N(x; mean, std^2 I)` summed over the elements of each image of `x`, in nats.
-    pub fn log_density(&self, x: &[f32]) -> Vec<f64> {
+    /// `log N(x; sqrt(abar) mean, (abar std^2 + 1 - abar) I)`, the density of `x_t` at `abar`
+    /// (the data's own at `abar = 1`), summed over the elements of each image of `x`, in nats.
+    pub fn log_density(&self, x: &[f32], abar: f64) -> Vec<f64> {
         let per_image: usize = self.image.iter().product();
-        let norm = -0.5 * (2.0 * std::f64::consts::PI * self.std * self.std).ln();
+        let var = abar * self.std * self.std + 1.0 - abar;
+        let norm = -0.5 * (2.0 * std::f64::consts::PI * var).ln();
         x.chunks(per_image)
             .map(|img| {
                 img.iter()
                     .map(|&v| {
-                        let z = (v as f64 - self.mean) / self.std;
-                        norm - 0.5 * z * z
+                        let r = v as f64 - abar.sqrt() * self.mean;
+                        norm - 0.5 * r * r / var
                     })
                     .sum()
             })
             .collect()
     }
-}
 
-impl Denoiser for GaussianDenoiser {
-    fn predict(&self, be: &dyn Backend, x: &Tensor, t: f64) -> Result<Tensor> {
+    /// Per image, `(a, w)` such that the output at `x` is `a + w x` elementwise.
+    fn affine(&self, t: &[f64]) -> Result<Vec<(f64, f64)>> {
         if self.std.is_nan() || self.std <= 0.0 {
             return Err(Error::invalid(
                 "gaussian denoiser",
                 format!("std must be positive, got {}", self.std),
             ));
         }
-        let abar = self.schedule.alpha_bar_at(t)?;
-        let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
-        let v = abar * self.std * self.std + 1.0 - abar;
+        t.iter()
+            .map(|&t| {
+                let abar = self.schedule.alpha_bar_at(t)?;
+                let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+                let v = abar * self.std * self.std + 1.0 - abar;
+                // eps = s (x - a mean) / v and x0 = mean + a std^2 (x - a mean) / v.
+                let (eps0, eps1) = (-s * a * self.mean / v, s / v);
+                let k = a * self.std * self.std / v;
+                let (x00, x01) = (self.mean - k * a * self.mean, k);
+                Ok(match self.prediction_type {
+                    PredictionType::Epsilon => (eps0, eps1),
+                    PredictionType::Sample => (x00, x01),
+                    PredictionType::VPrediction => (a * eps0 - s * x00, a * eps1 - s * x01),
+                })
+            })
+            .collect()
+    }
+
+    /// `f(x, a, w)` elementwise, image `i` with the `(a, w)` of its timestep.
+    fn map(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        t: &[f64],
+        f: impl Fn(f64, f64, f64, usize) -> f64,
+    ) -> Result<Tensor> {
+        check_times("gaussian denoiser", x, t)?;
+        let per_image: usize = self.image.iter().product();
+        let coefficients = self.affine(t)?;
         let out: Vec<f32> = be
             .to_vec(x)?
             .iter()
-            .map(|&x| {
-                let r = x as f64 - a * self.mean;
-                let eps = s * r / v;
-                let x0 = self.mean + a * self.std * self.std * r / v;
-                (match self.prediction_type {
-                    PredictionType::Epsilon => eps,
-                    PredictionType::Sample => x0,
-                    PredictionType::VPrediction => a * eps - s * x0,
-                }) as f32
+            .enumerate()
+            .map(|(i, &x)| {
+                let (a, w) = coefficients[i / per_image];
+                f(x as f64, a, w, i) as f32
             })
             .collect();
         be.upload(x.shape(), &out)
+    }
+}
+
+/// The optimal denoiser is affine in `x` with a diagonal Jacobian `w I`, in f64 on the host.
+impl Denoiser for GaussianDenoiser {
+    fn predict(&self, be: &dyn Backend, x: &Tensor, t: &[f64]) -> Result<Tensor> {
+        self.map(be, x, t, |x, a, w, _| a + w * x)
+    }
+
+    fn predict_vjp(
+        &self,
+        be: &dyn Backend,
+        x: &Tensor,
+        t: &[f64],
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let vs = be.to_vec(v)?;
+        if v.shape() != x.shape() {
+            return Err(Error::shape(
+                "gaussian denoiser",
+                "v of the shape of x",
+                v.shape(),
+            ));
+        }
+        let y = self.predict(be, x, t)?;
+        let vjp = self.map(be, x, t, |_, _, w, i| w * vs[i] as f64)?;
+        Ok((y, vjp))
     }
 
     fn image_shape(&self) -> [usize; 3] {

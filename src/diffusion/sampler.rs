@@ -205,7 +205,7 @@ pub fn sample(
     let mut history: Option<Tensor> = None;
     for (i, &t) in timesteps.iter().enumerate() {
         let t_prev = timesteps.get(i + 1).copied();
-        let out = model.predict(be, &x, t as f64)?;
+        let out = model.predict(be, &x, &vec![t as f64; n])?;
         on_step(&StepView {
             index: i,
             total: timesteps.len(),
@@ -272,7 +272,7 @@ pub fn sample(
                 let (predicted, eps) = be.solver_step(&at_x(None, None), &heun.predictor)?;
                 match (heun.corrector, t_prev) {
                     (Some(k), Some(t_prev)) => {
-                        let out = model.predict(be, &predicted, t_prev as f64)?;
+                        let out = model.predict(be, &predicted, &vec![t_prev as f64; n])?;
                         let corrector = SolverStepInputs {
                             x_eval: &predicted,
                             model_output: &out,

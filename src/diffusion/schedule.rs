@@ -219,6 +219,29 @@ impl NoiseSchedule {
         Ok((at(i).ln() * (1.0 - f) + at(i + 1).ln() * f).exp())
     }
 
+    /// The inverse of [`Self::alpha_bar_at`]: the time in `[0, T - 1]` where `abar` is reached.
+    pub fn time_at_alpha_bar(&self, abar: f64) -> Result<f64> {
+        let ac = &self.alphas_cumprod;
+        let log = |i: usize| (ac[i] as f64).ln();
+        let last = ac.len() - 1;
+        let target = abar.ln();
+        if !(log(last)..=log(0)).contains(&target) {
+            return Err(Error::invalid(
+                "time_at_alpha_bar",
+                format!(
+                    "alpha_bar {abar} is outside the schedule's [{}, {}]",
+                    ac[last], ac[0]
+                ),
+            ));
+        }
+        // The first timestep at or below the target; the table decreases.
+        let i = ac.partition_point(|&a| (a as f64).ln() > target);
+        if i == 0 || log(i) == target {
+            return Ok(i as f64);
+        }
+        Ok((i - 1) as f64 + (log(i - 1) - target) / (log(i - 1) - log(i)))
+    }
+
     /// `abar_t` in f64, checking that `t` is a timestep of the schedule.
     fn abar(&self, op: &'static str, t: usize) -> Result<f64> {
         self.alphas_cumprod

@@ -88,7 +88,7 @@ pub fn save_png(img: &DynamicImage, path: &Path) -> Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically, creating its folder.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }

@@ -20,8 +20,12 @@ struct Cli {
 enum Command {
     /// Train a U-Net noise predictor and write a diffusers pipeline folder.
     Train(Box<cli::train::TrainArgs>),
-    /// Generate images from a trained model (a pipeline folder) with DDPM or DDIM.
+    /// Generate images from a trained model (a pipeline folder) with DDPM, DDIM, DPM-Solver++,
+    /// the reverse SDE or the probability-flow ODE.
     Sample(Box<cli::sample::SampleArgs>),
+    /// The likelihood of held-out images under a trained model, in bits/dim: the variational
+    /// bound and, with --ode, the probability-flow ODE's exact likelihood.
+    Eval(Box<cli::eval::EvalArgs>),
     /// Picture the forward process: an image and its noisy versions under one or two schedules.
     Noise(cli::noise::NoiseArgs),
     /// Time training steps and a sampling run of a model: images/s, TFLOP/s and, on the GPU,
@@ -49,6 +53,7 @@ fn main() -> Result<()> {
     rayon::scope(|_| match command {
         Command::Train(args) => cli::train::run(*args),
         Command::Sample(args) => cli::sample::run(*args),
+        Command::Eval(args) => cli::eval::run(*args),
         Command::Noise(args) => cli::noise::run(args),
         Command::Bench(args) => cli::bench::run(*args),
         Command::Info => cli::info::run(),

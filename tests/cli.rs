@@ -1,6 +1,6 @@
 //! The `diffwgpu` binary end to end: a short training run writes a complete pipeline folder,
 //! a resumed run continues exactly, sampling is deterministic and reports progress, `bench`
-//! reports speed and FLOPs, and bad input gives a clear error.
+//! reports speed and FLOPs, `eval` reports bits/dim, and bad input gives a clear error.
 
 mod common;
 
@@ -583,6 +583,133 @@ fn sample_runs_the_solvers() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `eval` on images of the model's size: the bound (drawn timesteps) and the ODE likelihood
+/// in bits/dim, the same for the same seed, the CSV of the terms and their chart; bad input
+/// named.
+fn eval_reports_bits_per_dim() {
+    let dir = scratch("eval");
+    let model = dir.join("model");
+    let o = train(&model, &["--steps", "2", "--sample-every", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = model.to_str().unwrap();
+    // 8-bit images of the model's 16x16: its own samples.
+    let images = dir.join("images");
+    let grid = dir.join("grid.png");
+    let o = diffwgpu(&[
+        "sample",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--num",
+        "5",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--out-dir",
+        images.to_str().unwrap(),
+        "--output",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (csv, png) = (dir.join("bound.csv"), dir.join("bound.png"));
+    let eval = || {
+        let o = diffwgpu(&[
+            "eval",
+            "--model",
+            m,
+            "--device",
+            "cpu",
+            "--data",
+            images.to_str().unwrap(),
+            "--num",
+            "4",
+            "--batch",
+            "3",
+            "--t-samples",
+            "5",
+            "--ode",
+            "--ode-steps",
+            "2",
+            "--csv",
+            csv.to_str().unwrap(),
+            "--plot",
+            png.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = eval();
+    assert_eq!(out, eval(), "the same seed, other estimates");
+    let bits = |prefix: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{out}"));
+        line[prefix.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (bound, ode) = (bits("variational bound: "), bits("ODE likelihood: "));
+    assert!(bound > 0.0 && bound.is_finite(), "{out}");
+    assert!(ode > 0.0 && ode.is_finite(), "{out}");
+    assert!(
+        out.contains("over 4 images (5 drawn timesteps per image)"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "term,t,bits_per_dim,std_error,images");
+    assert!(rows[1].starts_with("prior,1000,"), "{text}");
+    // 4 images x 5 draws, counted per timestep.
+    let counted: usize = rows[2..]
+        .iter()
+        .map(|r| r.rsplit(',').next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(counted, 20, "{text}");
+    let chart = image::open(&png).unwrap();
+    assert!(chart.width() > 100 && chart.height() > 100);
+
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(model.join("unet").join(f), bare.join(f)).unwrap();
+    }
+    let data = images.to_str().unwrap();
+    let never = dir.join("never.csv");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", bare.to_str().unwrap(), "--data", data],
+            "no scheduler config",
+        ),
+        // The embedded digits are 32x32, resampled to 16x16.
+        (vec!["--model", m], "not one of the 256 levels"),
+        (vec!["--model", m, "--data", data, "--num", "0"], "--num 0"),
+        (
+            vec!["--model", m, "--data", data, "--num", "9"],
+            "holds 5 images",
+        ),
+        (
+            vec!["--model", m, "--data", data, "--t-samples", "0"],
+            "--t-samples 0",
+        ),
+    ];
+    for (extra, want) in cases {
+        let args = [
+            &["eval", "--device", "cpu", "--csv", never.to_str().unwrap()][..],
+            &extra,
+        ]
+        .concat();
+        fails_clearly(&args, want);
+        assert!(!never.exists(), "{extra:?} wrote its CSV");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Without a terminal (stderr is a pipe here) `sample` prints a line every 10 % of the model
 /// evaluations instead of its hidden progress bar.
 fn sample_without_a_terminal_prints_progress_lines() {
@@ -764,6 +891,7 @@ tests! {
         bad_input_gives_clear_errors,
         sample_writes_deterministic_images,
         sample_runs_the_solvers,
+        eval_reports_bits_per_dim,
         sample_without_a_terminal_prints_progress_lines,
         bench_reports_speed_and_flops,
         noise_pictures_the_forward_process,

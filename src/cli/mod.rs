@@ -2,9 +2,12 @@
 
 pub mod bench;
 pub mod device;
+pub mod eval;
 pub mod info;
 pub mod model;
 pub mod noise;
+pub mod pipeline;
+pub mod plot;
 pub mod progress;
 pub mod sample;
 pub mod train;

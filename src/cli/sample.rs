@@ -9,19 +9,18 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diffwgpu::checkpoint::{
-    load_pipeline, read_safetensors, unet_weights, write_safetensors, NamedTensor,
-    DPM_SOLVER_SCHEDULER,
+    read_safetensors, write_safetensors, NamedTensor, DPM_SOLVER_SCHEDULER,
 };
 use diffwgpu::diffusion::{
     inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, TimestepSpacing, UNetDenoiser,
     VarianceType,
 };
 use diffwgpu::images;
-use diffwgpu::nn::UNet2D;
-use diffwgpu::{Backend, Tensor};
+use diffwgpu::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::device::{self, DeviceChoice};
+use super::pipeline::TrainedModel;
 use super::progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -147,17 +146,8 @@ fn evenly(n: usize, k: usize) -> Vec<usize> {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
-    let folder = load_pipeline(&args.model)?;
-    let scheduler = folder.scheduler.clone().with_context(|| {
-        format!(
-            "{} has no scheduler config (scheduler/scheduler_config.json); sampling needs the \
-             noise schedule the model was trained with",
-            args.model.display()
-        )
-    })?;
-    let model = UNet2D::new(&folder.config)?;
-    let weights_path = folder.root.join("unet");
-    let values = unet_weights(&model, &folder.weights, &weights_path)?;
+    let trained = TrainedModel::load(&args.model, "sampling")?;
+    let (model, scheduler) = (&trained.model, &trained.scheduler);
     let schedule = scheduler.schedule()?;
     let prediction_type = scheduler.prediction_type()?;
     let t_max = schedule.num_train_timesteps();
@@ -236,13 +226,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let (be, why) = device::open(args.device)?;
     let be: &dyn Backend = be.as_ref();
     eprintln!("device: {why}");
-    let params: Vec<Tensor> = model
-        .params
-        .specs
-        .iter()
-        .zip(&values)
-        .map(|(spec, v)| be.upload(&spec.shape, v))
-        .collect::<diffwgpu::Result<_>>()?;
+    let params = trained.params(be)?;
 
     let evaluations = (steps * n.div_ceil(batch)) as u64;
     let bar = ProgressBar::new(evaluations);
@@ -282,7 +266,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let x0 = sample(
             be,
             &UNetDenoiser {
-                model: &model,
+                model,
                 params: &params,
             },
             &schedule,

@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::diffusion::Denoiser;
 use crate::error::{Error, Result};
 use crate::likelihood::terms::{bits_per_dim, VariationalBound};
-use crate::likelihood::Estimate;
+use crate::likelihood::{image_count, Estimate};
 use crate::rng;
 
 /// Which terms of each image are evaluated.
@@ -84,18 +84,7 @@ pub fn variational_bound(
     batch: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<BoundEstimate> {
-    let shape = model.image_shape();
-    let dims: usize = shape.iter().product();
-    let n = images.len() / dims.max(1);
-    if n == 0 || images.len() != n * dims {
-        return Err(Error::invalid(
-            "variational bound",
-            format!(
-                "{} values are not a whole number of images of {shape:?}, at least one",
-                images.len()
-            ),
-        ));
-    }
+    let (shape, dims, n) = image_count("variational bound", model, images)?;
     let t_max = vb.timesteps()?;
     let (draws, weight) = match terms {
         Terms::Every => (t_max, 1.0),

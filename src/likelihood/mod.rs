@@ -10,6 +10,31 @@ pub use bound::{variational_bound, BoundEstimate, TermStats, Terms};
 pub use ode::ode_log_likelihood;
 pub use terms::{bits_per_dim, Decoder, VariationalBound};
 
+use crate::diffusion::Denoiser;
+use crate::error::{Error, Result};
+
+/// The model's image shape, its number of values and how many images `images` holds: a
+/// whole number, at least one.
+fn image_count(
+    op: &'static str,
+    model: &dyn Denoiser,
+    images: &[f32],
+) -> Result<([usize; 3], usize, usize)> {
+    let shape = model.image_shape();
+    let dims: usize = shape.iter().product();
+    let n = images.len() / dims.max(1);
+    if n == 0 || images.len() != n * dims {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "{} values are not a whole number of images of {shape:?}, at least one",
+                images.len()
+            ),
+        ));
+    }
+    Ok((shape, dims, n))
+}
+
 /// A mean over samples and its standard error (`NaN` with fewer than two samples).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {

@@ -16,6 +16,7 @@
 use crate::backend::Backend;
 use crate::diffusion::{Denoiser, NoiseSchedule, PredictionType};
 use crate::error::{Error, Result};
+use crate::likelihood::image_count;
 use crate::likelihood::terms::gaussian_log_density;
 use crate::rng;
 
@@ -61,18 +62,7 @@ pub fn ode_log_likelihood(
     batch: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<f64>> {
-    let shape = model.image_shape();
-    let dims: usize = shape.iter().product();
-    let n = images.len() / dims.max(1);
-    if n == 0 || images.len() != n * dims {
-        return Err(Error::invalid(
-            "ode likelihood",
-            format!(
-                "{} values are not a whole number of images of {shape:?}, at least one",
-                images.len()
-            ),
-        ));
-    }
+    let (shape, dims, n) = image_count("ode likelihood", model, images)?;
     let last = schedule.num_train_timesteps() - 1;
     if steps == 0 || last == 0 {
         return Err(Error::invalid(

@@ -325,6 +325,8 @@ fn counting_dataset(len: usize) -> Dataset {
         channels: 1,
         size: 2,
         source: "counting".into(),
+        labels: None,
+        class_names: Vec::new(),
     }
 }
 
@@ -412,4 +414,304 @@ fn batcher_misuse_is_refused() {
     broken.images.pop();
     let msg = data_error(batcher.batch(&broken, 0));
     assert!(msg.contains("pixel values"), "{msg}");
+}
+
+/// The class counts of the embedded labels, digits 0 to 9 (data/README.md).
+const EMBEDDED_CLASS_COUNTS: [usize; 10] = [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978];
+
+/// How many of `labels` are each class id `0..classes`.
+fn class_counts(labels: &[u32], classes: usize) -> Vec<usize> {
+    let mut counts = vec![0; classes];
+    for &label in labels {
+        counts[label as usize] += 1;
+    }
+    counts
+}
+
+#[test]
+fn embedded_labels_have_the_readme_class_counts() {
+    let train = Dataset::open_labelled(None, 32, 1).unwrap();
+    let test = Dataset::embedded_mnist_labelled(Split::Test, 16, 3).unwrap();
+    let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+    for (ds, len) in [(&train, 9000), (&test, 1000)] {
+        ds.check().unwrap();
+        assert_eq!(ds.len, len);
+        assert_eq!(ds.labels.as_ref().unwrap().len(), len);
+        assert_eq!(ds.class_names, digits);
+        assert_eq!(ds.num_classes(), 10);
+    }
+    let (train_labels, test_labels) = (train.labels.unwrap(), test.labels.unwrap());
+    assert_eq!(train_labels[..12], [3, 8, 1, 0, 4, 0, 9, 3, 4, 9, 3, 2]);
+    assert_eq!(test_labels[..6], [2, 6, 6, 7, 0, 4]);
+    let (a, b) = (
+        class_counts(&train_labels, 10),
+        class_counts(&test_labels, 10),
+    );
+    let total: Vec<usize> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
+    assert_eq!(total, EMBEDDED_CLASS_COUNTS);
+    assert!(b.iter().all(|&n| n > 50), "test split counts {b:?}");
+
+    // The labelled loaders make the same images as the unlabelled ones.
+    let plain = Dataset::open(None, 32, 1).unwrap();
+    assert_eq!(plain.images, train.images);
+    assert_eq!((plain.labels.as_ref(), plain.num_classes()), (None, 0));
+    let plain_test = Dataset::embedded_mnist(Split::Test, 16, 3).unwrap();
+    assert_eq!(plain_test.images, test.images);
+}
+
+/// An IDX labels file holding `labels`.
+fn idx_label_bytes(labels: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for word in [0x0801, labels.len() as u32] {
+        bytes.extend_from_slice(&word.to_be_bytes());
+    }
+    bytes.extend_from_slice(labels);
+    bytes
+}
+
+#[test]
+fn mnist_labels_are_found_beside_the_images() {
+    let labels = [2u8, 0, 5, 1, 2];
+    let want: Vec<u32> = labels.iter().map(|&l| u32::from(l)).collect();
+    let names: Vec<String> = (0..6).map(|d| d.to_string()).collect();
+    let images = idx_bytes(5, 28, 28);
+    // MNIST's download names, both gzipped; the t10k names, both plain; and gzip on one side.
+    let cases = [
+        (
+            "train-images-idx3-ubyte.gz",
+            gzip(&images),
+            "train-labels-idx1-ubyte.gz",
+            gzip(&idx_label_bytes(&labels)),
+        ),
+        (
+            "t10k-images.idx3-ubyte",
+            images.clone(),
+            "t10k-labels.idx1-ubyte",
+            idx_label_bytes(&labels),
+        ),
+        (
+            "digits-images-idx3-ubyte",
+            images.clone(),
+            "digits-labels-idx1-ubyte.gz",
+            gzip(&idx_label_bytes(&labels)),
+        ),
+    ];
+    for (images_name, images_bytes, labels_name, labels_bytes) in cases {
+        let dir = temp_dir("idx-labels");
+        std::fs::write(dir.join(images_name), images_bytes).unwrap();
+        std::fs::write(dir.join(labels_name), labels_bytes).unwrap();
+        let unlabelled = Dataset::from_idx(dir.join(images_name), 32, 1).unwrap();
+        for spec in [dir.clone(), dir.join(images_name)] {
+            let ds =
+                Dataset::open_labelled(Some(&format!("mnist:{}", spec.display())), 32, 1).unwrap();
+            ds.check().unwrap();
+            assert_eq!(ds.labels.as_deref(), Some(&want[..]), "{images_name}");
+            assert_eq!(ds.class_names, names);
+            assert_eq!(ds.images, unlabelled.images);
+            assert!(ds.source.contains(labels_name), "{}", ds.source);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn bad_labels_files_are_explained() {
+    let dir = temp_dir("idx-labels-bad");
+    let images = dir.join("train-images-idx3-ubyte");
+    std::fs::write(&images, idx_bytes(3, 28, 28)).unwrap();
+    let spec = format!("mnist:{}", images.display());
+    let labels = dir.join("train-labels-idx1-ubyte");
+    let open = || Dataset::open_labelled(Some(&spec), 32, 1);
+
+    let msg = data_error(open());
+    assert!(
+        msg.contains("no labels file") && msg.contains(&labels.display().to_string()),
+        "{msg}"
+    );
+
+    let labelled = |bytes: &[u8]| {
+        std::fs::write(&labels, bytes).unwrap();
+        let msg = data_error(open());
+        assert!(msg.contains("train-labels-idx1-ubyte"), "{msg}");
+        msg
+    };
+    let msg = labelled(&idx_bytes(3, 28, 28));
+    assert!(msg.contains("images file (magic 0x00000803)"), "{msg}");
+    let mut other = idx_label_bytes(&[1, 2, 3]);
+    other[2] = 0x0d;
+    let msg = labelled(&other);
+    assert!(msg.contains("0x00000d01"), "{msg}");
+    let full = idx_label_bytes(&[1, 2, 3]);
+    let msg = labelled(&full[..10]);
+    assert!(
+        msg.contains("3 labels but 2 bytes") && msg.contains("truncated"),
+        "{msg}"
+    );
+    let msg = labelled(&full[..6]);
+    assert!(msg.contains("too short"), "{msg}");
+    let zipped = gzip(&full);
+    let msg = labelled(&zipped[..zipped.len() / 2]);
+    assert!(msg.contains("gzip"), "{msg}");
+    let msg = labelled(&idx_label_bytes(&[1, 2, 3, 4]));
+    assert!(
+        msg.contains("holds 4 labels") && msg.contains("holds 3 images"),
+        "{msg}"
+    );
+    let msg = labelled(&[&full[..], &[7]].concat());
+    assert!(msg.contains("3 labels but 4 bytes"), "{msg}");
+    std::fs::write(&labels, &full).unwrap();
+    assert_eq!(open().unwrap().labels, Some(vec![1, 2, 3]));
+
+    std::fs::write(dir.join("digits.bin"), idx_bytes(3, 28, 28)).unwrap();
+    let msg = data_error(Dataset::open_labelled(
+        Some(&format!("mnist:{}", dir.join("digits.bin").display())),
+        32,
+        1,
+    ));
+    assert!(
+        msg.contains("digits.bin") && msg.contains("neither"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Saves a 4 x 4 gray PNG of value `v` at `dir/path`, making the folders it needs.
+fn gray_png(dir: &std::path::Path, path: &str, v: u8) {
+    let file = dir.join(path);
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    GrayImage::from_pixel(4, 4, image::Luma([v]))
+        .save(file)
+        .unwrap();
+}
+
+#[test]
+fn class_folders_are_labelled_in_sorted_order() {
+    let dir = temp_dir("classes");
+    gray_png(&dir, "zebra/b.png", 60);
+    gray_png(&dir, "zebra/a.png", 50);
+    gray_png(&dir, "ant/x.png", 10);
+    gray_png(&dir, "cat/2.png", 30);
+    gray_png(&dir, "cat/1.png", 20);
+    gray_png(&dir, "cat/kittens/3.png", 40);
+    std::fs::write(dir.join("cat").join("notes.txt"), "not an image").unwrap();
+    std::fs::write(dir.join("README.md"), "three classes").unwrap();
+    let ds = Dataset::open_labelled(Some(dir.to_str().unwrap()), 2, 3).unwrap();
+    ds.check().unwrap();
+    assert_eq!((ds.len, ds.channels, ds.size), (6, 3, 2));
+    assert_eq!(ds.class_names, ["ant", "cat", "zebra"]);
+    assert_eq!(ds.num_classes(), 3);
+    assert_eq!(ds.labels, Some(vec![0, 1, 1, 1, 2, 2]));
+    assert!(ds.source.contains("6 images, 3 classes"), "{}", ds.source);
+    // Classes in order, each class's images in sorted path order.
+    for (i, v) in [10, 20, 30, 40, 50, 60].into_iter().enumerate() {
+        for &got in ds.image(i) {
+            assert_close(got, v as f32 / 255.0 * 2.0 - 1.0);
+        }
+    }
+    // The unlabelled loader reads the same folder as one pile of images.
+    assert_eq!(
+        Dataset::open(Some(dir.to_str().unwrap()), 2, 3)
+            .unwrap()
+            .len,
+        6
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_class_folders_are_explained() {
+    let dir = temp_dir("classes-bad");
+    let open = |dir: &std::path::Path| Dataset::from_class_folders(dir, 8, 1);
+    std::fs::write(dir.join("README.md"), "no classes yet").unwrap();
+    let msg = data_error(open(&dir));
+    assert!(msg.contains("no class subfolders"), "{msg}");
+
+    gray_png(&dir, "cat/a.png", 1);
+    std::fs::create_dir_all(dir.join("dog").join("puppies")).unwrap();
+    std::fs::write(dir.join("dog").join("notes.txt"), "text").unwrap();
+    let msg = data_error(open(&dir));
+    assert!(
+        msg.contains(&dir.join("dog").display().to_string()) && msg.contains("holds no images"),
+        "{msg}"
+    );
+
+    gray_png(&dir, "dog/puppies/b.png", 2);
+    gray_png(&dir, "loose.PNG", 3);
+    let msg = data_error(open(&dir));
+    assert!(
+        msg.contains("loose.PNG") && msg.contains("its own subfolder"),
+        "{msg}"
+    );
+    std::fs::remove_file(dir.join("loose.PNG")).unwrap();
+    assert_eq!(open(&dir).unwrap().labels, Some(vec![0, 1]));
+
+    let msg = data_error(open(&dir.join("nowhere")));
+    assert!(msg.contains("no such folder"), "{msg}");
+    let msg = data_error(Dataset::from_class_folders(&dir, 8, 2));
+    assert!(msg.contains("1 (grayscale) or 3 (RGB)"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// [`counting_dataset`] labelled `i % 3` for image `i`, in 3 classes.
+fn labelled_counting_dataset(len: usize) -> Dataset {
+    Dataset {
+        labels: Some((0..len as u32).map(|i| i % 3).collect()),
+        class_names: ["a", "b", "c"].map(String::from).to_vec(),
+        ..counting_dataset(len)
+    }
+}
+
+#[test]
+fn batch_labels_match_the_batch_images() {
+    let ds = labelled_counting_dataset(10);
+    let labels = ds.labels.clone().unwrap();
+    let mut flips = 0;
+    for hflip in [false, true] {
+        let batcher = Batcher::new(10, 4, 11, hflip).unwrap();
+        for step in 0..30 {
+            let images = batcher.batch(&ds, step).unwrap();
+            let got = batcher.batch_labels(&ds, step).unwrap();
+            assert_eq!(got.len(), 4);
+            for (image, label) in images.chunks_exact(4).zip(got) {
+                // Which dataset image this is, mirrored or not.
+                let index = (0..ds.len)
+                    .find(|&i| {
+                        let x = ds.image(i);
+                        image == x || image == [x[1], x[0], x[3], x[2]]
+                    })
+                    .unwrap();
+                flips += usize::from(image != ds.image(index));
+                assert_eq!(label, labels[index], "step {step}");
+            }
+        }
+    }
+    assert!(flips > 20, "{flips} flips");
+
+    let batcher = Batcher::new(10, 4, 11, false).unwrap();
+    let msg = data_error(batcher.batch_labels(&counting_dataset(10), 0));
+    assert!(msg.contains("no class labels"), "{msg}");
+    let msg = data_error(batcher.batch_labels(&labelled_counting_dataset(9), 0));
+    assert!(msg.contains("made for 10 images"), "{msg}");
+}
+
+#[test]
+fn dataset_check_refuses_bad_labels() {
+    labelled_counting_dataset(4).check().unwrap();
+    let mut short = labelled_counting_dataset(4);
+    short.labels.as_mut().unwrap().pop();
+    let msg = data_error(short.check());
+    assert!(msg.contains("3 labels for 4 images"), "{msg}");
+
+    let mut unnamed = labelled_counting_dataset(4);
+    unnamed.class_names.pop();
+    let msg = data_error(unnamed.check());
+    assert!(msg.contains("image 2 has label 2"), "{msg}");
+
+    let mut nameless = counting_dataset(4);
+    nameless.class_names.push("a".into());
+    let msg = data_error(nameless.check());
+    assert!(msg.contains("has no labels"), "{msg}");
+    let batcher = Batcher::new(4, 2, 1, false).unwrap();
+    let msg = data_error(batcher.batch_labels(&unnamed, 0));
+    assert!(msg.contains("has label 2"), "{msg}");
 }

@@ -7,7 +7,8 @@
 //! `0..len` whose swap for position `p` (from `len - 1` down to 1) picks `k = (w (p + 1)) >> 32`
 //! in `0..=p` from the 32-bit word `w` at index `e len + p` of the Philox stream
 //! [`SHUFFLE_STREAM`] of the seed (see [`crate::rng`]). With horizontal flips on, draw `j` is
-//! mirrored when the uniform of word `j` of stream [`FLIP_STREAM`] is below 1/2.
+//! mirrored when the uniform of word `j` of stream [`FLIP_STREAM`] is below 1/2. The labels
+//! of a batch ([`Batcher::batch_labels`]) are those of the images it drew, flipped or not.
 //!
 //! Nothing is remembered between calls: batch `step` of a resumed run is the batch the
 //! uninterrupted run drew. Each call reshuffles the epochs its batch touches, which costs a
@@ -101,9 +102,8 @@ impl Batcher {
         self.hflip && uniform_from_bits(word(self.seed, FLIP_STREAM, j)) < 0.5
     }
 
-    /// The pixels of batch `step`, `[batch, channels, size, size]`, from `ds`, which must
-    /// have the `len` images the batcher was made for.
-    pub fn batch(&self, ds: &Dataset, step: u64) -> Result<Vec<f32>> {
+    /// Checks that `ds` is sound and has the `len` images the batcher was made for.
+    fn check(&self, ds: &Dataset) -> Result<()> {
         ds.check()?;
         if ds.len != self.len {
             return Err(Error::Data {
@@ -115,6 +115,13 @@ impl Batcher {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// The pixels of batch `step`, `[batch, channels, size, size]`, from `ds`, which must
+    /// have the `len` images the batcher was made for.
+    pub fn batch(&self, ds: &Dataset, step: u64) -> Result<Vec<f32>> {
+        self.check(ds)?;
         let first = step.wrapping_mul(self.batch as u64);
         let mut out = Vec::with_capacity(self.batch * ds.image_len());
         for (i, index) in self.batch_indices(step).into_iter().enumerate() {
@@ -128,5 +135,25 @@ impl Batcher {
             }
         }
         Ok(out)
+    }
+
+    /// The class labels of batch `step`, `[batch]`: the label of each image
+    /// [`Batcher::batch`] returns for the same step, in the same order (a mirrored image keeps
+    /// its label). `ds` must be labelled and have the `len` images the batcher was made for.
+    pub fn batch_labels(&self, ds: &Dataset, step: u64) -> Result<Vec<u32>> {
+        self.check(ds)?;
+        let Some(labels) = &ds.labels else {
+            return Err(Error::Data {
+                path: ds.source.clone(),
+                msg: "has no class labels; load it with Dataset::open_labelled (the embedded \
+                      digits, mnist:PATH with its labels file, or a folder of class folders)"
+                    .into(),
+            });
+        };
+        Ok(self
+            .batch_indices(step)
+            .into_iter()
+            .map(|i| labels[i])
+            .collect())
     }
 }

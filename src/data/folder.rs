@@ -24,19 +24,7 @@ impl Dataset {
         let dir = dir.as_ref();
         let name = dir.display().to_string();
         check_shape(&name, size, channels)?;
-        if !dir.is_dir() {
-            let msg = if dir.exists() {
-                "is not a folder; pass a folder of PNG/JPEG images, or mnist:PATH for an MNIST \
-                 IDX file"
-            } else {
-                "no such folder; check the path, or leave the dataset out to train on the \
-                 embedded MNIST digits"
-            };
-            return Err(Error::Data {
-                path: name,
-                msg: msg.into(),
-            });
-        }
+        check_folder(dir)?;
         let mut files = Vec::new();
         collect_images(dir, &mut files)?;
         files.sort();
@@ -50,23 +38,37 @@ impl Dataset {
                 ),
             });
         }
-        let images = files
-            .par_iter()
-            .map(|file| load_image(file, size, channels))
-            .collect::<Result<Vec<_>>>()?
-            .concat();
         Ok(Dataset {
-            images,
+            images: load_images(&files, size, channels)?,
             len: files.len(),
             channels,
             size,
             source: format!("image folder {name} ({} images)", files.len()),
+            labels: None,
+            class_names: Vec::new(),
         })
     }
 }
 
+/// Checks that `dir` is a folder; the error says what is wrong with the path.
+pub(super) fn check_folder(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let msg = if dir.exists() {
+        "is not a folder; pass a folder of PNG/JPEG images, or mnist:PATH for an MNIST IDX file"
+    } else {
+        "no such folder; check the path, or leave the dataset out to train on the embedded \
+         MNIST digits"
+    };
+    Err(Error::Data {
+        path: dir.display().to_string(),
+        msg: msg.into(),
+    })
+}
+
 /// Whether `path` has one of the [`EXTENSIONS`].
-fn is_image(path: &Path) -> bool {
+pub(super) fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
@@ -74,7 +76,7 @@ fn is_image(path: &Path) -> bool {
 
 /// Adds the image files under `dir` to `files`. Folders reached through symbolic links are
 /// not entered, so a link cycle cannot make the walk endless; linked files are read.
-fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+pub(super) fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
     let err = |e: std::io::Error| Error::Data {
         path: dir.display().to_string(),
         msg: format!("cannot list the folder ({e}); check its permissions"),
@@ -89,6 +91,16 @@ fn collect_images(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Decodes `files`, in parallel, and returns their pixels one image after another, as
+/// [`load_image`] makes them.
+pub(super) fn load_images(files: &[PathBuf], size: usize, channels: usize) -> Result<Vec<f32>> {
+    Ok(files
+        .par_iter()
+        .map(|file| load_image(file, size, channels))
+        .collect::<Result<Vec<_>>>()?
+        .concat())
 }
 
 /// Decodes one image and returns its `channels` planes of `size` x `size` pixels in [-1, 1]:

@@ -6,6 +6,7 @@
 //! usually distributed gzipped (`train-images-idx3-ubyte.gz`); a gzip stream is recognised by
 //! its first two bytes, 1f 8b, whatever the file is called.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -59,18 +60,7 @@ impl IdxImages {
             path: path.into(),
             msg,
         };
-        let unzipped;
-        let bytes = if bytes.starts_with(&GZIP_MAGIC) {
-            let mut out = Vec::new();
-            MultiGzDecoder::new(bytes)
-                .read_to_end(&mut out)
-                .map_err(|e| err(format!("corrupt gzip data ({e}); download the file again")))?;
-            unzipped = out;
-            &unzipped[..]
-        } else {
-            bytes
-        };
-
+        let bytes = gunzip(bytes, path)?;
         if bytes.len() < HEADER_LEN {
             return Err(err(format!(
                 "{} bytes is too short for an IDX images file (its header alone is \
@@ -169,6 +159,8 @@ impl IdxImages {
             channels,
             size,
             source,
+            labels: None,
+            class_names: Vec::new(),
         })
     }
 }
@@ -178,15 +170,36 @@ impl Dataset {
     /// holding one, treated as the embedded digits are: padded to 32 x 32, then resized to
     /// `size` x `size`, gray repeated into 3 channels when `channels` is 3.
     pub fn from_idx(path: impl AsRef<Path>, size: usize, channels: usize) -> Result<Dataset> {
-        let path = path.as_ref();
-        let file = if path.is_dir() {
-            find_images_file(path)?
-        } else {
-            path.to_path_buf()
-        };
+        let file = images_file(path.as_ref())?;
         let idx = IdxImages::read(&file)?;
         let source = format!("MNIST IDX file {} ({} images)", file.display(), idx.count);
         idx.to_dataset(0..idx.count, size, channels, source)
+    }
+}
+
+/// `bytes` gunzipped if they are a gzip stream (they start with 1f 8b), else as they are;
+/// `path` names the file in errors.
+pub(super) fn gunzip<'a>(bytes: &'a [u8], path: &str) -> Result<Cow<'a, [u8]>> {
+    if !bytes.starts_with(&GZIP_MAGIC) {
+        return Ok(Cow::Borrowed(bytes));
+    }
+    let mut out = Vec::new();
+    MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::Data {
+            path: path.into(),
+            msg: format!("corrupt gzip data ({e}); download the file again"),
+        })?;
+    Ok(Cow::Owned(out))
+}
+
+/// The IDX images file `mnist:PATH` names: `path` itself, or the one [`find_images_file`]
+/// finds when `path` is a folder.
+pub(super) fn images_file(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        find_images_file(path)
+    } else {
+        Ok(path.to_path_buf())
     }
 }
 

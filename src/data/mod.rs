@@ -10,11 +10,19 @@
 //! - [`Dataset::from_idx`]: an MNIST IDX images file, gzipped or not.
 //! - [`Dataset::from_folder`]: every PNG and JPEG under a folder.
 //! - [`Dataset::open`]: one of the three, from a command-line spec.
+//!
+//! For class-conditional training each has a labelled twin that also gives every image a
+//! class id ([`Dataset::labels`], named by [`Dataset::class_names`]):
+//! [`Dataset::embedded_mnist_labelled`], [`Dataset::from_idx_labelled`] (with the IDX labels
+//! file beside the images), [`Dataset::from_class_folders`] (one subfolder per class) and
+//! [`Dataset::open_labelled`].
 
 pub mod batches;
+pub mod class_folders;
 pub mod embedded;
 pub mod folder;
 pub mod idx;
+pub mod idx_labels;
 mod square;
 
 pub use batches::Batcher;
@@ -40,33 +48,75 @@ pub struct Dataset {
     pub size: usize,
     /// Where the images came from, for logs and model cards.
     pub source: String,
+    /// The class id of each image, when the source has labels: `len` ids, each below
+    /// `class_names.len()`. `None` for unlabelled data.
+    pub labels: Option<Vec<u32>>,
+    /// The name of each class id (`class_names[id]`); empty when unlabelled.
+    pub class_names: Vec<String>,
+}
+
+/// What a command-line dataset spec names.
+enum Spec<'a> {
+    /// No spec: the embedded MNIST digits.
+    Embedded,
+    /// `mnist:PATH`: an MNIST IDX images file, or a folder holding one.
+    Idx(&'a str),
+    /// Any other spec: a folder of images.
+    Folder(&'a str),
+}
+
+impl<'a> Spec<'a> {
+    /// Reads a spec; an empty path is an error.
+    fn parse(spec: Option<&'a str>) -> Result<Spec<'a>> {
+        let Some(spec) = spec else {
+            return Ok(Spec::Embedded);
+        };
+        let parsed = match spec.strip_prefix("mnist:") {
+            Some(path) => Spec::Idx(path),
+            None => Spec::Folder(spec),
+        };
+        if let Spec::Idx(path) | Spec::Folder(path) = parsed {
+            if path.trim().is_empty() {
+                return Err(Error::Data {
+                    path: format!("{spec:?}"),
+                    msg: "no path given; pass a folder of PNG/JPEG images, or mnist:PATH for an \
+                          MNIST IDX images file, or no dataset for the embedded MNIST digits"
+                        .into(),
+                });
+            }
+        }
+        Ok(parsed)
+    }
 }
 
 impl Dataset {
     /// Reads the dataset a command line names: `None` is the embedded MNIST training split,
     /// `mnist:PATH` an MNIST IDX images file (or a folder holding one), anything else a
-    /// folder of images.
+    /// folder of images. The dataset has no labels.
     pub fn open(spec: Option<&str>, size: usize, channels: usize) -> Result<Dataset> {
-        let Some(spec) = spec else {
-            return Dataset::embedded_mnist(Split::Train, size, channels);
-        };
-        let (path, is_idx) = match spec.strip_prefix("mnist:") {
-            Some(path) => (path, true),
-            None => (spec, false),
-        };
-        if path.trim().is_empty() {
-            return Err(Error::Data {
-                path: format!("{spec:?}"),
-                msg: "no path given; pass a folder of PNG/JPEG images, or mnist:PATH for an \
-                      MNIST IDX images file, or no dataset for the embedded MNIST digits"
-                    .into(),
-            });
+        match Spec::parse(spec)? {
+            Spec::Embedded => Dataset::embedded_mnist(Split::Train, size, channels),
+            Spec::Idx(path) => Dataset::from_idx(path, size, channels),
+            Spec::Folder(path) => Dataset::from_folder(path, size, channels),
         }
-        if is_idx {
-            Dataset::from_idx(path, size, channels)
-        } else {
-            Dataset::from_folder(path, size, channels)
+    }
+
+    /// Reads the dataset a command line names, as [`Dataset::open`] does, with its class
+    /// labels: `None` is the embedded MNIST training split labelled with its digits,
+    /// `mnist:PATH` an MNIST IDX images file (or a folder holding one) labelled by the IDX
+    /// labels file beside it, anything else a folder of class folders, one per class. A source
+    /// without labels is an error that says what is missing.
+    pub fn open_labelled(spec: Option<&str>, size: usize, channels: usize) -> Result<Dataset> {
+        match Spec::parse(spec)? {
+            Spec::Embedded => Dataset::embedded_mnist_labelled(Split::Train, size, channels),
+            Spec::Idx(path) => Dataset::from_idx_labelled(path, size, channels),
+            Spec::Folder(path) => Dataset::from_class_folders(path, size, channels),
         }
+    }
+
+    /// Number of classes: the length of [`Dataset::class_names`], 0 when unlabelled.
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
     }
 
     /// Number of pixels in one image: `channels * size * size`.
@@ -74,8 +124,9 @@ impl Dataset {
         self.channels * self.size * self.size
     }
 
-    /// Checks that the fields agree: a size and channel count the loaders make, and
-    /// `len * channels * size * size` pixels.
+    /// Checks that the fields agree: a size and channel count the loaders make,
+    /// `len * channels * size * size` pixels, and when labelled, `len` labels that are all
+    /// class ids (below `class_names.len()`); when unlabelled, no class names.
     pub fn check(&self) -> Result<()> {
         check_shape(&self.source, self.size, self.channels)?;
         if Some(self.images.len()) != self.len.checked_mul(self.image_len()) {
@@ -93,7 +144,42 @@ impl Dataset {
                 ),
             });
         }
-        Ok(())
+        self.check_labels()
+    }
+
+    /// The label part of [`Dataset::check`].
+    fn check_labels(&self) -> Result<()> {
+        let msg = match &self.labels {
+            None if self.class_names.is_empty() => return Ok(()),
+            None => format!(
+                "names {} classes but has no labels; set `labels`, or clear `class_names` for \
+                 unlabelled data",
+                self.class_names.len()
+            ),
+            Some(labels) if labels.len() != self.len => format!(
+                "holds {} labels for {} images; give every image one label, or load labelled \
+                 data with Dataset::open_labelled",
+                labels.len(),
+                self.len
+            ),
+            Some(labels) => match labels
+                .iter()
+                .position(|&l| l as usize >= self.class_names.len())
+            {
+                None => return Ok(()),
+                Some(i) => format!(
+                    "image {i} has label {} but only {} classes are named, so labels must be \
+                     below {}; name every class in `class_names`",
+                    labels[i],
+                    self.class_names.len(),
+                    self.class_names.len()
+                ),
+            },
+        };
+        Err(Error::Data {
+            path: self.source.clone(),
+            msg,
+        })
     }
 
     /// The pixels of image `i`, channel after channel. Panics if `i >= len`, as slice

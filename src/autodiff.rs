@@ -89,6 +89,11 @@ enum Op {
         u: Tensor,
         p: f32,
     },
+    /// Rows of the table `w` picked by `labels`.
+    Embedding {
+        w: Var,
+        labels: Vec<u32>,
+    },
 }
 
 impl Op {
@@ -117,7 +122,8 @@ impl Op {
             | Op::Upsample2x { x }
             | Op::Transpose { x }
             | Op::Reshape { x }
-            | Op::Dropout { x, .. } => vec![x],
+            | Op::Dropout { x, .. }
+            | Op::Embedding { w: x, .. } => vec![x],
             Op::Add { a, b } | Op::ConcatChannels { a, b } => vec![a, b],
             Op::Attention { qkv, .. } => vec![qkv],
         }
@@ -472,6 +478,13 @@ impl<'b> Tape<'b> {
         Ok(self.output(y, &[x], || Op::Dropout { x, u, p }))
     }
 
+    /// The rows of the table `w [K, D]` that `labels` name: `[B, D]` (`nn.Embedding`).
+    pub fn embedding(&mut self, w: Var, labels: &[u32]) -> Result<Var> {
+        let y = self.be.embedding(self.value(w), labels)?;
+        let labels = labels.to_vec();
+        Ok(self.output(y, &[w], || Op::Embedding { w, labels }))
+    }
+
     /// Backpropagates `seed` (the gradient of the final scalar w.r.t. `out`) through every
     /// recorded op, newest first; every gradient, parameters' included, is a tensor.
     pub fn backward(self, out: Var, seed: Tensor) -> Result<Gradients> {
@@ -568,6 +581,7 @@ impl<'b> Tape<'b> {
                     let s = be.group_norm_grad_splits(self.value(*x), self.value(*gamma), p)?;
                     vec![(vec![*gamma], s), (vec![*beta], s)]
                 }
+                Op::Embedding { w, .. } => vec![(vec![*w], 1)],
                 op => {
                     if op.vars().iter().any(|v| self.param_of[v.0].is_some()) {
                         return Err(Error::invalid(
@@ -937,6 +951,12 @@ impl<'b> Tape<'b> {
             Op::Dropout { x, u, p } => {
                 let dx = be.dropout(dy, u, *p)?;
                 self.accumulate(g, *x, dx)?;
+            }
+            Op::Embedding { w, labels } => {
+                let wv = self.value(*w);
+                let t = self.targets(sink, n, vec![(vec![*w], wv.numel(), 1)])?;
+                be.embedding_backward_into(labels, dy, wv.shape()[0], &t.part(0))?;
+                self.finish(&t, g)?;
             }
         }
         Ok(())

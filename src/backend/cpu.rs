@@ -12,7 +12,7 @@ use crate::ops::group_norm::{self, GroupNormOutput, GroupNormParams};
 use crate::ops::linear;
 use crate::ops::optim::{self, AdamWParams, StepTensors};
 use crate::ops::solver_step::{self, SolverStepCoefficients, SolverStepInputs};
-use crate::ops::{broadcast, elementwise, layout, random, reduce};
+use crate::ops::{broadcast, class_embedding, elementwise, guidance, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
 
 /// The CPU backend.
@@ -232,6 +232,24 @@ impl Backend for Cpu {
 
     fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor> {
         embedding::cpu::timestep_embedding(t, p)
+    }
+
+    fn embedding(&self, table: &Tensor, labels: &[u32]) -> Result<Tensor> {
+        class_embedding::cpu::embedding(table, labels)
+    }
+
+    fn embedding_backward_into(
+        &self,
+        labels: &[u32],
+        dy: &Tensor,
+        classes: usize,
+        dw: &Partials,
+    ) -> Result<()> {
+        class_embedding::cpu::embedding_backward_into(labels, dy, classes, dw)
+    }
+
+    fn guidance(&self, out: &Tensor, w: f32) -> Result<Tensor> {
+        guidance::cpu::guidance(out, w)
     }
 
     fn sum(&self, x: &Tensor) -> Result<Tensor> {

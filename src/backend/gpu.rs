@@ -13,7 +13,7 @@ use crate::ops::group_norm::{self, GroupNormOutput, GroupNormParams};
 use crate::ops::linear;
 use crate::ops::optim::{self, AdamWParams, StepTensors};
 use crate::ops::solver_step::{self, SolverStepCoefficients, SolverStepInputs};
-use crate::ops::{broadcast, elementwise, layout, random, reduce};
+use crate::ops::{broadcast, class_embedding, elementwise, guidance, layout, random, reduce};
 use crate::tensor::{Device, Tensor};
 
 impl Backend for Gpu {
@@ -197,6 +197,24 @@ impl Backend for Gpu {
 
     fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor> {
         embedding::gpu::timestep_embedding(self, t, p)
+    }
+
+    fn embedding(&self, table: &Tensor, labels: &[u32]) -> Result<Tensor> {
+        class_embedding::gpu::embedding(self, table, labels)
+    }
+
+    fn embedding_backward_into(
+        &self,
+        labels: &[u32],
+        dy: &Tensor,
+        classes: usize,
+        dw: &Partials,
+    ) -> Result<()> {
+        class_embedding::gpu::embedding_backward_into(self, labels, dy, classes, dw)
+    }
+
+    fn guidance(&self, out: &Tensor, w: f32) -> Result<Tensor> {
+        guidance::gpu::guidance(self, out, w)
     }
 
     fn sum(&self, x: &Tensor) -> Result<Tensor> {

@@ -259,6 +259,24 @@ pub trait Backend: Send + Sync {
     /// `t [B]` (timesteps as f32) -> `[B, dim]`, as diffusers' `get_timestep_embedding`.
     fn timestep_embedding(&self, t: &Tensor, p: &TimestepEmbeddingParams) -> Result<Tensor>;
 
+    /// The rows of `table [K, D]` that `labels` name (each below `K`) -> `[B, D]`
+    /// (`nn.Embedding`).
+    fn embedding(&self, table: &Tensor, labels: &[u32]) -> Result<Tensor>;
+
+    /// The gradient of a `[classes, D]` table from `dy [B, D]`, `dW[k] = sum_{l_b = k} dy[b]`,
+    /// written as the first part of `dw` (the others zero).
+    fn embedding_backward_into(
+        &self,
+        labels: &[u32],
+        dy: &Tensor,
+        classes: usize,
+        dw: &Partials,
+    ) -> Result<()>;
+
+    /// Classifier-free guidance: `out [2B, ...]` (conditional, then unconditional) ->
+    /// `(1 - w) eps_u + w eps_c`, `[B, ...]`.
+    fn guidance(&self, out: &Tensor, w: f32) -> Result<Tensor>;
+
     // ---- reductions and loss (ops/reduce.rs) ------------------------------------------------
     /// Sum of all elements, shape `[1]`.
     fn sum(&self, x: &Tensor) -> Result<Tensor>;

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod broadcast;
+pub mod class_embedding;
 pub mod conv2d;
 pub mod diffusion;
 pub mod elementwise;
@@ -10,6 +11,7 @@ pub mod embedding;
 mod expf;
 pub mod grads;
 pub mod group_norm;
+pub mod guidance;
 pub mod layout;
 pub mod linear;
 pub mod optim;
@@ -27,11 +29,13 @@ pub fn gpu_kernels() -> Vec<crate::gpu::Kernel> {
     [
         attention::gpu::KERNELS,
         broadcast::gpu::KERNELS,
+        class_embedding::gpu::KERNELS,
         conv2d::gpu::KERNELS,
         diffusion::gpu::KERNELS,
         elementwise::gpu::KERNELS,
         embedding::gpu::KERNELS,
         grads::gpu::KERNELS,
+        guidance::gpu::KERNELS,
         group_norm::gpu::KERNELS,
         layout::gpu::KERNELS,
         linear::gpu::KERNELS,

@@ -38,11 +38,11 @@ fn batch(t: &Trainer) -> Vec<f32> {
 fn report_gpu_step(g: &Gpu, preset: &str, b: usize) {
     let mut t = trainer(g, preset, b);
     let x0 = batch(&t);
-    t.step(&x0).unwrap();
+    t.step(&x0, None).unwrap();
     g.synchronize().unwrap();
     let before = g.stats();
     let start = Instant::now();
-    let stats = t.step(&x0).unwrap();
+    let stats = t.step(&x0, None).unwrap();
     g.synchronize().unwrap();
     let wall = start.elapsed();
     let after = g.stats();
@@ -84,7 +84,7 @@ fn bench_train_step(c: &mut Criterion) {
         for (label, be) in &backends {
             let mut t = trainer(be.as_ref(), preset, b);
             let x0 = batch(&t);
-            group.bench_function(*label, |it| it.iter(|| t.step(&x0).unwrap()));
+            group.bench_function(*label, |it| it.iter(|| t.step(&x0, None).unwrap()));
         }
         group.finish();
     }

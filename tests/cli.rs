@@ -883,8 +883,151 @@ fn bench_on_the_gpu_counts_dispatches(g: &Gpu) {
     assert!(number(&r, "peak_gpu_bytes") > 0.0, "{r}");
 }
 
+/// A folder with one subfolder of 16 x 16 gray images per class: `circle` (a bright disc)
+/// and `dark` (all black), 3 images each.
+fn class_folder_dataset(root: &Path) {
+    for (class, disc) in [("circle", true), ("dark", false)] {
+        let dir = root.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..3u32 {
+            let img = image::GrayImage::from_fn(16, 16, |x, y| {
+                let (dx, dy) = (x as i32 - 8, y as i32 - 8 + i as i32 - 1);
+                image::Luma([if disc && dx * dx + dy * dy < 25 {
+                    255
+                } else {
+                    0
+                }])
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+/// `train --conditional` on a class-folder dataset writes the class names beside the model;
+/// `sample --class NAME` draws that class, `--class all` one row per class, guidance 1 and
+/// 0 run one model evaluation per step; a resumed conditional run continues; the training
+/// grid has a row per class; bad classes are clear errors.
+fn conditional_train_and_sample() {
+    let dir = scratch("conditional");
+    let data = dir.join("shapes");
+    class_folder_dataset(&data);
+    let out = dir.join("run");
+    let o = train(
+        &out,
+        &[
+            "--conditional",
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--stop-at",
+            "2",
+            "--class-dropout",
+            "0.5",
+            "--sample-every",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("2 classes"), "{}", stderr(&o));
+    let o = diffwgpu(&["train", "--resume", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let labels: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("unet/class_labels.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        labels,
+        serde_json::json!({"names": ["circle", "dark"], "null_class": 2})
+    );
+    let config = std::fs::read_to_string(out.join("unet/config.json")).unwrap();
+    assert!(config.contains("\"num_class_embeds\": 3"), "{config}");
+    // The training grids: a row per class, of at least 4 images (the first run's 4 samples),
+    // or 16 / 2 (the resumed run's default 16): 16 + 2 pixels a tile.
+    let grid = image::open(out.join("samples/step-000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (4 * 18 + 2, 2 * 18 + 2));
+    let grid = image::open(out.join("samples/step-000003.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (8 * 18 + 2, 2 * 18 + 2));
+
+    let model = out.to_str().unwrap();
+    let sample = |name: &str, extra: &[&str]| {
+        let png = dir.join(name);
+        let mut args = vec![
+            "sample",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "3",
+            "--num",
+            "2",
+            "--output",
+        ];
+        args.push(png.to_str().unwrap());
+        args.extend_from_slice(extra);
+        let o = diffwgpu(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        (image::open(&png).unwrap(), stderr(&o))
+    };
+    let (all, log) = sample("all.png", &[]);
+    assert!(log.contains("4 images"), "{log}");
+    assert_eq!((all.width(), all.height()), (2 * 18 + 2, 2 * 18 + 2));
+    let (by_name, _) = sample("circle.png", &["--class", "circle", "--guidance", "2"]);
+    let (by_id, _) = sample("zero.png", &["--class", "0", "--guidance", "2"]);
+    assert_eq!(
+        by_name.as_bytes(),
+        by_id.as_bytes(),
+        "class by name and by id differ"
+    );
+    let (dark, _) = sample("dark.png", &["--class", "dark", "--guidance", "2"]);
+    assert_ne!(
+        by_name.as_bytes(),
+        dark.as_bytes(),
+        "the class changes nothing"
+    );
+    sample("cond.png", &["--class", "dark", "--guidance", "1"]);
+    sample("uncond.png", &["--class", "dark", "--guidance", "0"]);
+
+    let sample_args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "sample", "--model", model, "--device", "cpu", "--steps", "2",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    fails_clearly(&sample_args(&["--class", "square"]), "circle, dark");
+    fails_clearly(&sample_args(&["--class", "2"]), "no such class");
+    let plain = dir.join("plain");
+    assert!(train(&plain, &["--steps", "1"]).status.success());
+    fails_clearly(
+        &[
+            "sample",
+            "--model",
+            plain.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--class",
+            "1",
+        ],
+        "train --conditional",
+    );
+    std::fs::create_dir_all(data.join("empty")).unwrap();
+    let again = dir.join("again");
+    let o = train(&again, &["--conditional", "--data", data.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("empty") && stderr(&o).contains("holds no images"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 tests! {
     cpu: [
+        conditional_train_and_sample,
         train_writes_a_pipeline_folder,
         resumed_run_follows_the_same_loss_curve,
         adam_flags_reach_the_optimizer,

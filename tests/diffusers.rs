@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use common::{assert_close, loss_and_grads, read_tensors};
+use common::{assert_close, loss_and_grads_labelled, read_tensors};
 use diffwgpu::checkpoint::{load_pipeline, unet_weights, SchedulerConfig};
 use diffwgpu::diffusion::{inference_timesteps, NoiseSchedule, TimestepSpacing};
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
@@ -45,7 +45,11 @@ fn check_unet_folder(be: &dyn Backend, folder: &str, reference: &str) -> Vec<Str
             .join(format!("{reference}_reference.safetensors")),
     );
     let (x, t, target) = (&fx["x"].1, &fx["t"].1, &fx["target"].1);
-    let (out, loss, grads) = loss_and_grads(be, &model, &values, x, t, target);
+    let labels: Option<Vec<u32>> = fx
+        .get("class_labels")
+        .map(|(_, l)| l.iter().map(|&l| l as u32).collect());
+    let (out, loss, grads) =
+        loss_and_grads_labelled(be, &model, &values, x, t, labels.as_deref(), target);
     let on = |what: &str| format!("{folder} on {}: {what}", be.name());
     assert_rel(&on("output"), &out, &fx["out"].1, 1e-4, 0.0);
     assert_rel(&on("loss"), &[loss], &fx["loss"].1, 1e-4, 0.0);
@@ -90,6 +94,17 @@ fn first_level_attention_folder_matches_diffusers_on_cpu() {
 /// The same on the GPU.
 fn first_level_attention_folder_matches_diffusers_on_gpu(g: &Gpu) {
     check_unet_folder(g, "first_level_attention", "first_level_attention");
+}
+
+/// A class-conditional model (num_class_embeds 11): one image of a class, one of the null
+/// class; the class embedding's gradient reaches exactly those two rows.
+fn class_conditional_folder_matches_diffusers_on_cpu() {
+    check_unet_folder(&Cpu, "class_conditional", "class_conditional");
+}
+
+/// The same on the GPU.
+fn class_conditional_folder_matches_diffusers_on_gpu(g: &Gpu) {
+    check_unet_folder(g, "class_conditional", "class_conditional");
 }
 
 /// The same weights under the attention names older diffusers versions wrote.
@@ -260,7 +275,8 @@ fn unsupported_model_configs_are_refused_by_key_and_value() {
             "AttnSkipUpBlock2D",
         ),
         ("class_embed_type", json!("timestep"), "timestep"),
-        ("num_class_embeds", json!(10), "10"),
+        ("class_embed_type", json!("identity"), "identity"),
+        ("num_class_embeds", json!(0), "0"),
         ("time_embedding_type", json!("fourier"), "fourier"),
         (
             "resnet_time_scale_shift",
@@ -346,6 +362,7 @@ tests! {
         cifar_flags_folder_matches_diffusers_on_cpu,
         first_level_attention_folder_matches_diffusers_on_cpu,
         old_attention_names_load_as_todays_on_cpu,
+        class_conditional_folder_matches_diffusers_on_cpu,
         scheduler_steps_match_diffusers_on_cpu,
         unsupported_model_configs_are_refused_by_key_and_value,
         time_embedding_dim_sets_the_embedding_width,
@@ -356,6 +373,7 @@ tests! {
         cifar_flags_folder_matches_diffusers_on_gpu,
         first_level_attention_folder_matches_diffusers_on_gpu,
         old_attention_names_load_as_todays_on_gpu,
+        class_conditional_folder_matches_diffusers_on_gpu,
         scheduler_steps_match_diffusers_on_gpu,
     ],
 }

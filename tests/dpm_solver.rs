@@ -183,6 +183,7 @@ fn check_unet_run(be: &dyn Backend) {
         &UNetDenoiser {
             model: &model,
             params: &params,
+            classes: None,
         },
         &schedule,
         config.prediction_type().unwrap(),

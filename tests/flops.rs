@@ -65,7 +65,7 @@ fn unet_flops_grow_with_the_batch() {
         let p = tape.leaves(&params, false);
         let x = tape.leaf(zeros(&[batch, 1, 16, 16]), false);
         let t = Cpu.upload(&[batch], &vec![10.0; batch]).unwrap();
-        model.forward(&mut tape, &p, x, &t).unwrap();
+        model.forward(&mut tape, &p, x, &t, None).unwrap();
         tape.flops()
     };
     let one = forward(1);

@@ -347,6 +347,7 @@ fn unet_vjp_matches_finite_differences() {
     let unet = UNetDenoiser {
         model: &model,
         params: &params,
+        classes: None,
     };
     let shape = [2, 1, 16, 16];
     let (x, v, u) = (seeded(512, 20), seeded(512, 21), seeded(512, 22));
@@ -392,6 +393,7 @@ fn unet_likelihoods_match_cpu(g: &Gpu) {
         let unet = UNetDenoiser {
             model: &model,
             params: &params,
+            classes: None,
         };
         let vb = bound(
             PredictionType::Epsilon,

@@ -49,6 +49,7 @@ fn run(be: &dyn Backend, sampler: &Sampler, steps: usize) -> Vec<Vec<f32>> {
         &UNetDenoiser {
             model: &model,
             params: &params,
+            classes: None,
         },
         &schedule,
         PredictionType::Epsilon,

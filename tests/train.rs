@@ -41,7 +41,7 @@ fn check_overfits_one_fixed_batch(be: &dyn Backend, weights: Option<&[f32]>) {
         let mut tape = Tape::new(be);
         let p = tape.params(&state.param_views().unwrap());
         let xv = tape.leaf(xt.clone(), false);
-        let out = model.forward(&mut tape, &p, xv, &t).unwrap();
+        let out = model.forward(&mut tape, &p, xv, &t, None).unwrap();
         let pred = tape.value(out);
         let (loss, d) = match &weights {
             None => be.mse_loss_with_grad(pred, &target, 1.0),
@@ -207,8 +207,8 @@ fn whole_training_steps_match_across_backends(g: &Gpu) {
     let (mut before_cpu, mut before_gpu) = (host_state(&cpu), host_state(&gpu));
     for step in 0..3 {
         let x0 = seeded(3 * 256, 20 + step);
-        let a = cpu.step(&x0).unwrap();
-        let b = gpu.step(&x0).unwrap();
+        let a = cpu.step(&x0, None).unwrap();
+        let b = gpu.step(&x0, None).unwrap();
         assert!(
             a.grad_norm > 1.0,
             "clipping is not active: |g| = {}",
@@ -270,7 +270,7 @@ fn trainer_update_is_adamw_by_its_formula() {
     );
     for k in 0..3u64 {
         let before = host_state(&t);
-        let sg = t.gradients(&seeded(2 * 256, 60 + k)).unwrap();
+        let sg = t.gradients(&seeded(2 * 256, 60 + k), None).unwrap();
         let grads = t.state.layout.split(&down(&Cpu, &sg.grads));
         let stats = t.apply(sg).unwrap();
         let after = host_state(&t);
@@ -347,18 +347,22 @@ fn check_resumed_training_continues_exactly(be: &dyn Backend) {
     let mut straight = trainer(be, &values);
     let straight_losses: Vec<f32> = batch
         .iter()
-        .map(|x| straight.step(x).unwrap().loss)
+        .map(|x| straight.step(x, None).unwrap().loss)
         .collect();
 
     let mut first = trainer(be, &values);
     let mut losses: Vec<f32> = batch[..2]
         .iter()
-        .map(|x| first.step(x).unwrap().loss)
+        .map(|x| first.step(x, None).unwrap().loss)
         .collect();
     let saved = host_state(&first);
     let mut second = trainer(be, &values);
     second.state = TrainState::from_host(be, &second.model, &saved).unwrap();
-    losses.extend(batch[2..].iter().map(|x| second.step(x).unwrap().loss));
+    losses.extend(
+        batch[2..]
+            .iter()
+            .map(|x| second.step(x, None).unwrap().loss),
+    );
     assert_eq!(losses, straight_losses, "{}", be.name());
     assert!(
         host_state(&second) == host_state(&straight),
@@ -388,8 +392,8 @@ fn with_dropout<'b>(be: &'b dyn Backend, values: &[Vec<f32>]) -> Trainer<'b> {
 fn dropout_changes_the_step() {
     let values = tiny().params.initial_values(6);
     let x0 = seeded(3 * 256, 40);
-    let a = with_dropout(&Cpu, &values).step(&x0).unwrap();
-    let plain = trainer(&Cpu, &values).step(&x0).unwrap();
+    let a = with_dropout(&Cpu, &values).step(&x0, None).unwrap();
+    let plain = trainer(&Cpu, &values).step(&x0, None).unwrap();
     assert!(
         (a.loss - plain.loss).abs() > 1e-4,
         "dropout changed nothing"
@@ -401,9 +405,9 @@ fn dropout_changes_the_step() {
 fn dropout_steps_match_across_backends(g: &Gpu) {
     let values = tiny().params.initial_values(6);
     let x0 = seeded(3 * 256, 40);
-    let a = with_dropout(&Cpu, &values).step(&x0).unwrap();
+    let a = with_dropout(&Cpu, &values).step(&x0, None).unwrap();
     let mut gt = with_dropout(g, &values);
-    let b = gt.step(&x0).unwrap();
+    let b = gt.step(&x0, None).unwrap();
     assert_close("loss", &[b.loss], &[a.loss], 1e-5, 1e-4);
     assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-3);
 }
@@ -486,8 +490,8 @@ fn min_snr_step_is_the_plain_step_times_the_weight() {
         let mut weighted = trainer_from(&Cpu, &values, tiny(), TrainHyper { snr_gamma, ..h });
         let w = min_snr_weight(abar, gamma, prediction);
         let (a, b) = (
-            plain.gradients(&x0).unwrap(),
-            weighted.gradients(&x0).unwrap(),
+            plain.gradients(&x0, None).unwrap(),
+            weighted.gradients(&x0, None).unwrap(),
         );
         let name = format!("{prediction:?} at t = {t} (weight {w})");
         let scaled = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| w * x).collect() };
@@ -509,7 +513,7 @@ fn min_snr_steps_match_across_backends(g: &Gpu) {
     let mut gpu = trainer_from(g, &values, tiny(), h);
     for step in 0..2 {
         let x0 = seeded(3 * 256, 80 + step);
-        let (a, b) = (cpu.step(&x0).unwrap(), gpu.step(&x0).unwrap());
+        let (a, b) = (cpu.step(&x0, None).unwrap(), gpu.step(&x0, None).unwrap());
         assert!(a.loss.is_finite(), "loss {}", a.loss);
         assert_close("loss", &[b.loss], &[a.loss], 1e-5, 1e-4);
         assert_close("grad norm", &[b.grad_norm], &[a.grad_norm], 1e-5, 1e-3);
@@ -583,7 +587,7 @@ fn too_large_a_batch_is_a_clear_out_of_memory_error(g: &Gpu) {
         ..hyper()
     };
     let mut t = trainer_from(g, &values, tiny(), big);
-    let err = t.step(&vec![0.1; batch * 256]).unwrap_err();
+    let err = t.step(&vec![0.1; batch * 256], None).unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(err, diffwgpu::Error::OutOfMemory { .. })
@@ -592,7 +596,11 @@ fn too_large_a_batch_is_a_clear_out_of_memory_error(g: &Gpu) {
         "{msg}"
     );
     let mut small = trainer(g, &values);
-    assert!(small.step(&seeded(3 * 256, 1)).unwrap().loss.is_finite());
+    assert!(small
+        .step(&seeded(3 * 256, 1), None)
+        .unwrap()
+        .loss
+        .is_finite());
 }
 
 /// One backward pass of the tiny model at batch 16 into the flat gradient buffer: the
@@ -609,7 +617,7 @@ fn flat_gradients(be: &dyn Backend, values: &[Vec<f32>]) -> (Vec<f32>, f32, usiz
     let x = tape.leaf(be.upload(&shape, &seeded(4096, 3)).unwrap(), false);
     let t: Vec<f32> = (0..16).map(|i| (i * 61) as f32).collect();
     let t = be.upload(&[16], &t).unwrap();
-    let out = model.forward(&mut tape, &p, x, &t).unwrap();
+    let out = model.forward(&mut tape, &p, x, &t, None).unwrap();
     let target = be.upload(&shape, &seeded(4096, 4)).unwrap();
     let (_, d_out) = be
         .mse_loss_with_grad(tape.value(out), &target, 1.0)

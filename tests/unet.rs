@@ -110,7 +110,7 @@ fn parameter_gradients_match_finite_differences() {
         let p = tape.leaves(&params, false);
         let xv = tape.leaf(Cpu.upload(&shape, &x).unwrap(), false);
         let tt = Cpu.upload(&[2], &t).unwrap();
-        let out = model.forward(&mut tape, &p, xv, &tt).unwrap();
+        let out = model.forward(&mut tape, &p, xv, &tt, None).unwrap();
         let out = Cpu.to_vec(tape.value(out)).unwrap();
         let n = out.len() as f64;
         out.iter()
@@ -218,7 +218,7 @@ fn check_flat_gradients_equal_per_tensor_gradients(be: &dyn Backend) {
     let n = c.t.len();
     let x = tape.leaf(be.upload(&[n, 1, 16, 16], &c.x).unwrap(), false);
     let t = be.upload(&[n], &c.t).unwrap();
-    let out = c.model.forward(&mut tape, &p, x, &t).unwrap();
+    let out = c.model.forward(&mut tape, &p, x, &t, None).unwrap();
     let target = be.upload(&[n, 1, 16, 16], &c.target).unwrap();
     let (_, d_out) = be
         .mse_loss_with_grad(tape.value(out), &target, 1.0)

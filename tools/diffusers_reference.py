@@ -32,7 +32,12 @@ Writes, under tests/fixtures/ of the repository:
   unets/<name>/config.json, unets/<name>/diffusion_pytorch_model.safetensors
       Small UNet2DModel folders as `model.save_pretrained` writes them, one per config of UNETS
       (chosen to cover the options diffwgpu's blocks must handle), with weights initialised and
-      perturbed as above (seed: the config's position in UNETS, from 1).
+      perturbed as above (seed: the config's position in UNETS, from 1). Each is checked to load
+      back in diffusers (from_pretrained) with the output of its reference.
+      unets/class_conditional/ is class-conditional: num_class_embeds 11 (classes 0..9 and the
+      null class 10 of classifier-free guidance), class_embed_type null, so diffusers adds
+      class_embedding (nn.Embedding(11, time_embed_dim), its default N(0, 1) initialisation) of
+      the labels to the output of time_embedding; its weights hold `class_embedding.weight`.
   unets/<name>_old_names/
       The folder of OLD_NAMES_SOURCE with the attention keys older diffusers versions wrote
       (query, key, value, proj_attn instead of to_q, to_k, to_v, to_out.0). diffusers still
@@ -40,7 +45,10 @@ Writes, under tests/fixtures/ of the repository:
   unets/<name>_reference.safetensors   (float32; metadata as above plus the config name)
       x, t, target, out, loss and grad.<param> for every parameter of unets/<name>, as in
       tiny_reference.safetensors (evaluated in float64); the old-names folder shares the
-      reference of its source.
+      reference of its source. class_conditional_reference.safetensors also holds
+        class_labels  the labels the model was called with (as a LongTensor), [3, 10] (a real
+                      class and the null class; float32, shape [2]); grad.class_embedding.weight
+                      is nonzero in rows 3 and 10 only
 
   scheduler_steps.json, scheduler_steps.safetensors
       Single steps of DDPMScheduler and DDIMScheduler (SCHEDULER_CASES). The JSON lists each
@@ -79,11 +87,30 @@ Writes, under tests/fixtures/ of the repository:
       `x_t` before every step as `x_t.<i>`, and the final `sample`, the model evaluated in
       float64 as its reference above.
 
+  class_guided_ddim.safetensors
+      A whole classifier-free-guided sampling run of the UNet2DModel of unets/class_conditional
+      with DDIMScheduler's defaults (eta 0, clip_sample) and 10 steps, the model evaluated in
+      float64 as its reference above and the DDIM steps in float64 (its alphas_cumprod widened
+      as for scheduler_steps):
+        noise         x_T, torch.manual_seed(99) then randn [2, 1, 8, 8]
+        labels        the class of each image, [3, 7] (float32, shape [2])
+        guidance      the guidance scale w, [3.0] (shape [1])
+        x_t.<i>       the sample before step i, i = 0..9
+        sample        the final sample
+      Each step evaluates the model once on the batch [x, x] (4 images) with the labels
+      [labels, 10, 10] (10: the null class) and steps with eps = eps_uncond + w * (eps_cond -
+      eps_uncond). The same run with w = 1, the conditional half alone evaluated (batch 2,
+      labels [3, 7]), is stored as cond.x_t.<i> and cond.sample.
+
 Regenerate (from the repository root):
     python3 -m venv .venv && .venv/bin/pip install torch diffusers safetensors numpy
     .venv/bin/python tools/diffusers_reference.py
+or only the class-conditional files (unets/class_conditional/, its reference and
+class_guided_ddim.safetensors):
+    .venv/bin/python tools/diffusers_reference.py --only class_conditional
 The versions used are printed and stored in the safetensors metadata.
 """
+import argparse
 import ast
 import json
 import math
@@ -133,7 +160,17 @@ UNETS = {
                                   down_block_types=("AttnDownBlock2D", "DownBlock2D"),
                                   up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=4, norm_num_groups=2,
                                   attn_norm_num_groups=4),
+    # Class-conditional: nn.Embedding(num_class_embeds, time_embed_dim) of the labels added to
+    # the time embedding (class_embed_type null). 10 classes and the null class NULL_CLASS of
+    # classifier-free guidance.
+    "class_conditional": dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                              down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                              up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+                              num_class_embeds=11),
 }
+# The labels of the references of class-conditional configs: a real class and the null class.
+NULL_CLASS = 10
+UNET_CLASS_LABELS = [3, NULL_CLASS]
 OLD_NAMES_SOURCE = "first_level_attention"
 OLD_ATTENTION_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
 
@@ -177,6 +214,16 @@ DPM_CASES = [
 ]
 DPM_UNET = "first_level_attention"
 DPM_UNET_STEPS = 10
+
+# class_guided_ddim.safetensors: DDIMScheduler defaults, GUIDED_STEPS steps, classifier-free
+# guidance of the model of unets/GUIDED_UNET at scale GUIDANCE, one image per label of GUIDED_LABELS.
+GUIDED_UNET = "class_conditional"
+GUIDED_STEPS = 10
+GUIDED_LABELS = [3, 7]
+GUIDANCE = 3.0
+
+# What `--only NAME` writes (the default writes everything).
+ONLY = ("class_conditional",)
 
 
 def step_indices(n):
@@ -235,12 +282,13 @@ class Float64Timesteps(torch.nn.Module):
         return emb
 
 
-def forward_backward(model, x, t, target):
-    """out, loss, t_emb and the parameter gradients, in the model's dtype."""
+def forward_backward(model, x, t, target, class_labels=None):
+    """out, loss, t_emb and the parameter gradients, in the model's dtype. class_labels (a
+    LongTensor) only for a class-conditional model."""
     model.zero_grad(set_to_none=True)
     captured = {}
     hook = model.time_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("t_emb", o.detach()))
-    out = model(x, t).sample
+    out = model(x, t, class_labels=class_labels).sample
     hook.remove()
     loss = F.mse_loss(out, target)
     loss.backward()
@@ -268,14 +316,15 @@ def perturbed_model(cfg):
     return model
 
 
-def float64_reference(model, x, t, target, label):
+def float64_reference(model, x, t, target, label, class_labels=None):
     """out, loss, t_emb and the gradients of the float32 `model` evaluated in float64 (the model
-    is converted in place). Prints how far diffusers' own float32 evaluation is from it."""
+    is converted in place). Prints how far diffusers' own float32 evaluation is from it.
+    class_labels (a LongTensor) only for a class-conditional model."""
     params32 = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(p.dtype == torch.float32 for p in params32.values())
 
     # diffusers as it is, in float32: the figures a float32 implementation is compared with.
-    out32, loss32, temb32, grads32 = forward_backward(model, x, t, target)
+    out32, loss32, temb32, grads32 = forward_backward(model, x, t, target, class_labels)
 
     # The reference: the same float32 parameter values, evaluated in float64.
     model.double()
@@ -284,7 +333,7 @@ def float64_reference(model, x, t, target, label):
     proj = model.time_proj
     model.time_proj = Float64Timesteps(proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift)
     assert proj.scale == 1
-    out, loss, temb, grads = forward_backward(model, x.double(), t.double(), target.double())
+    out, loss, temb, grads = forward_backward(model, x.double(), t.double(), target.double(), class_labels)
     model.time_proj = proj
 
     print(f"{label}: float32 diffusers vs float64 reference (max |diff| / max |ref|):")
@@ -299,6 +348,15 @@ def float64_reference(model, x, t, target, label):
               f"float32 {grads32[n].abs().max().item():.1e}")
     assert max_rel(out32, out) < 1e-4 and max_rel(temb32, temb) < 1e-4
     return out, loss, temb, grads
+
+
+def float64_unet(folder):
+    """UNet2DModel.from_pretrained(folder) in float64, its timestep embedding computed in float64
+    (Float64Timesteps)."""
+    model = UNet2DModel.from_pretrained(folder).double()
+    proj = model.time_proj
+    model.time_proj = Float64Timesteps(proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift)
+    return model
 
 
 def reference_tensors(out, loss, grads, x, t, target):
@@ -333,8 +391,14 @@ def write_tiny_reference():
     })
 
 
+def unet_seed(name):
+    """The torch seed of the config `name`: its position in UNETS, from 1."""
+    return list(UNETS).index(name) + 1
+
+
 def write_unet_fixture(seed, name, cfg):
-    """unets/<name>/ (the diffusers folder) and unets/<name>_reference.safetensors."""
+    """unets/<name>/ (the diffusers folder) and unets/<name>_reference.safetensors. Returns x, t,
+    out and the class labels (float32; None unless the config has num_class_embeds)."""
     torch.manual_seed(seed)
     model = perturbed_model(cfg)
     folder = os.path.join(FIXTURES, "unets", name)
@@ -346,15 +410,32 @@ def write_unet_fixture(seed, name, cfg):
     # Between them the configs see both ends of the timestep range and two values inside.
     t = torch.tensor([3.0, 640.0]) if seed % 2 else torch.tensor([999.0, 0.0])
     target = torch.randn(2, cfg["out_channels"], h, w)
-    out, loss, _, grads = float64_reference(model, x, t, target, name)
+    labels = None
+    if cfg.get("num_class_embeds") is not None:
+        labels = torch.tensor(UNET_CLASS_LABELS, dtype=torch.float32)
+        assert len(labels) == len(x)
+    out, loss, _, grads = float64_reference(model, x, t, target, name, None if labels is None else labels.long())
     count = sum(p.numel() for p in model.parameters())
-    save_reference(os.path.join(FIXTURES, "unets", f"{name}_reference.safetensors"),
-                   reference_tensors(out, loss, grads, x, t, target), {
+    tensors = reference_tensors(out, loss, grads, x, t, target)
+    if labels is not None:
+        tensors["class_labels"] = labels
+    save_reference(os.path.join(FIXTURES, "unets", f"{name}_reference.safetensors"), tensors, {
         "config": name,
-        "description": f"UNet2DModel of unets/{name} ({count} parameters): x, t, out, target, mse loss and its "
+        "description": f"UNet2DModel of unets/{name} ({count} parameters): x, t, "
+                       f"{'' if labels is None else 'class_labels, '}out, target, mse loss and its "
                        "gradients; evaluated in float64 from the folder's float32 weights, stored as float32",
     })
-    return x, t, out
+    return x, t, out, labels
+
+
+def check_unet_folder(name, x, t, out, labels):
+    """diffusers loads unets/<name>/ back (from_pretrained: config and weights) with the output
+    of its reference."""
+    model = float64_unet(os.path.join(FIXTURES, "unets", name))
+    with torch.no_grad():
+        again = model(x.double(), t.double(), class_labels=None if labels is None else labels.long()).sample
+    assert max_rel(again, out) < 1e-12, max_rel(again, out)
+    print(f"unets/{name}: loads in diffusers with the same output")
 
 
 def write_old_names_fixture(name, x, t, out):
@@ -373,9 +454,7 @@ def write_old_names_fixture(name, x, t, out):
     assert any(".query." in k for k in renamed) and not any(".to_q." in k for k in renamed)
     save_file(renamed, os.path.join(folder, weights), metadata={"format": "pt"})
     # diffusers converts the old names on loading and computes the same output.
-    model = UNet2DModel.from_pretrained(folder).double()
-    model.time_proj = Float64Timesteps(model.time_proj.num_channels, model.time_proj.flip_sin_to_cos,
-                                       model.time_proj.downscale_freq_shift)
+    model = float64_unet(folder)
     with torch.no_grad():
         again = model(x.double(), t.double()).sample
     assert max_rel(again, out) < 1e-12, max_rel(again, out)
@@ -526,10 +605,7 @@ def write_dpm_solver_steps():
 
 
 def write_dpm_solver_unet():
-    folder = os.path.join(FIXTURES, "unets", DPM_UNET)
-    model = UNet2DModel.from_pretrained(folder).double()
-    proj = model.time_proj
-    model.time_proj = Float64Timesteps(proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift)
+    model = float64_unet(os.path.join(FIXTURES, "unets", DPM_UNET))
     scheduler = DPMSolverMultistepScheduler()
     scheduler.set_timesteps(DPM_UNET_STEPS)
     wide = float64_dpm_solver(scheduler)
@@ -550,20 +626,94 @@ def write_dpm_solver_unet():
     })
 
 
+def guided_ddim_run(model, scheduler, noise, labels, guidance):
+    """x_t before every step of `scheduler` (DDIM, eta 0) from x_T = noise, and the final sample,
+    in the dtype of `model`. With guidance w the model is evaluated once per step on the batch
+    [x, x] with labels [labels, NULL_CLASS...], eps = eps_uncond + w * (eps_cond - eps_uncond);
+    with guidance None on x with `labels` alone (the conditional model, w = 1)."""
+    dtype = next(model.parameters()).dtype
+    x, xs = noise.to(dtype), []
+    n = len(x)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            xs.append(x)
+            if guidance is None:
+                eps = model(x, torch.full((n,), float(t), dtype=dtype), class_labels=labels).sample
+            else:
+                both = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
+                out = model(torch.cat([x, x]), torch.full((2 * n,), float(t), dtype=dtype), class_labels=both).sample
+                cond, uncond = out.chunk(2)
+                eps = uncond + guidance * (cond - uncond)
+            x = scheduler.step(eps, t, x).prev_sample
+            assert x.dtype == dtype
+    return xs, x
+
+
+def write_class_guided_ddim():
+    folder = os.path.join(FIXTURES, "unets", GUIDED_UNET)
+    model = float64_unet(folder)
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(GUIDED_STEPS)
+    wide = float64_scheduler(scheduler)
+    torch.manual_seed(99)
+    size = model.config.sample_size
+    noise = torch.randn(len(GUIDED_LABELS), model.config.in_channels, size, size)
+    labels = torch.tensor(GUIDED_LABELS, dtype=torch.float32)
+    tensors = {"noise": noise, "labels": labels, "guidance": torch.tensor([GUIDANCE])}
+    model32 = UNet2DModel.from_pretrained(folder)
+    for prefix, guidance in (("", GUIDANCE), ("cond.", None)):
+        xs, sample = guided_ddim_run(model, wide, noise, labels.long(), guidance)
+        for i, x in enumerate(xs):
+            tensors[f"{prefix}x_t.{i}"] = x.float()
+        tensors[f"{prefix}sample"] = sample.float()
+        # diffusers as it is, in float32: a guide to the tolerance of a float32 sampler.
+        _, sample32 = guided_ddim_run(model32, scheduler, noise, labels.long(), guidance)
+        print(f"class_guided_ddim {prefix or 'guided.'}sample: float32 diffusers vs float64 reference "
+              f"(max |diff| / max |ref|) {max_rel(sample32, sample):.2e}")
+    save_reference(os.path.join(FIXTURES, "class_guided_ddim.safetensors"), tensors, {
+        "config": GUIDED_UNET,
+        "description": f"DDIMScheduler defaults (eta 0), {GUIDED_STEPS} steps, with the class-conditional UNet2DModel "
+                       f"of unets/{GUIDED_UNET} evaluated in float64, classifier-free guidance: each step evaluates "
+                       f"the batch [x, x] with labels [labels, {NULL_CLASS}, {NULL_CLASS}] (null class "
+                       f"{NULL_CLASS}) and takes eps = eps_uncond + guidance * (eps_cond - eps_uncond): noise, labels, "
+                       "guidance, x_t.<i>, sample; the same run with guidance 1 (the conditional half alone): "
+                       "cond.x_t.<i>, cond.sample",
+    })
+
+
+def write_class_conditional():
+    """The fixtures of the class-conditional model: unets/class_conditional/, its reference and
+    class_guided_ddim.safetensors."""
+    name = "class_conditional"
+    x, t, out, labels = write_unet_fixture(unet_seed(name), name, UNETS[name])
+    check_unet_folder(name, x, t, out, labels)
+    write_class_guided_ddim()
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=ONLY,
+                        help="write only these fixtures (class_conditional: unets/class_conditional/, "
+                             "its reference and class_guided_ddim.safetensors); default: everything")
+    args = parser.parse_args()
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}")
-    check_presets_match_baseline()
     os.makedirs(os.path.join(FIXTURES, "unets"), exist_ok=True)
+    if args.only == "class_conditional":
+        write_class_conditional()
+        return
+    check_presets_match_baseline()
     for name, cfg in PRESETS.items():
         write_param_listing(name, cfg)
     write_tiny_reference()
     for seed, (name, cfg) in enumerate(UNETS.items(), start=1):
-        x, t, out = write_unet_fixture(seed, name, cfg)
+        x, t, out, labels = write_unet_fixture(seed, name, cfg)
+        check_unet_folder(name, x, t, out, labels)
         if name == OLD_NAMES_SOURCE:
             write_old_names_fixture(name, x, t, out)
     write_scheduler_steps()
     write_dpm_solver_steps()
     write_dpm_solver_unet()
+    write_class_guided_ddim()
 
 
 if __name__ == "__main__":

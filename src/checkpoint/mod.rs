@@ -8,6 +8,7 @@
 //! OUT/model_index.json                          the pipeline: a DDPMScheduler and a UNet2DModel
 //! OUT/unet/config.json                          the UNet2DModel config
 //! OUT/unet/diffusion_pytorch_model.safetensors  the EMA weights, f32, diffusers parameter names
+//! OUT/unet/class_labels.json                    a conditional model's class names
 //! OUT/scheduler/scheduler_config.json           the DDPMScheduler config
 //! OUT/training_state.safetensors                raw weights, AdamW moments, EMA, step, seeds
 //! ```
@@ -17,6 +18,7 @@
 //! a mix.
 
 pub mod atomic;
+pub mod class_labels;
 pub mod dpm_solver_config;
 pub mod pipeline;
 pub mod safetensors_io;
@@ -25,6 +27,7 @@ pub mod training_state;
 pub mod unet_weights;
 
 pub use atomic::write_atomic;
+pub use class_labels::{ClassLabels, CLASS_LABELS_FILE};
 pub use pipeline::{
     load_pipeline, save_pipeline, write_json_atomic, UnetFolder, DIFFUSERS_VERSION,
 };

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::{
-    error, read_safetensors, write_atomic, write_safetensors, NamedTensor, SchedulerConfig,
+    error, read_safetensors, write_atomic, write_safetensors, ClassLabels, NamedTensor,
+    SchedulerConfig,
 };
 use crate::error::{Error, Result};
 use crate::nn::config::UNet2DConfig;
@@ -33,6 +34,8 @@ pub struct UnetFolder {
     pub config: UNet2DConfig,
     pub weights: Vec<NamedTensor>,
     pub scheduler: Option<SchedulerConfig>,
+    /// A class-conditional model's classes (see [`ClassLabels`]).
+    pub classes: Option<ClassLabels>,
     /// The folder that was loaded: the pipeline folder, or the bare unet folder.
     pub root: PathBuf,
 }
@@ -121,10 +124,12 @@ pub fn load_pipeline(path: &Path) -> Result<UnetFolder> {
     } else {
         None
     };
+    let classes = ClassLabels::load(&unet_dir, &config)?;
     Ok(UnetFolder {
         config,
         weights,
         scheduler,
+        classes,
         root: path.to_path_buf(),
     })
 }

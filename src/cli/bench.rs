@@ -214,7 +214,7 @@ fn forward_flops(be: &dyn Backend, model: &UNet2D, weights: &[Tensor]) -> Result
     let p = tape.leaves(weights, false);
     let x = tape.leaf(be.zeros(&[1, c.in_channels, c.size(), c.size()])?, false);
     let t = be.upload(&[1], &[0.0])?;
-    model.forward(&mut tape, &p, x, &t)?;
+    model.forward(&mut tape, &p, x, &t, None)?;
     Ok(tape.flops())
 }
 
@@ -232,7 +232,7 @@ fn time_training(trainer: &mut Trainer, gpu: Option<&Gpu>, steps: usize) -> Resu
     let x0 = batch(trainer);
     let b = trainer.hyper.batch_size;
     let step = |trainer: &mut Trainer| {
-        trainer.step(&x0).with_context(|| {
+        trainer.step(&x0, None).with_context(|| {
             format!(
                 "a training step of batch {b} failed (out of memory? try a smaller --batch-size)"
             )
@@ -285,6 +285,7 @@ fn time_sampling(
         &UNetDenoiser {
             model: &trainer.model,
             params: weights,
+            classes: None,
         },
         &trainer.schedule,
         trainer.hyper.prediction_type,

@@ -127,6 +127,12 @@ fn bound_csv(b: &BoundEstimate) -> String {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let trained = TrainedModel::load(&args.model, "the likelihood")?;
+    if trained.classes.is_some() {
+        bail!(
+            "{} is a class-conditional model; eval measures unconditional models only",
+            args.model.display()
+        );
+    }
     let (model, scheduler) = (&trained.model, &trained.scheduler);
     let cfg = &model.config;
     let (c, s) = (cfg.in_channels, cfg.size());
@@ -178,6 +184,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let unet = UNetDenoiser {
         model,
         params: &params,
+        classes: None,
     };
 
     let draws = match terms {

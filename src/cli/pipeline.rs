@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use diffwgpu::checkpoint::{load_pipeline, unet_weights, SchedulerConfig};
+use diffwgpu::checkpoint::{load_pipeline, unet_weights, ClassLabels, SchedulerConfig};
 use diffwgpu::nn::UNet2D;
 use diffwgpu::{Backend, Tensor};
 
@@ -13,6 +13,8 @@ pub struct TrainedModel {
     /// The weights, in the order of `model.params.specs`.
     pub values: Vec<Vec<f32>>,
     pub scheduler: SchedulerConfig,
+    /// A class-conditional model's classes.
+    pub classes: Option<ClassLabels>,
 }
 
 impl TrainedModel {
@@ -33,6 +35,7 @@ impl TrainedModel {
             model,
             values,
             scheduler,
+            classes: folder.classes,
         })
     }
 

@@ -12,8 +12,8 @@ use diffwgpu::checkpoint::{
     read_safetensors, write_safetensors, NamedTensor, DPM_SOLVER_SCHEDULER,
 };
 use diffwgpu::diffusion::{
-    inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, TimestepSpacing, UNetDenoiser,
-    VarianceType,
+    inference_timesteps, predicted_x0, sample, ClassGuidance, NoiseStream, Sampler,
+    TimestepSpacing, UNetDenoiser, VarianceType,
 };
 use diffwgpu::images;
 use diffwgpu::Backend;
@@ -90,9 +90,18 @@ pub struct SampleArgs {
     /// Clip the predicted x_0 to [-1, 1] (default: the scheduler config's `clip_sample`).
     #[arg(long)]
     clip_sample: Option<bool>,
-    /// Images to generate.
+    /// Images to generate (with --class all: per class).
     #[arg(long, default_value_t = 16)]
     num: usize,
+    /// For a class-conditional model: the class to draw, by name or id, or `all` for a grid
+    /// with one row per class (the default).
+    #[arg(long = "class", value_name = "CLASS")]
+    class: Option<String>,
+    /// Classifier-free guidance scale w, eps = eps_u + w (eps_c - eps_u): 1 is the conditional
+    /// model alone, 0 the unconditional one (default: 3, or 1 for a model without a null
+    /// class).
+    #[arg(long, value_name = "W", allow_hyphen_values = true)]
+    guidance: Option<f32>,
     /// Images per model evaluation (default: all of them at once).
     #[arg(long, alias = "batch")]
     batch_size: Option<usize>,
@@ -214,13 +223,15 @@ pub fn run(args: SampleArgs) -> Result<()> {
         Some(path) => Some(read_noise(path, [c, s, s])?),
         None => None,
     };
-    let n = match &noise {
+    let per_class = match &noise {
         Some((n, _)) => *n,
         None => args.num,
     };
-    if n == 0 {
+    if per_class == 0 {
         bail!("--num 0: nothing to sample");
     }
+    let (classes, columns) = class_guidance(&trained, &args, per_class)?;
+    let n = classes.as_ref().map_or(per_class, |c| c.labels.len());
     let batch = args.batch_size.unwrap_or(n).clamp(1, n);
 
     let (be, why) = device::open(args.device)?;
@@ -263,11 +274,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
             Some((_, data)) => be.upload(&shape, &data[first * per_image..][..b * per_image])?,
             None => stream.initial(be, &shape)?,
         };
+        let batch_classes = classes.as_ref().map(|c| ClassGuidance {
+            labels: c.labels[first..first + b].to_vec(),
+            ..c.clone()
+        });
         let x0 = sample(
             be,
             &UNetDenoiser {
                 model,
                 params: &params,
+                classes: batch_classes.as_ref(),
             },
             &schedule,
             prediction_type,
@@ -329,7 +345,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
 
-    let grid = images::grid(&out, n, c, s, images::grid_columns(n))?;
+    let grid = images::grid(&out, n, c, s, columns)?;
     images::save_png(&image::DynamicImage::ImageRgb8(grid), &args.output)?;
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -358,6 +374,80 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// What a class-conditional model draws (`None` for an unconditional one) and the grid's
+/// columns: `--class all` is one row of `per_class` images per class; with `--noise`, its
+/// images are shared out among the classes in equal rows.
+fn class_guidance(
+    trained: &TrainedModel,
+    args: &SampleArgs,
+    per_class: usize,
+) -> Result<(Option<ClassGuidance>, usize)> {
+    let Some(classes) = &trained.classes else {
+        if args.class.is_some() || args.guidance.is_some() {
+            bail!(
+                "--class and --guidance need a class-conditional model, and {} is unconditional \
+                 (its unet/config.json has no num_class_embeds); train one with `diffwgpu train \
+                 --conditional`",
+                args.model.display()
+            );
+        }
+        return Ok((None, images::grid_columns(per_class)));
+    };
+    let scale = match args.guidance {
+        Some(w) if !w.is_finite() => bail!("--guidance {w} is not a finite number"),
+        Some(w) => w,
+        None if classes.null_class.is_some() => DEFAULT_GUIDANCE,
+        None => 1.0,
+    };
+    if scale != 1.0 && classes.null_class.is_none() {
+        bail!(
+            "--guidance {scale} needs the unconditional model, and {} has no null class (no \
+             null_class in unet/class_labels.json); use --guidance 1",
+            args.model.display()
+        );
+    }
+    let k = classes.names.len();
+    let (labels, columns) = match args.class.as_deref() {
+        None | Some("all") => {
+            let row = if args.noise.is_some() {
+                if !per_class.is_multiple_of(k) {
+                    bail!(
+                        "the {per_class} images of --noise cannot be shared out among the \
+                         model's {k} classes; give a multiple of {k}, or choose one --class"
+                    );
+                }
+                per_class / k
+            } else {
+                per_class
+            };
+            let labels = (0..k as u32)
+                .flat_map(|l| std::iter::repeat_n(l, row))
+                .collect();
+            (labels, row)
+        }
+        Some(name) => {
+            let Some(label) = classes.lookup(name) else {
+                bail!(
+                    "--class {name}: the model has no such class; its classes are {} (by name, \
+                     or by id 0 to {}), or `all`",
+                    classes.names.join(", "),
+                    k - 1
+                );
+            };
+            (vec![label; per_class], images::grid_columns(per_class))
+        }
+    };
+    let guidance = ClassGuidance {
+        labels,
+        null_class: classes.null_class,
+        scale,
+    };
+    Ok((Some(guidance), columns))
+}
+
+/// The guidance scale when --guidance is not given (and the model has a null class).
+const DEFAULT_GUIDANCE: f32 = 3.0;
 
 /// The strip (for each of the first images, a row of x_t above a row of x0_hat, one column
 /// per strip step) and the GIF (the first batch's x_t over the steps, then x_0).

@@ -12,12 +12,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diffwgpu::checkpoint::TRAINING_STATE_FILE;
 use diffwgpu::checkpoint::{
-    save_pipeline, unet_weights, NamedTensor, SchedulerConfig, TrainingState,
+    save_pipeline, unet_weights, ClassLabels, NamedTensor, SchedulerConfig, TrainingState,
 };
 use diffwgpu::data::{Batcher, Dataset};
 use diffwgpu::diffusion::{
-    inference_timesteps, sample, NoiseStream, PredictionType, Sampler, TimestepSpacing,
-    UNetDenoiser,
+    inference_timesteps, sample, ClassGuidance, NoiseStream, PredictionType, Sampler,
+    TimestepSpacing, UNetDenoiser,
 };
 use diffwgpu::images;
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
@@ -94,6 +94,8 @@ const RUN_OPTIONS: &[&str] = &[
     "ema_max_decay",
     "ema_power",
     "snr_gamma",
+    "conditional",
+    "class_dropout",
     "seed",
     "hflip",
     "out",
@@ -106,8 +108,18 @@ pub struct TrainArgs {
     out: Option<PathBuf>,
     /// Training images: a folder of PNG/JPEG files (searched recursively), or mnist:PATH for
     /// MNIST IDX files (gzipped or not). Default: the embedded MNIST digits (9,000).
+    /// With --conditional: a folder with one subfolder of images per class, or mnist:PATH
+    /// with its labels file beside the images.
     #[arg(long)]
     data: Option<String>,
+    /// Train a class-conditional model (diffusers' num_class_embeds) on the data's labels,
+    /// for `diffwgpu sample --class`.
+    #[arg(long)]
+    conditional: bool,
+    /// With --conditional: the probability that a label is replaced by the null class, so
+    /// that the model also learns the unconditional prediction classifier-free guidance needs.
+    #[arg(long, value_parser = probability, default_value = "0.1", requires = "conditional")]
+    class_dropout: f32,
     #[command(flatten)]
     model: ModelArgs,
     /// Noise schedule.
@@ -215,6 +227,12 @@ struct RunRecord {
     ema_power: f32,
     #[serde(default)]
     snr_gamma: Option<f32>,
+    /// A class-conditional run: the class names of the data's labels (the U-Net's config has
+    /// one embedding row per class and the null class).
+    #[serde(default)]
+    class_names: Option<Vec<String>>,
+    #[serde(default)]
+    class_dropout: f32,
     seed: u64,
     hflip: bool,
 }
@@ -239,6 +257,11 @@ fn beta(s: &str) -> std::result::Result<f32, String> {
     } else {
         Err(format!("must be in [0, 1), got {s}"))
     }
+}
+
+/// Parses a probability below 1: a number in [0, 1).
+fn probability(s: &str) -> std::result::Result<f32, String> {
+    beta(s)
 }
 
 /// Parses a finite number > 0.
@@ -272,9 +295,37 @@ impl RunRecord {
             ema_max_decay: a.ema_max_decay,
             ema_power: a.ema_power,
             snr_gamma: a.snr_gamma,
+            class_names: None,
+            class_dropout: if a.conditional { a.class_dropout } else { 0.0 },
             seed: a.seed,
             hflip: a.hflip,
         })
+    }
+
+    /// A new conditional run (`--conditional`, or a config with `num_class_embeds`) takes
+    /// its classes from the data: one embedding row per class and one for the null class.
+    fn take_classes(&mut self, conditional: bool, dataset: &Dataset) -> Result<()> {
+        if !conditional && self.unet.num_class_embeds.is_none() {
+            return Ok(());
+        }
+        let names = dataset.class_names.clone();
+        let rows = names.len() + 1;
+        match self.unet.num_class_embeds {
+            None => self.unet.num_class_embeds = Some(rows),
+            Some(n) if n == rows => {}
+            Some(n) => bail!(
+                "the model config has num_class_embeds = {n}, but the data has {} classes; a \
+                 conditional model needs one row per class plus the null class: {rows}",
+                names.len()
+            ),
+        }
+        self.class_names = Some(names);
+        Ok(())
+    }
+
+    /// The classes of a conditional run, as the model folder records them.
+    fn class_labels(&self) -> Option<ClassLabels> {
+        self.class_names.clone().map(ClassLabels::with_null)
     }
 
     fn hyper(&self) -> TrainHyper {
@@ -296,6 +347,7 @@ impl RunRecord {
             ema_power: self.ema_power,
             prediction_type: self.prediction.prediction_type(),
             snr_gamma: self.snr_gamma,
+            class_dropout: self.class_dropout,
             seed: self.seed,
             ..TrainHyper::default()
         }
@@ -316,7 +368,7 @@ impl RunRecord {
 const RUN_KEY: &str = "run";
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let (out, record, resumed) = match &args.resume {
+    let (out, mut record, resumed) = match &args.resume {
         Some(dir) => {
             let state = TrainingState::load(&dir.join(TRAINING_STATE_FILE)).with_context(|| {
                 format!(
@@ -356,16 +408,41 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let be: &dyn Backend = be.as_ref();
     eprintln!("device: {why}");
 
+    let conditional = record.class_names.is_some() || args.conditional;
+    let dataset = {
+        let (spec, cfg) = (record.data.as_deref(), &record.unet);
+        if conditional || cfg.num_class_embeds.is_some() {
+            Dataset::open_labelled(spec, cfg.size(), cfg.in_channels)?
+        } else {
+            Dataset::open(spec, cfg.size(), cfg.in_channels)?
+        }
+    };
+    if resumed.is_none() {
+        record.take_classes(conditional, &dataset)?;
+    } else if let Some(names) = &record.class_names {
+        if *names != dataset.class_names {
+            bail!(
+                "the data's classes ({}) are not the ones the run started with ({}); resume \
+                 with the same data",
+                dataset.class_names.join(", "),
+                names.join(", ")
+            );
+        }
+    }
+    let record = record;
     let cfg = &record.unet;
     let model = UNet2D::new(cfg)?;
-    let dataset = Dataset::open(record.data.as_deref(), cfg.size(), cfg.in_channels)?;
     eprintln!(
-        "data: {} ({} images of {}x{}x{})",
+        "data: {} ({} images of {}x{}x{}{})",
         dataset.source,
         dataset.len,
         cfg.in_channels,
         cfg.size(),
-        cfg.size()
+        cfg.size(),
+        match &record.class_names {
+            Some(names) => format!(", {} classes", names.len()),
+            None => String::new(),
+        }
     );
     let batcher = Batcher::new(dataset.len, record.batch_size, record.seed, record.hflip)?;
     let scheduler = record.scheduler();
@@ -417,8 +494,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     while trainer.state.step < record.steps {
         let k = trainer.state.step;
         let x0 = batcher.batch(&dataset, k)?;
+        let labels = match record.class_names {
+            Some(_) => Some(batcher.batch_labels(&dataset, k)?),
+            None => None,
+        };
         let stats = trainer
-            .step(&x0)
+            .step(&x0, labels.as_deref())
             .map_err(|e| anyhow::anyhow!(e))
             .with_context(|| {
                 format!("training step {k} failed (out of memory? try a smaller --batch-size)")
@@ -441,7 +522,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let done = step == record.steps;
         if done || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)) {
             let path = out.join("samples").join(format!("step-{step:06}.png"));
-            bar.suspend(|| sample_grid(&trainer, &scheduler, &args, &path))?;
+            let classes = record.class_labels();
+            bar.suspend(|| sample_grid(&trainer, &scheduler, &args, classes.as_ref(), &path))?;
         }
         if done || (args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every)) {
             checkpoint(&trainer)?;
@@ -548,6 +630,12 @@ fn save_checkpoint(
     let model = &trainer.model;
     let host = trainer.state.to_host(trainer.backend())?;
     let ema = named(model, host.ema);
+    if let Some(classes) = record.class_labels() {
+        let unet_dir = out.join("unet");
+        std::fs::create_dir_all(&unet_dir)
+            .with_context(|| format!("cannot create {}", unet_dir.display()))?;
+        classes.save(&unet_dir)?;
+    }
     save_pipeline(out, &record.unet, &ema, scheduler)?;
     let state = TrainingState {
         step: host.step,
@@ -562,16 +650,36 @@ fn save_checkpoint(
 }
 
 /// A grid of samples from the EMA weights with a fast deterministic DDIM pass; the same seed
-/// every time, so grids of successive steps show the same images developing.
+/// every time, so grids of successive steps show the same images developing. A conditional
+/// model's grid has one row per class (guidance scale [`GRID_GUIDANCE`]), of
+/// `num_samples / classes` images but at least [`MIN_ROW`].
 fn sample_grid(
     trainer: &Trainer,
     scheduler: &SchedulerConfig,
     args: &TrainArgs,
+    classes: Option<&ClassLabels>,
     path: &Path,
 ) -> Result<()> {
     let be = trainer.backend();
     let cfg = &trainer.model.config;
-    let n = args.num_samples.max(1);
+    let (n, columns, guidance) = match classes {
+        Some(c) => {
+            let k = c.names.len();
+            let row = (args.num_samples / k).max(MIN_ROW);
+            let guidance = ClassGuidance {
+                labels: (0..k as u32)
+                    .flat_map(|l| std::iter::repeat_n(l, row))
+                    .collect(),
+                null_class: c.null_class,
+                scale: GRID_GUIDANCE,
+            };
+            (k * row, row, Some(guidance))
+        }
+        None => {
+            let n = args.num_samples.max(1);
+            (n, images::grid_columns(n), None)
+        }
+    };
     let t_max = trainer.schedule.num_train_timesteps();
     let steps = args.sample_steps.clamp(1, t_max);
     let timesteps = inference_timesteps(t_max, steps, TimestepSpacing::Leading, 0)?;
@@ -587,6 +695,7 @@ fn sample_grid(
         &UNetDenoiser {
             model: &trainer.model,
             params: &trainer.state.ema_views()?,
+            classes: guidance.as_ref(),
         },
         &trainer.schedule,
         trainer.hyper.prediction_type,
@@ -597,16 +706,15 @@ fn sample_grid(
         &mut |_| Ok(()),
     )?;
     let data = be.to_vec(&x0)?;
-    let grid = images::grid(
-        &data,
-        n,
-        cfg.in_channels,
-        cfg.size(),
-        images::grid_columns(n),
-    )?;
+    let grid = images::grid(&data, n, cfg.in_channels, cfg.size(), columns)?;
     images::save_png(&image::DynamicImage::ImageRgb8(grid), path)?;
     Ok(())
 }
+
+/// The guidance scale of a conditional model's training grids.
+const GRID_GUIDANCE: f32 = 3.0;
+/// The fewest images per class row of a conditional model's training grid.
+const MIN_ROW: usize = 4;
 
 /// `train_log.csv`: one row per step. A resumed run keeps the rows up to its checkpoint and
 /// drops any written after it.
@@ -685,6 +793,8 @@ mod tests {
             ema_max_decay: 0.9999,
             ema_power: 0.75,
             snr_gamma: Some(5.0),
+            class_names: None,
+            class_dropout: 0.0,
             seed: 0,
             hflip: false,
         };

@@ -42,30 +42,91 @@ fn check_times(op: &'static str, x: &Tensor, t: &[f64]) -> Result<usize> {
     Ok(n)
 }
 
-/// The U-Net with its weights on a backend.
+/// What a class-conditional U-Net is asked for: a class per image and the scale `w` of
+/// classifier-free guidance (Ho & Salimans 2022): `w = 1` is the conditional model alone,
+/// `w = 0` the unconditional one (the null class), anything else both, combined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassGuidance {
+    pub labels: Vec<u32>,
+    /// The class the unconditional model was trained under (needed unless `w = 1`).
+    pub null_class: Option<u32>,
+    pub scale: f32,
+}
+
+impl ClassGuidance {
+    /// The null class, which every scale but 1 needs.
+    fn null(&self) -> Result<u32> {
+        self.null_class.ok_or_else(|| {
+            Error::invalid(
+                "guidance",
+                format!(
+                    "guidance scale {} needs the unconditional model, and this model has no \
+                     null class; use guidance 1 (the conditional model alone)",
+                    self.scale
+                ),
+            )
+        })
+    }
+}
+
+/// The U-Net with its weights on a backend, and the classes it draws if it is conditional.
 pub struct UNetDenoiser<'a> {
     pub model: &'a UNet2D,
     pub params: &'a [Tensor],
+    pub classes: Option<&'a ClassGuidance>,
 }
 
 impl UNetDenoiser<'_> {
     /// The forward pass on `tape`: its input and output variables.
-    fn forward(&self, tape: &mut Tape, x: &Tensor, t: &[f64], grad: bool) -> Result<(Var, Var)> {
+    fn forward(
+        &self,
+        tape: &mut Tape,
+        x: &Tensor,
+        t: &[f64],
+        labels: Option<&[u32]>,
+        grad: bool,
+    ) -> Result<(Var, Var)> {
         let n = check_times("unet", x, t)?;
         let times: Vec<f32> = t.iter().map(|&t| t as f32).collect();
         let tt = tape.backend().upload(&[n], &times)?;
         let p = tape.leaves(self.params, false);
         let xv = tape.leaf(x.clone(), grad);
-        let out = self.model.forward(tape, &p, xv, &tt)?;
+        let out = self.model.forward(tape, &p, xv, &tt, labels)?;
         Ok((xv, out))
+    }
+
+    /// The labels of a single evaluation: the classes at `w = 1`, the null class at `w = 0`;
+    /// `None` when both are needed (or the model is unconditional).
+    fn single_pass_labels(&self, n: usize) -> Result<Option<Vec<u32>>> {
+        match self.classes {
+            Some(c) if c.scale == 1.0 => Ok(Some(c.labels.clone())),
+            Some(c) if c.scale == 0.0 => Ok(Some(vec![c.null()?; n])),
+            _ => Ok(None),
+        }
     }
 }
 
 impl Denoiser for UNetDenoiser<'_> {
+    /// With guidance, the conditional and the unconditional prediction come from one batched
+    /// evaluation of `[x, x]` under `[labels, null]`, combined by the guidance op.
     fn predict(&self, be: &dyn Backend, x: &Tensor, t: &[f64]) -> Result<Tensor> {
         let mut tape = Tape::inference(be);
-        let (_, out) = self.forward(&mut tape, x, t, false)?;
-        Ok(tape.value(out).clone())
+        let n = check_times("unet", x, t)?;
+        let classes = match (self.classes, self.single_pass_labels(n)?) {
+            (Some(c), None) => c,
+            (_, labels) => {
+                let (_, out) = self.forward(&mut tape, x, t, labels.as_deref(), false)?;
+                return Ok(tape.value(out).clone());
+            }
+        };
+        let column = x.reshape(&[1, x.numel(), 1, 1])?;
+        let mut shape = x.shape().to_vec();
+        shape[0] *= 2;
+        let both = be.concat_channels(&column, &column)?.reshape(&shape)?;
+        let times = [t, t].concat();
+        let labels = [classes.labels.clone(), vec![classes.null()?; n]].concat();
+        let (_, out) = self.forward(&mut tape, &both, &times, Some(&labels), false)?;
+        be.guidance(tape.value(out), classes.scale)
     }
 
     /// Backpropagates `v` through a recorded forward pass to the input alone.
@@ -76,8 +137,19 @@ impl Denoiser for UNetDenoiser<'_> {
         t: &[f64],
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let n = check_times("unet", x, t)?;
+        let labels = match (self.classes, self.single_pass_labels(n)?) {
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "unet",
+                    "the input gradient of a guided prediction is not implemented; use \
+                     guidance 1 or 0",
+                ))
+            }
+            (_, labels) => labels,
+        };
         let mut tape = Tape::new(be);
-        let (xv, out) = self.forward(&mut tape, x, t, true)?;
+        let (xv, out) = self.forward(&mut tape, x, t, labels.as_deref(), true)?;
         let y = tape.value(out).clone();
         let mut grads = tape.backward(out, v.clone())?;
         let vjp = grads

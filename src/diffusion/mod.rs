@@ -7,7 +7,7 @@ pub mod dpm_solver;
 pub mod sampler;
 pub mod schedule;
 
-pub use denoiser::{Denoiser, GaussianDenoiser, UNetDenoiser};
+pub use denoiser::{ClassGuidance, Denoiser, GaussianDenoiser, UNetDenoiser};
 pub use dpm_solver::{DpmSolver, DpmSolverType, FinalSigmas};
 pub use sampler::{
     inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, StepView, TimestepSpacing,

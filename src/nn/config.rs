@@ -199,6 +199,11 @@ impl UNet2DConfig {
             .unwrap_or(self.block_out_channels[0] * 4)
     }
 
+    /// Rows of the class embedding table: 0 for an unconditional model.
+    pub fn class_count(&self) -> usize {
+        self.num_class_embeds.unwrap_or(0)
+    }
+
     /// The number of heads of an attention layer over `channels` channels.
     pub fn heads(&self, channels: usize) -> usize {
         channels / self.attention_head_dim.unwrap_or(channels)
@@ -251,10 +256,18 @@ impl UNet2DConfig {
             );
         }
         if let Some(c) = &self.class_embed_type {
-            return unsupported("class_embed_type", format!("{c:?}"), "null");
+            return unsupported(
+                "class_embed_type",
+                format!("{c:?}"),
+                "null (a table of num_class_embeds rows added to the time embedding)",
+            );
         }
-        if let Some(n) = self.num_class_embeds {
-            return unsupported("num_class_embeds", n.to_string(), "null");
+        if self.num_class_embeds == Some(0) {
+            return bad(
+                "num_class_embeds = 0; use null (unconditional) or the number of \
+                        classes (plus one for a null class)"
+                    .into(),
+            );
         }
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2D") {
             return unsupported(

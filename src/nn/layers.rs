@@ -1,5 +1,5 @@
-//! The leaf layers: convolution, linear and group norm, each a handful of parameter indices
-//! and a forward that records onto the tape.
+//! The leaf layers: convolution, linear, group norm and embedding, each a handful of
+//! parameter indices and a forward that records onto the tape.
 
 use super::params::{Init, ParamList};
 use crate::autodiff::{Tape, Var};
@@ -108,5 +108,24 @@ impl GroupNorm {
     pub fn forward_silu(&self, tape: &mut Tape, p: &[Var], x: Var) -> Result<Var> {
         let params = self.params.with_silu();
         tape.group_norm(x, p[self.weight], p[self.bias], params)
+    }
+}
+
+/// `nn.Embedding`: one learned row of width `dim` per class.
+pub struct Embedding {
+    weight: usize,
+}
+
+impl Embedding {
+    /// A `[classes, dim]` table named `name.weight`.
+    pub fn new(list: &mut ParamList, name: &str, classes: usize, dim: usize) -> Self {
+        Embedding {
+            weight: list.add(format!("{name}.weight"), &[classes, dim], Init::Normal(1.0)),
+        }
+    }
+
+    /// The rows of `labels`, `[B, dim]`.
+    pub fn forward(&self, tape: &mut Tape, p: &[Var], labels: &[u32]) -> Result<Var> {
+        tape.embedding(p[self.weight], labels)
     }
 }

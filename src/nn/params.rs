@@ -15,6 +15,8 @@ pub enum Init {
     Ones,
     /// All zeros (GroupNorm's shift).
     Zeros,
+    /// `N(0, std^2)`: PyTorch's default for `nn.Embedding` tables (std 1).
+    Normal(f32),
 }
 
 /// One parameter: its diffusers name, shape and initialisation.
@@ -116,6 +118,11 @@ impl ParamList {
                     let mut u = vec![0.0; spec.numel()];
                     rng::fill_uniform(&mut u, seed ^ ((i as u64 + 1) << 40), 0);
                     u.iter().map(|&u| (2.0 * u - 1.0) * bound).collect()
+                }
+                Init::Normal(std) => {
+                    let mut z = vec![0.0; spec.numel()];
+                    rng::fill_normal(&mut z, seed ^ ((i as u64 + 1) << 40), 0);
+                    z.iter().map(|&z| z * std).collect()
                 }
             })
             .collect()

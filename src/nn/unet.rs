@@ -1,6 +1,6 @@
 //! diffusers' `UNet2DModel`, built from its config with the same parameter names and shapes.
 //!
-//!   temb = linear_2(SiLU(linear_1(sinusoidal(t))))
+//!   temb = linear_2(SiLU(linear_1(sinusoidal(t))))  [+ class_embedding[label] when conditional]
 //!   h = conv_in(x);                    skips = [h]
 //!   down levels: (resnet [+ attention]) x layers_per_block, each pushing a skip;
 //!                then a stride-2 conv (not on the last level), pushing a skip
@@ -11,7 +11,7 @@
 
 use super::attention::AttentionBlock;
 use super::config::UNet2DConfig;
-use super::layers::{Conv2d, GroupNorm, Linear};
+use super::layers::{Conv2d, Embedding, GroupNorm, Linear};
 use super::params::ParamList;
 use super::resnet::{ResnetBlock2D, Shared};
 use crate::autodiff::{Tape, Var};
@@ -47,6 +47,8 @@ pub struct UNet2D {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    /// The class-conditional model's table (`num_class_embeds` rows).
+    class_embedding: Option<Embedding>,
     down: Vec<Level>,
     mid: (ResnetBlock2D, AttentionBlock, ResnetBlock2D),
     up: Vec<Level>,
@@ -75,6 +77,9 @@ impl UNet2D {
         let conv_in = Conv2d::new(list, "conv_in", cfg.in_channels, channels[0], 3, same);
         let time_linear_1 = Linear::new(list, "time_embedding.linear_1", channels[0], temb);
         let time_linear_2 = Linear::new(list, "time_embedding.linear_2", temb, temb);
+        let class_embedding = cfg
+            .num_class_embeds
+            .map(|k| Embedding::new(list, "class_embedding", k, temb));
 
         let mut down = Vec::with_capacity(levels);
         let mut cout = channels[0];
@@ -167,6 +172,7 @@ impl UNet2D {
             conv_in,
             time_linear_1,
             time_linear_2,
+            class_embedding,
             down,
             mid,
             up,
@@ -186,9 +192,17 @@ impl UNet2D {
         }
     }
 
-    /// The model's output for `x [B, in_channels, S, S]` at timesteps `t [B]` (as f32), given
-    /// the parameters as tape variables in declaration order.
-    pub fn forward(&self, tape: &mut Tape, p: &[Var], x: Var, t: &Tensor) -> Result<Var> {
+    /// The model's output for `x [B, in_channels, S, S]` at timesteps `t [B]` (as f32) and,
+    /// for a class-conditional model, one class label per image, given the parameters as tape
+    /// variables in declaration order.
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        p: &[Var],
+        x: Var,
+        t: &Tensor,
+        labels: Option<&[u32]>,
+    ) -> Result<Var> {
         if p.len() != self.params.specs.len() {
             return Err(Error::invalid(
                 "UNet2D::forward",
@@ -213,7 +227,33 @@ impl UNet2D {
         let t_emb = tape.leaf(t_emb, false);
         let temb = self.time_linear_1.forward(tape, p, t_emb)?;
         let temb = tape.silu(temb)?;
-        let temb = self.time_linear_2.forward(tape, p, temb)?;
+        let mut temb = self.time_linear_2.forward(tape, p, temb)?;
+        match (&self.class_embedding, labels) {
+            (Some(table), Some(labels)) if labels.len() == t.numel() => {
+                let class_emb = table.forward(tape, p, labels)?;
+                temb = tape.add(temb, class_emb)?;
+            }
+            (Some(_), Some(labels)) => {
+                return Err(Error::invalid(
+                    "UNet2D::forward",
+                    format!("{} labels for {} images", labels.len(), t.numel()),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(Error::invalid(
+                    "UNet2D::forward",
+                    "this model is class-conditional (num_class_embeds is set): give one \
+                     class label per image",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(
+                    "UNet2D::forward",
+                    "class labels given to an unconditional model (num_class_embeds is null)",
+                ))
+            }
+            (None, None) => {}
+        }
         // Every resnet applies SiLU to the embedding before its projection: do it once.
         let temb = tape.silu(temb)?;
 

@@ -34,6 +34,9 @@ pub struct TrainHyper {
     /// Weight each sample's loss by Min-SNR-gamma with this gamma (`None`: unweighted);
     /// see [`super::min_snr`].
     pub snr_gamma: Option<f32>,
+    /// For a class-conditional model: the probability that a label is replaced by the null
+    /// class in training (classifier-free guidance needs the unconditional model too).
+    pub class_dropout: f32,
     /// Seeds the timesteps and the noise of every step (and the data order, by the caller).
     pub seed: u64,
 }
@@ -56,6 +59,7 @@ impl Default for TrainHyper {
             ema_power: 0.75,
             prediction_type: PredictionType::Epsilon,
             snr_gamma: None,
+            class_dropout: 0.1,
             seed: 0,
         }
     }
@@ -63,7 +67,8 @@ impl Default for TrainHyper {
 
 impl TrainHyper {
     /// Checks the settings the optimizer and the loss take as they are: Adam's betas in
-    /// [0, 1), its epsilon and the Min-SNR gamma finite and positive.
+    /// [0, 1), its epsilon and the Min-SNR gamma finite and positive, the class dropout a
+    /// probability below 1.
     pub fn check(&self) -> Result<()> {
         let invalid = |msg: String| Err(Error::invalid("train", msg));
         for (name, beta) in [
@@ -79,6 +84,12 @@ impl TrainHyper {
             return invalid(format!(
                 "adam_eps must be finite and positive, got {}",
                 self.adam_eps
+            ));
+        }
+        if !(0.0..1.0).contains(&self.class_dropout) {
+            return invalid(format!(
+                "class_dropout must be in [0, 1), got {}",
+                self.class_dropout
             ));
         }
         if let Some(gamma) = self.snr_gamma.filter(|&g| !positive(g)) {

@@ -30,6 +30,7 @@ use crate::tensor::Tensor;
 const TIMESTEP_STREAM: u64 = 1;
 const NOISE_STREAM: u64 = 2;
 const DROPOUT_STREAM: u64 = 3;
+const CLASS_DROPOUT_STREAM: u64 = 4;
 
 /// The seed of one random stream of a run.
 pub fn stream_seed(seed: u64, stream: u64) -> u64 {
@@ -209,10 +210,11 @@ impl<'b> Trainer<'b> {
             .collect()
     }
 
-    /// One optimizer step on the clean batch `x0` (`[B, C, S, S]` in [-1, 1], host memory):
-    /// [`Self::gradients`] then [`Self::apply`].
-    pub fn step(&mut self, x0: &[f32]) -> Result<StepStats> {
-        let g = self.gradients(x0).map_err(|e| self.for_batch(e))?;
+    /// One optimizer step on the clean batch `x0` (`[B, C, S, S]` in [-1, 1], host memory)
+    /// with its class labels for a class-conditional model: [`Self::gradients`] then
+    /// [`Self::apply`].
+    pub fn step(&mut self, x0: &[f32], labels: Option<&[u32]>) -> Result<StepStats> {
+        let g = self.gradients(x0, labels).map_err(|e| self.for_batch(e))?;
         self.apply(g).map_err(|e| self.for_batch(e))
     }
 
@@ -237,9 +239,30 @@ impl<'b> Trainer<'b> {
         }
     }
 
-    /// The loss and the parameter gradients of the next step on the clean batch `x0`; the
-    /// state does not change.
-    pub fn gradients(&mut self, x0: &[f32]) -> Result<StepGradients> {
+    /// The labels step `k` trains with: each replaced by the null class (the table's last
+    /// row) with probability `class_dropout`, so that one network learns the conditional and
+    /// the unconditional prediction (classifier-free guidance, Ho & Salimans 2022).
+    pub fn step_labels(&self, k: u64, labels: &[u32]) -> Vec<u32> {
+        let p = self.hyper.class_dropout;
+        let null = self.model.config.class_count().saturating_sub(1) as u32;
+        let seed = stream_seed(self.hyper.seed, CLASS_DROPOUT_STREAM);
+        let b = labels.len() as u64;
+        labels
+            .iter()
+            .zip(0..)
+            .map(|(&l, i)| {
+                if p > 0.0 && rng::uniform(seed, k * b + i) < p {
+                    null
+                } else {
+                    l
+                }
+            })
+            .collect()
+    }
+
+    /// The loss and the parameter gradients of the next step on the clean batch `x0` (and its
+    /// labels); the state does not change.
+    pub fn gradients(&mut self, x0: &[f32], labels: Option<&[u32]>) -> Result<StepGradients> {
         let be = self.be;
         let shape = self.batch_shape();
         let numel: usize = shape.iter().product();
@@ -273,7 +296,10 @@ impl<'b> Trainer<'b> {
         let mut tape = Tape::new(be).with_dropout(dropout_seed);
         let p = tape.params(&self.state.param_views()?);
         let x = tape.leaf(x_t, false);
-        let out = self.model.forward(&mut tape, &p, x, &t)?;
+        let labels = labels.map(|l| self.step_labels(k, l));
+        let out = self
+            .model
+            .forward(&mut tape, &p, x, &t, labels.as_deref())?;
         let (loss, d_out) = self.loss_with_grad(tape.value(out), &target, &timesteps)?;
         let layout = &self.state.layout;
         let norm2 = tape.backward_params(out, d_out, layout, &mut self.plan, &mut self.grads)?;

@@ -142,6 +142,19 @@ pub fn loss_and_grads(
     t: &[f32],
     target: &[f32],
 ) -> (Vec<f32>, f32, Vec<Vec<f32>>) {
+    loss_and_grads_labelled(be, model, values, x, t, None, target)
+}
+
+/// [`loss_and_grads`] with class labels for a class-conditional model.
+pub fn loss_and_grads_labelled(
+    be: &dyn Backend,
+    model: &UNet2D,
+    values: &[Vec<f32>],
+    x: &[f32],
+    t: &[f32],
+    labels: Option<&[u32]>,
+    target: &[f32],
+) -> (Vec<f32>, f32, Vec<Vec<f32>>) {
     let c = &model.config;
     let (n, s) = (t.len(), c.size());
     let params: Vec<Tensor> = model
@@ -155,7 +168,7 @@ pub fn loss_and_grads(
     let p = tape.leaves(&params, true);
     let x = tape.leaf(be.upload(&[n, c.in_channels, s, s], x).unwrap(), false);
     let t = be.upload(&[n], t).unwrap();
-    let out = model.forward(&mut tape, &p, x, &t).unwrap();
+    let out = model.forward(&mut tape, &p, x, &t, labels).unwrap();
     let target = be.upload(&[n, c.out_channels, s, s], target).unwrap();
     let (loss, d_out) = be
         .mse_loss_with_grad(tape.value(out), &target, 1.0)

@@ -1013,6 +1013,43 @@ fn conditional_train_and_sample() {
         ],
         "train --conditional",
     );
+    // Without class dropout the null row is never trained: no null class, guidance 1 only.
+    let no_null = dir.join("no-null");
+    let o = train(
+        &no_null,
+        &[
+            "--conditional",
+            "--class-dropout",
+            "0",
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let labels = std::fs::read_to_string(no_null.join("unet/class_labels.json")).unwrap();
+    assert!(labels.contains("\"null_class\": null"), "{labels}");
+    let no_null = no_null.to_str().unwrap();
+    let png = dir.join("no-null.png");
+    let png_path = png.to_str().unwrap();
+    let plain_sample = |extra: &[&'static str]| {
+        let mut a = vec![
+            "sample", "--model", no_null, "--device", "cpu", "--steps", "2",
+        ];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--sampler", "ddim", "--num", "1", "--output", png_path]);
+        a
+    };
+    assert!(diffwgpu(&plain_sample(&["--class", "dark"]))
+        .status
+        .success());
+    fails_clearly(&plain_sample(&["--guidance", "2"]), "no null class");
+    // A class file that does not fit the model's table.
+    let file = out.join("unet/class_labels.json");
+    std::fs::write(&file, r#"{"names": ["a", "b", "c"], "null_class": 3}"#).unwrap();
+    fails_clearly(&sample_args(&[]), "another model");
+
     std::fs::create_dir_all(data.join("empty")).unwrap();
     let again = dir.join("again");
     let o = train(&again, &["--conditional", "--data", data.to_str().unwrap()]);

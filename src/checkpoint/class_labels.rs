@@ -43,9 +43,14 @@ impl ClassLabels {
         }
     }
 
-    /// The embedding rows the labels need: the names, and the null class after them.
-    pub fn rows(&self) -> usize {
-        self.names.len() + usize::from(self.null_class.is_some())
+    /// Whether the labels fit a table of `rows` rows: one per name, and the null class after
+    /// them (a row that was never trained as one, when the file names no null class).
+    pub fn fits(&self, rows: usize) -> bool {
+        let k = self.names.len();
+        match self.null_class {
+            Some(null) => null as usize == k && k + 1 == rows,
+            None => k == rows || k + 1 == rows,
+        }
     }
 
     /// The label of a class given by name, or by id when no class has that name.
@@ -90,7 +95,7 @@ impl ClassLabels {
                  the file or use the config it was written with",
             ));
         }
-        if labels.rows() != rows || labels.null_class.is_some_and(|n| n as usize + 1 != rows) {
+        if !labels.fits(rows) {
             return Err(error(
                 &path,
                 format!(

@@ -276,9 +276,11 @@ fn positive(s: &str) -> std::result::Result<f32, String> {
 
 impl RunRecord {
     fn from_args(a: &TrainArgs) -> Result<Self> {
+        let unet = a.model.unet_config()?;
+        let conditional = a.conditional || unet.num_class_embeds.is_some();
         Ok(RunRecord {
             data: a.data.clone(),
-            unet: a.model.unet_config()?,
+            unet,
             schedule: a.schedule,
             timesteps: a.timesteps,
             prediction: a.prediction,
@@ -296,7 +298,7 @@ impl RunRecord {
             ema_power: a.ema_power,
             snr_gamma: a.snr_gamma,
             class_names: None,
-            class_dropout: if a.conditional { a.class_dropout } else { 0.0 },
+            class_dropout: if conditional { a.class_dropout } else { 0.0 },
             seed: a.seed,
             hflip: a.hflip,
         })
@@ -323,9 +325,17 @@ impl RunRecord {
         Ok(())
     }
 
-    /// The classes of a conditional run, as the model folder records them.
+    /// The classes of a conditional run, as the model folder records them: without class
+    /// dropout the null class's row is never trained, and the folder names no null class.
     fn class_labels(&self) -> Option<ClassLabels> {
-        self.class_names.clone().map(ClassLabels::with_null)
+        let names = self.class_names.clone()?;
+        Some(match self.class_dropout > 0.0 {
+            true => ClassLabels::with_null(names),
+            false => ClassLabels {
+                names,
+                null_class: None,
+            },
+        })
     }
 
     fn hyper(&self) -> TrainHyper {
@@ -651,7 +661,8 @@ fn save_checkpoint(
 
 /// A grid of samples from the EMA weights with a fast deterministic DDIM pass; the same seed
 /// every time, so grids of successive steps show the same images developing. A conditional
-/// model's grid has one row per class (guidance scale [`GRID_GUIDANCE`]), of
+/// model's grid has one row per class (guidance scale [`GRID_GUIDANCE`], 1 without class
+/// dropout), of
 /// `num_samples / classes` images but at least [`MIN_ROW`].
 fn sample_grid(
     trainer: &Trainer,
@@ -671,7 +682,11 @@ fn sample_grid(
                     .flat_map(|l| std::iter::repeat_n(l, row))
                     .collect(),
                 null_class: c.null_class,
-                scale: GRID_GUIDANCE,
+                scale: if c.null_class.is_some() {
+                    GRID_GUIDANCE
+                } else {
+                    1.0
+                },
             };
             (k * row, row, Some(guidance))
         }

@@ -23,6 +23,7 @@ use crate::ops::attention::AttentionOutput;
 use crate::ops::conv2d::{Conv2dEpilogue, Conv2dParams};
 use crate::ops::grads::{splits_divisor, GradPlan, GradRegion, Partials};
 use crate::ops::group_norm::{GroupNormOutput, GroupNormParams};
+use crate::parallel::Shard;
 use crate::tensor::Tensor;
 
 /// A value on the tape.
@@ -202,6 +203,8 @@ pub struct Tape<'b> {
     record: bool,
     /// Seed and next element offset of the dropout masks (training only).
     dropout: Option<(u64, u64)>,
+    /// Which slice of a data-parallel batch this tape's batch is (see [`Self::sharded`]).
+    shard: Shard,
     /// Floating-point operations of the forward products so far (see [`Self::flops`]).
     flops: u64,
 }
@@ -234,6 +237,7 @@ impl<'b> Tape<'b> {
             nodes: Vec::new(),
             record: true,
             dropout: None,
+            shard: Shard::WHOLE,
             flops: 0,
         }
     }
@@ -241,6 +245,13 @@ impl<'b> Tape<'b> {
     /// Turns dropout on (training), its masks drawn from the stream of `seed`.
     pub fn with_dropout(mut self, seed: u64) -> Self {
         self.dropout = Some((seed, 0));
+        self
+    }
+
+    /// Declares the tape's batch to be one rank's slice of a data-parallel batch: its dropout
+    /// masks are then that slice of the masks the whole batch gets in one process.
+    pub fn sharded(mut self, shard: Shard) -> Self {
+        self.shard = shard;
         self
     }
 
@@ -471,9 +482,13 @@ impl<'b> Tape<'b> {
             return Ok(x);
         };
         let shape = self.shape(x).to_vec();
-        let n: usize = shape.iter().product();
-        self.dropout = Some((seed, offset + n as u64));
-        let u = self.be.rand_uniform(&shape, seed, offset)?;
+        // This slice's mask is elements rank n .. (rank + 1) n of the whole batch's.
+        let n = shape.iter().product::<usize>() as u64;
+        let Shard { rank, ranks } = self.shard;
+        self.dropout = Some((seed, offset + n * ranks as u64));
+        let u = self
+            .be
+            .rand_uniform(&shape, seed, offset + n * rank as u64)?;
         let y = self.be.dropout(self.value(x), &u, p)?;
         Ok(self.output(y, &[x], || Op::Dropout { x, u, p }))
     }

@@ -13,6 +13,7 @@ pub mod images;
 pub mod likelihood;
 pub mod nn;
 pub mod ops;
+pub mod parallel;
 pub mod rng;
 pub mod tensor;
 pub mod train;

@@ -13,6 +13,11 @@
 //!
 //! Every random number of step `k` is a pure function of `(seed, k)`: a run resumed from a
 //! checkpoint at step `k` continues exactly as the uninterrupted run would have.
+//!
+//! A trainer can be one rank of a data-parallel group ([`Trainer::data_parallel`]): it then
+//! takes its slice of every global batch, with the random numbers those samples get in one
+//! process, and sums its gradient with the other ranks' before the update (see
+//! [`crate::parallel`]).
 
 use super::hyper::TrainHyper;
 use super::min_snr::min_snr_weights;
@@ -23,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::nn::{ParamLayout, UNet2D};
 use crate::ops::grads::GradPlan;
 use crate::ops::optim::{AdamWParams, StepTensors};
+use crate::parallel::{Collective, Shard};
 use crate::rng;
 use crate::tensor::Tensor;
 
@@ -152,6 +158,9 @@ pub struct Trainer<'b> {
     grads: Tensor,
     /// Where the backward pass puts each parameter's partial gradients, kept across steps.
     plan: Option<GradPlan>,
+    /// The data-parallel group this trainer is a rank of, if any, and its slice of a batch.
+    group: Option<&'b dyn Collective>,
+    shard: Shard,
 }
 
 impl<'b> Trainer<'b> {
@@ -184,25 +193,48 @@ impl<'b> Trainer<'b> {
             alphas_cumprod,
             grads,
             plan: None,
+            group: None,
+            shard: Shard::WHOLE,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel group: `hyper.batch_size` is then the
+    /// global batch, which must split evenly over the ranks; each step takes this rank's
+    /// slice of it and sums the gradient over the group before the update. Every rank must
+    /// start from the same state.
+    pub fn data_parallel(mut self, group: &'b dyn Collective) -> Result<Self> {
+        let shard = Shard::of(group);
+        shard.local_batch(self.hyper.batch_size)?;
+        self.shard = shard;
+        self.group = Some(group);
+        Ok(self)
+    }
+
+    /// Which slice of every global batch this trainer takes.
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     pub fn backend(&self) -> &'b dyn Backend {
         self.be
     }
 
-    /// The shape of one batch, `[B, C, S, S]`.
+    /// The shape of the batch a step of this trainer takes, `[B, C, S, S]`: on a rank of a
+    /// data-parallel group, its slice of the global batch.
     pub fn batch_shape(&self) -> [usize; 4] {
         let c = &self.model.config;
-        [self.hyper.batch_size, c.in_channels, c.size(), c.size()]
+        let local = self.hyper.batch_size / self.shard.ranks;
+        [local, c.in_channels, c.size(), c.size()]
     }
 
-    /// The timesteps of step `k`, one per sample.
+    /// The timesteps of step `k`, one per sample of this trainer's batch.
     pub fn timesteps(&self, k: u64) -> Vec<f32> {
         let b = self.hyper.batch_size as u64;
         let t_max = self.schedule.num_train_timesteps();
         let seed = stream_seed(self.hyper.seed, TIMESTEP_STREAM);
-        (0..b)
+        let [local, ..] = self.batch_shape();
+        let first = (self.shard.rank * local) as u64;
+        (first..first + local as u64)
             .map(|i| {
                 let u = rng::uniform(seed, k * b + i);
                 ((u * t_max as f32) as usize).min(t_max - 1) as f32
@@ -213,9 +245,35 @@ impl<'b> Trainer<'b> {
     /// One optimizer step on the clean batch `x0` (`[B, C, S, S]` in [-1, 1], host memory)
     /// with its class labels for a class-conditional model: [`Self::gradients`] then
     /// [`Self::apply`].
+    /// On a rank of a data-parallel group, `x0` and the labels are its slice of the batch,
+    /// and the gradients are summed over the group in between.
     pub fn step(&mut self, x0: &[f32], labels: Option<&[u32]>) -> Result<StepStats> {
-        let g = self.gradients(x0, labels).map_err(|e| self.for_batch(e))?;
+        let mut g = self.gradients(x0, labels).map_err(|e| self.for_batch(e))?;
+        if let Some(group) = self.group {
+            g = self.all_reduce(g, group)?;
+        }
         self.apply(g).map_err(|e| self.for_batch(e))
+    }
+
+    /// The loss and gradient of the whole global batch from each rank's own: the sum over
+    /// the group, divided by the number of ranks (each rank's loss is the mean over an equal
+    /// slice of the batch, so the mean of theirs is the batch's), in one all-reduce of the
+    /// flat gradient and the loss together; then the squared norm of the sum.
+    fn all_reduce(&self, g: StepGradients, group: &dyn Collective) -> Result<StepGradients> {
+        let be = self.be;
+        let mut flat = be.to_vec(&g.grads)?;
+        flat.extend(be.to_vec(&g.loss)?);
+        group.all_reduce_sum(&mut flat)?;
+        let loss = flat.pop().unwrap_or(f32::NAN) / group.size() as f32;
+        let scale = 1.0 / group.size() as f32;
+        flat.iter_mut().for_each(|v| *v *= scale);
+        let norm2: f64 = flat.iter().map(|&v| v as f64 * v as f64).sum();
+        Ok(StepGradients {
+            loss: be.upload(&[1], &[loss])?,
+            grads: be.upload(&[flat.len()], &flat)?,
+            norm2: be.upload(&[1], &[norm2 as f32])?,
+            host_time: g.host_time,
+        })
     }
 
     /// An out-of-memory error told which batch size needed the memory.
@@ -241,15 +299,17 @@ impl<'b> Trainer<'b> {
 
     /// The labels step `k` trains with: each replaced by the null class (the table's last
     /// row) with probability `class_dropout`, so that one network learns the conditional and
-    /// the unconditional prediction (classifier-free guidance, Ho & Salimans 2022).
+    /// the unconditional prediction (classifier-free guidance, Ho & Salimans 2022). `labels`
+    /// are this trainer's slice of the batch.
     pub fn step_labels(&self, k: u64, labels: &[u32]) -> Vec<u32> {
         let p = self.hyper.class_dropout;
         let null = self.model.config.class_count().saturating_sub(1) as u32;
         let seed = stream_seed(self.hyper.seed, CLASS_DROPOUT_STREAM);
-        let b = labels.len() as u64;
+        let b = (labels.len() * self.shard.ranks) as u64;
+        let first = (self.shard.rank * labels.len()) as u64;
         labels
             .iter()
-            .zip(0..)
+            .zip(first..)
             .map(|(&l, i)| {
                 if p > 0.0 && rng::uniform(seed, k * b + i) < p {
                     null
@@ -278,8 +338,10 @@ impl<'b> Trainer<'b> {
         let x0 = be.upload(&shape, x0)?;
         let timesteps = self.timesteps(k);
         let t = be.upload(&[shape[0]], &timesteps)?;
+        // This batch's noise is elements first..first + numel of the global batch's.
         let noise_seed = stream_seed(self.hyper.seed, NOISE_STREAM);
-        let eps = be.randn(&shape, noise_seed, k * numel as u64)?;
+        let first = (k * self.shard.ranks as u64 + self.shard.rank as u64) * numel as u64;
+        let eps = be.randn(&shape, noise_seed, first)?;
         let x_t = be.q_sample(&x0, &eps, &t, &self.alphas_cumprod)?;
         let target = match self.hyper.prediction_type {
             PredictionType::Epsilon => eps,
@@ -293,7 +355,7 @@ impl<'b> Trainer<'b> {
         };
 
         let dropout_seed = stream_seed(stream_seed(self.hyper.seed, DROPOUT_STREAM), k);
-        let mut tape = Tape::new(be).with_dropout(dropout_seed);
+        let mut tape = Tape::new(be).with_dropout(dropout_seed).sharded(self.shard);
         let p = tape.params(&self.state.param_views()?);
         let x = tape.leaf(x_t, false);
         let labels = labels.map(|l| self.step_labels(k, l));

@@ -803,6 +803,18 @@ fn bench_reports_speed_and_flops() {
     }
 }
 
+/// `diffwgpu info` names the adapters and says whether the build has MPI.
+fn info_lists_adapters_and_mpi() {
+    let o = diffwgpu(&["info"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("--device auto would use"), "{text}");
+    assert!(
+        text.contains("MPI: not in this build (cargo build --release --features mpi"),
+        "{text}"
+    );
+}
+
 fn noise_pictures_the_forward_process() {
     let dir = scratch("noise");
     let out = dir.join("noise.png");
@@ -1075,6 +1087,7 @@ tests! {
         sample_without_a_terminal_prints_progress_lines,
         bench_reports_speed_and_flops,
         noise_pictures_the_forward_process,
+        info_lists_adapters_and_mpi,
     ],
     gpu: [train_and_sample_on_the_gpu, bench_on_the_gpu_counts_dispatches],
 }

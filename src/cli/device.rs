@@ -41,6 +41,8 @@ impl Device {
     }
 }
 
+const NO_GPU: &str = "--device gpu: no usable GPU adapter; try --device cpu";
+
 /// Opens the chosen backend; the string says which one and why.
 pub fn open(choice: DeviceChoice) -> Result<(Box<dyn Backend>, String)> {
     select(choice).map(|d| (d.backend, d.why))
@@ -51,7 +53,7 @@ pub fn select(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::cpu(format!("{} (--device cpu)", Cpu.name()))),
         DeviceChoice::Gpu => {
-            let g = Gpu::new().context("--device gpu: no usable GPU adapter; try --device cpu")?;
+            let g = Gpu::new().context(NO_GPU)?;
             let why = format!("GPU: {} (--device gpu)", g.name());
             Ok(Device::gpu(g, why))
         }
@@ -68,5 +70,36 @@ pub fn select(choice: DeviceChoice) -> Result<Device> {
             ))),
             Err(e) => Ok(Device::cpu(format!("{} (auto: {e})", Cpu.name()))),
         },
+    }
+}
+
+/// Opens the chosen backend for the `local_rank`-th of `local_size` data-parallel ranks on one
+/// machine: on the GPU each rank takes the next adapter of the best kind, in turn.
+pub fn open_for_rank(
+    choice: DeviceChoice,
+    local_rank: usize,
+    local_size: usize,
+) -> Result<(Box<dyn Backend>, String)> {
+    if local_size < 2 {
+        return open(choice);
+    }
+    let gpu = |g: Gpu, taken: usize, count: usize, how: &str| {
+        let why = format!(
+            "GPU: {} ({how}; local rank {local_rank} of {local_size} takes adapter {} of {count})",
+            g.name(),
+            taken + 1
+        );
+        (Box::new(g) as Box<dyn Backend>, why)
+    };
+    match choice {
+        DeviceChoice::Gpu => {
+            let (g, taken, count) = Gpu::for_local_rank(local_rank).context(NO_GPU)?;
+            Ok(gpu(g, taken, count, "--device gpu"))
+        }
+        DeviceChoice::Auto => match Gpu::for_local_rank(local_rank) {
+            Ok((g, taken, count)) if !g.is_software() => Ok(gpu(g, taken, count, "auto")),
+            _ => open(choice),
+        },
+        DeviceChoice::Cpu => open(choice),
     }
 }

@@ -1,8 +1,15 @@
-//! `diffwgpu info`: the adapters wgpu finds and the device `--device auto` would pick.
+//! `diffwgpu info`: the adapters wgpu finds, the device `--device auto` would pick, and
+//! whether the build has MPI (under `mpirun`: each rank's place in the job).
 
 use anyhow::Result;
 
-pub fn run() -> Result<()> {
+use super::ranks::Ranks;
+
+pub fn run(ranks: &Ranks) -> Result<()> {
+    if !ranks.is_root() {
+        println!("{}", ranks.build_info());
+        return Ok(());
+    }
     let adapters = diffwgpu::gpu::adapters();
     if adapters.is_empty() {
         println!("no GPU adapter found");
@@ -42,5 +49,6 @@ pub fn run() -> Result<()> {
     }
     let (_, why) = super::device::open(super::device::DeviceChoice::Auto)?;
     println!("--device auto would use {why}");
+    println!("{}", ranks.build_info());
     Ok(())
 }

@@ -9,5 +9,6 @@ pub mod noise;
 pub mod pipeline;
 pub mod plot;
 pub mod progress;
+pub mod ranks;
 pub mod sample;
 pub mod train;

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::device::{self, DeviceChoice};
 use super::model::ModelArgs;
 use super::progress;
+use super::ranks::Ranks;
 
 /// The noise schedule, by the names users know (`cosine` is diffusers' `squaredcos_cap_v2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -377,7 +378,10 @@ impl RunRecord {
 /// The metadata key of the run record in the training state.
 const RUN_KEY: &str = "run";
 
-pub fn run(args: TrainArgs) -> Result<()> {
+/// Trains; under `mpirun` as one rank of a data-parallel job, where rank 0 writes the log,
+/// the sample grids and the checkpoints.
+pub fn run(args: TrainArgs, ranks: &Ranks) -> Result<()> {
+    let root = ranks.is_root();
     let (out, mut record, resumed) = match &args.resume {
         Some(dir) => {
             let state = TrainingState::load(&dir.join(TRAINING_STATE_FILE)).with_context(|| {
@@ -414,9 +418,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
 
-    let (be, why) = device::open(args.device)?;
+    let (local_rank, local_size) = ranks.local();
+    let (be, why) = device::open_for_rank(args.device, local_rank, local_size)?;
     let be: &dyn Backend = be.as_ref();
-    eprintln!("device: {why}");
+    match ranks.describe() {
+        Some(layout) => eprintln!("{layout}: device: {why}"),
+        None => eprintln!("device: {why}"),
+    }
 
     let conditional = record.class_names.is_some() || args.conditional;
     let dataset = {
@@ -442,18 +450,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let record = record;
     let cfg = &record.unet;
     let model = UNet2D::new(cfg)?;
-    eprintln!(
-        "data: {} ({} images of {}x{}x{}{})",
-        dataset.source,
-        dataset.len,
-        cfg.in_channels,
-        cfg.size(),
-        cfg.size(),
-        match &record.class_names {
-            Some(names) => format!(", {} classes", names.len()),
-            None => String::new(),
-        }
-    );
+    root.then(|| {
+        eprintln!(
+            "data: {} ({} images of {}x{}x{}{})",
+            dataset.source,
+            dataset.len,
+            cfg.in_channels,
+            cfg.size(),
+            cfg.size(),
+            match &record.class_names {
+                Some(names) => format!(", {} classes", names.len()),
+                None => String::new(),
+            }
+        )
+    });
     let batcher = Batcher::new(dataset.len, record.batch_size, record.seed, record.hflip)?;
     let scheduler = record.scheduler();
     let schedule = scheduler.schedule()?;
@@ -463,19 +473,38 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => TrainState::new(be, &model, &model.params.initial_values(record.seed))?,
     };
     let mut trainer = Trainer::new(be, model, schedule, record.hyper(), state)?;
+    if let Some(group) = ranks.group() {
+        trainer = trainer.data_parallel(group)?;
+    }
 
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create the output folder {}", out.display()))?;
     let record_json = serde_json::to_string_pretty(&record)?;
-    diffwgpu::checkpoint::write_json_atomic(&out.join("train_config.json"), &record_json)?;
-    let mut log = TrainLog::open(&out.join("train_log.csv"), resumed_step)?;
-    eprintln!(
-        "model: {} parameters; {} steps of batch {} into {}",
-        trainer.model.params.count(),
-        record.steps,
-        record.batch_size,
-        out.display()
-    );
+    let mut log = match root {
+        true => {
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+            diffwgpu::checkpoint::write_json_atomic(&out.join("train_config.json"), &record_json)?;
+            Some(TrainLog::open(&out.join("train_log.csv"), resumed_step)?)
+        }
+        false => None,
+    };
+    if root {
+        eprintln!(
+            "model: {} parameters; {} steps of batch {} into {}",
+            trainer.model.params.count(),
+            record.steps,
+            record.batch_size,
+            out.display()
+        );
+    }
+    if root && ranks.size() > 1 {
+        let layout = &trainer.state.layout;
+        eprintln!(
+            "data-parallel: {} ranks of batch {}; {:.1} MiB all-reduced per step",
+            ranks.size(),
+            trainer.batch_shape()[0],
+            (layout.total + 1) as f64 * 4.0 / (1u64 << 20) as f64
+        );
+    }
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -484,7 +513,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .context("cannot install the Ctrl-C handler")?;
     }
 
-    let bar = ProgressBar::new(record.steps);
+    let bar = match root {
+        true => ProgressBar::new(record.steps),
+        false => ProgressBar::hidden(),
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
@@ -493,12 +525,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     bar.set_position(resumed_step);
     let checkpoint = |trainer: &Trainer| -> Result<()> {
-        save_checkpoint(&out, trainer, &record, &scheduler, &record_json)
+        match root {
+            true => save_checkpoint(&out, trainer, &record, &scheduler, &record_json),
+            false => Ok(()),
+        }
     };
 
     // Without a terminal the bar is hidden: a line every LOG_EVERY steps instead.
     const LOG_EVERY: u64 = 100;
-    let interactive = progress::interactive();
+    let interactive = progress::interactive() || !root;
+    let shard = trainer.shard();
     let mut smoothed = Smoothed::default();
     let mut last = Instant::now();
     while trainer.state.step < record.steps {
@@ -508,8 +544,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             Some(_) => Some(batcher.batch_labels(&dataset, k)?),
             None => None,
         };
+        let x0 = shard.slice(&x0, record.batch_size)?;
+        let labels = match &labels {
+            Some(l) => Some(shard.slice(l, record.batch_size)?),
+            None => None,
+        };
         let stats = trainer
-            .step(&x0, labels.as_deref())
+            .step(x0, labels)
             .map_err(|e| anyhow::anyhow!(e))
             .with_context(|| {
                 format!("training step {k} failed (out of memory? try a smaller --batch-size)")
@@ -517,7 +558,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let now = Instant::now();
         let images_per_s = record.batch_size as f64 / (now - last).as_secs_f64();
         last = now;
-        log.write(k + 1, stats.loss, stats.lr, stats.grad_norm, images_per_s)?;
+        if let Some(log) = &mut log {
+            log.write(k + 1, stats.loss, stats.lr, stats.grad_norm, images_per_s)?;
+        }
         let loss = smoothed.push(stats.loss);
         bar.set_message(format!("loss {loss:.4} | {images_per_s:.1} img/s"));
         bar.inc(1);
@@ -530,7 +573,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         let step = trainer.state.step;
         let done = step == record.steps;
-        if done || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)) {
+        let grid_due = args.sample_every > 0 && step.is_multiple_of(args.sample_every);
+        if root && (done || grid_due) {
             let path = out.join("samples").join(format!("step-{step:06}.png"));
             let classes = record.class_labels();
             bar.suspend(|| sample_grid(&trainer, &scheduler, &args, classes.as_ref(), &path))?;
@@ -538,34 +582,45 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if done || (args.checkpoint_every > 0 && step.is_multiple_of(args.checkpoint_every)) {
             checkpoint(&trainer)?;
         }
-        if interrupted.load(Ordering::SeqCst) && !done {
+        // Every rank stops at the same step when any was interrupted.
+        if ranks.any(interrupted.load(Ordering::SeqCst))? && !done {
             checkpoint(&trainer)?;
             bar.abandon();
+            if !root {
+                return Ok(());
+            }
             eprintln!(
                 "interrupted at step {step}: checkpoint written; continue with \
                  `diffwgpu train --resume {}`",
                 out.display()
             );
+            if ranks.size() > 1 {
+                return Ok(());
+            }
             std::process::exit(130);
         }
         if args.stop_at == Some(step) && !done {
             checkpoint(&trainer)?;
             bar.abandon();
-            eprintln!(
-                "stopped at step {step} (--stop-at): checkpoint written; continue with \
+            root.then(|| {
+                eprintln!(
+                    "stopped at step {step} (--stop-at): checkpoint written; continue with \
                  `diffwgpu train --resume {}`",
-                out.display()
-            );
+                    out.display()
+                )
+            });
             return Ok(());
         }
     }
     bar.finish();
-    eprintln!(
-        "done: {} steps; the pipeline is in {} (sample it with `diffwgpu sample --model {}`)",
-        record.steps,
-        out.display(),
-        out.display()
-    );
+    root.then(|| {
+        eprintln!(
+            "done: {} steps; the pipeline is in {} (sample it with `diffwgpu sample --model {}`)",
+            record.steps,
+            out.display(),
+            out.display()
+        )
+    });
     Ok(())
 }
 

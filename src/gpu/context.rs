@@ -126,6 +126,31 @@ fn sorted_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     all
 }
 
+/// Every adapter, best first, whose name contains `filter` (case-insensitive); at least one.
+fn candidates(filter: Option<&str>) -> Result<Vec<wgpu::Adapter>> {
+    let all = sorted_adapters(&instance());
+    if all.is_empty() {
+        return Err(Error::NoAdapter(
+            "wgpu found no Vulkan, Metal or DX12 adapter".into(),
+        ));
+    }
+    let Some(f) = filter else {
+        return Ok(all);
+    };
+    let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+    let matching: Vec<wgpu::Adapter> = all
+        .into_iter()
+        .filter(|a| a.get_info().name.to_lowercase().contains(&f.to_lowercase()))
+        .collect();
+    if matching.is_empty() {
+        return Err(Error::NoAdapter(format!(
+            "no adapter name contains {f:?}; found: {}",
+            names.join(", ")
+        )));
+    }
+    Ok(matching)
+}
+
 /// The limits every kernel is written for: WebGPU's defaults (256 invocations and 16 KiB of
 /// workgroup memory per workgroup, 8 storage buffers per stage, ...), so that what runs here runs
 /// on any WebGPU-class device. `tests/shaders.rs` checks every kernel against them.
@@ -184,28 +209,24 @@ impl Gpu {
 
     /// The best adapter whose name contains `filter` (case-insensitive), or the best of all.
     pub fn with_adapter(filter: Option<&str>) -> Result<Gpu> {
-        let instance = instance();
-        let all = sorted_adapters(&instance);
-        if all.is_empty() {
-            return Err(Error::NoAdapter(
-                "wgpu found no Vulkan, Metal or DX12 adapter".into(),
-            ));
-        }
-        let adapter = match filter {
-            None => all.into_iter().next().unwrap(),
-            Some(f) => {
-                let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
-                all.into_iter()
-                    .find(|a| a.get_info().name.to_lowercase().contains(&f.to_lowercase()))
-                    .ok_or_else(|| {
-                        Error::NoAdapter(format!(
-                            "no adapter name contains {f:?}; found: {}",
-                            names.join(", ")
-                        ))
-                    })?
-            }
-        };
+        let adapter = candidates(filter)?.into_iter().next().unwrap();
         Self::from_adapter(adapter)
+    }
+
+    /// The GPU of the `index`-th of several processes on one machine (a data-parallel rank):
+    /// the adapters of the best kind (hardware before software; `DIFFWGPU_ADAPTER` filters
+    /// them by name as in [`Gpu::new`]) taken in turn, so that ranks spread over the GPUs.
+    /// Also returns which of how many adapters it took.
+    pub fn for_local_rank(index: usize) -> Result<(Gpu, usize, usize)> {
+        let filter = std::env::var("DIFFWGPU_ADAPTER").ok();
+        let all = candidates(filter.as_deref())?;
+        let best = all[0].get_info().device_type;
+        let mut same: Vec<wgpu::Adapter> = all
+            .into_iter()
+            .filter(|a| a.get_info().device_type == best)
+            .collect();
+        let (taken, count) = (index % same.len(), same.len());
+        Ok((Self::from_adapter(same.swap_remove(taken))?, taken, count))
     }
 
     fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {

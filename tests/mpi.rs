@@ -1,7 +1,7 @@
-//! `mpirun -np 2 diffwgpu train` end to end, on the CPU backend: two ranks of half the batch
-//! reproduce one process, a resumed two-rank run continues the uninterrupted one exactly, and
-//! a failing or killed rank ends the job with a clear message and leaves a checkpoint that
-//! loads and resumes.
+//! `mpirun -np 2 diffwgpu train` end to end: two ranks of half the batch reproduce one
+//! process, a resumed two-rank run continues the uninterrupted one exactly, two ranks on the
+//! GPU backend follow the CPU's, and a failing or killed rank ends the job with a clear
+//! message and leaves a checkpoint that loads and resumes.
 //!
 //! The tests build the binary with the `mpi` feature themselves (in their own target folder,
 //! so the default build is untouched). Without `mpirun` on the PATH they are reported as
@@ -82,7 +82,7 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A tiny conditional CPU run with a global batch of 8. AdamW's epsilon is 1e-3: the two
+/// A tiny conditional run (on the CPU unless `extra` names a device) with a global batch of 8. AdamW's epsilon is 1e-3: the two
 /// runs' gradients differ by rounding, and a tiny epsilon turns the rounding noise of an
 /// element whose exact gradient is zero (the attention's key bias) into a step of +-lr.
 fn train(ranks: usize, out: &Path, extra: &[&str]) -> Output {
@@ -91,8 +91,6 @@ fn train(ranks: usize, out: &Path, extra: &[&str]) -> Output {
         "--preset",
         "tiny",
         "--conditional",
-        "--device",
-        "cpu",
         "--batch-size",
         "8",
         "--lr",
@@ -111,6 +109,9 @@ fn train(ranks: usize, out: &Path, extra: &[&str]) -> Output {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--device") {
+        args.extend(["--device", "cpu"]);
+    }
     let o = run(ranks, &args);
     assert!(o.status.success(), "{args:?} failed: {}", stderr(&o));
     o
@@ -205,6 +206,25 @@ fn resumed_runs_continue_exactly() -> Result<(), Failed> {
         "the resumed two-rank run's state differs from the uninterrupted run's"
     );
     assert_states_close(&alone, &whole, 2e-6);
+    Ok(())
+}
+
+/// Two ranks on the GPU backend (each takes an adapter by its local rank; with one adapter
+/// both share it) follow the two-rank CPU run: the same loss and gradient norm within 1e-4
+/// relative, the tolerance of the single-process GPU-versus-CPU training tests.
+fn two_ranks_train_on_the_gpu() -> Result<(), Failed> {
+    let dir = scratch("gpu");
+    let (cpu, gpu) = (dir.join("cpu"), dir.join("gpu"));
+    train(2, &cpu, &["--steps", "2"]);
+    let o = train(2, &gpu, &["--steps", "2", "--device", "gpu"]);
+    let err = stderr(&o);
+    for rank in 0..2 {
+        let want = format!("(--device gpu; local rank {rank} of 2 takes adapter ");
+        assert!(err.contains(&want), "no {want:?} in {err}");
+    }
+    for (x, y) in log(&gpu).iter().zip(&log(&cpu)) {
+        assert_close("step, loss, lr, grad norm", x, y, 0.0, 1e-4);
+    }
     Ok(())
 }
 
@@ -348,21 +368,16 @@ type MpiTest = fn() -> Result<(), Failed>;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
-    let tests: [(&str, MpiTest); 5] = [
-        (
-            "two_ranks_reproduce_one_process",
-            two_ranks_reproduce_one_process,
-        ),
-        (
-            "resumed_runs_continue_exactly",
-            resumed_runs_continue_exactly,
-        ),
-        (
-            "uneven_batch_ends_the_job_clearly",
-            uneven_batch_ends_the_job_clearly,
-        ),
-        ("killed_rank_ends_the_job", killed_rank_ends_the_job),
-        ("info_reports_the_rank_layout", info_reports_the_rank_layout),
+    macro_rules! named {
+        ($($f:ident),*) => { [$((stringify!($f), $f as MpiTest)),*] };
+    }
+    let tests = named![
+        two_ranks_reproduce_one_process,
+        two_ranks_train_on_the_gpu,
+        resumed_runs_continue_exactly,
+        uneven_batch_ends_the_job_clearly,
+        killed_rank_ends_the_job,
+        info_reports_the_rank_layout
     ];
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let found = mpirun_found();

@@ -82,9 +82,10 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A tiny conditional run (on the CPU unless `extra` names a device) with a global batch of 8. AdamW's epsilon is 1e-3: the two
-/// runs' gradients differ by rounding, and a tiny epsilon turns the rounding noise of an
-/// element whose exact gradient is zero (the attention's key bias) into a step of +-lr.
+/// A tiny conditional run (on the CPU unless `extra` names a device) with a global batch of
+/// 8. AdamW's epsilon is 1e-3: two runs' gradients differ by rounding, and a tiny epsilon
+/// turns the rounding noise of an element whose exact gradient is zero (the attention's key
+/// bias) into a step of +-lr.
 fn train(ranks: usize, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "train",

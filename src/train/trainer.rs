@@ -321,7 +321,8 @@ impl<'b> Trainer<'b> {
     }
 
     /// The loss and the parameter gradients of the next step on the clean batch `x0` (and its
-    /// labels); the state does not change.
+    /// labels); the state does not change. On a rank of a data-parallel group they are its
+    /// slice's alone: [`Self::step`] sums them over the group.
     pub fn gradients(&mut self, x0: &[f32], labels: Option<&[u32]>) -> Result<StepGradients> {
         let be = self.be;
         let shape = self.batch_shape();

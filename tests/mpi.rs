@@ -87,28 +87,11 @@ fn scratch(name: &str) -> PathBuf {
 /// turns the rounding noise of an element whose exact gradient is zero (the attention's key
 /// bias) into a step of +-lr.
 fn train(ranks: usize, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "train",
-        "--preset",
-        "tiny",
-        "--conditional",
-        "--batch-size",
-        "8",
-        "--lr",
-        "1e-3",
-        "--lr-warmup",
-        "0",
-        "--adam-epsilon",
-        "1e-3",
-        "--sample-every",
-        "0",
-        "--num-samples",
-        "4",
-        "--sample-steps",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let mut args = tiny_train(
+        out,
+        "--conditional --batch-size 8 --lr 1e-3 --lr-warmup 0 --adam-epsilon 1e-3 \
+         --sample-every 0 --num-samples 4 --sample-steps 2",
+    );
     args.extend_from_slice(extra);
     if !extra.contains(&"--device") {
         args.extend(["--device", "cpu"]);
@@ -116,6 +99,13 @@ fn train(ranks: usize, out: &Path, extra: &[&str]) -> Output {
     let o = run(ranks, &args);
     assert!(o.status.success(), "{args:?} failed: {}", stderr(&o));
     o
+}
+
+/// `train --preset tiny --out OUT` and the space-separated `options`.
+fn tiny_train<'a>(out: &'a Path, options: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["train", "--preset", "tiny", "--out", out.to_str().unwrap()];
+    args.extend(options.split_whitespace());
+    args
 }
 
 /// The log's columns `step, loss, lr, grad_norm` as numbers (the speed column dropped).
@@ -232,21 +222,7 @@ fn two_ranks_train_on_the_gpu() -> Result<(), Failed> {
 /// A batch that does not split over the ranks ends the job with the rank's error.
 fn uneven_batch_ends_the_job_clearly() -> Result<(), Failed> {
     let dir = scratch("uneven");
-    let out = dir.to_str().unwrap();
-    let o = run(
-        2,
-        &[
-            "train",
-            "--preset",
-            "tiny",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "7",
-            "--out",
-            out,
-        ],
-    );
+    let o = run(2, &tiny_train(&dir, "--device cpu --batch-size 7"));
     let err = stderr(&o);
     assert!(!o.status.success(), "an uneven batch trained");
     assert!(!err.contains("panicked"), "{err}");
@@ -282,32 +258,15 @@ fn killed_rank_ends_the_job() -> Result<(), Failed> {
     let dir = scratch("killed");
     let out = dir.join("run");
     let out_s = out.to_str().unwrap();
-    let job = command(
-        2,
-        &[
-            "train",
-            "--preset",
-            "tiny",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "8",
-            "--steps",
-            "100000",
-            "--sample-every",
-            "0",
-            "--checkpoint-every",
-            "2",
-            "--out",
-            out_s,
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let options = "--device cpu --batch-size 8 --steps 100000 --sample-every 0 \
+                   --checkpoint-every 2";
+    let job = command(2, &tiny_train(&out, options))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let started = Instant::now();
-    while !out.join("training_state.safetensors").exists() {
+    while !out.join(TRAINING_STATE_FILE).exists() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "no checkpoint"
@@ -322,8 +281,9 @@ fn killed_rank_ends_the_job() -> Result<(), Failed> {
         })
         .collect();
     assert_eq!(ranks.len(), 2, "ranks found: {ranks:?}");
-    let kill = Command::new("kill")
-        .args(["-9", &ranks[1].to_string()])
+    // The shell's own `kill`: no procps needed.
+    let kill = Command::new("sh")
+        .args(["-c", &format!("kill -9 {}", ranks[1])])
         .status();
     assert!(kill.unwrap().success());
     let o = job.wait_with_output().unwrap();

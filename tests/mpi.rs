@@ -233,6 +233,30 @@ fn uneven_batch_ends_the_job_clearly() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The default build (without MPI) started by `mpirun -np 2` refuses to train rather than
+/// run two unrelated trainings into one folder.
+fn build_without_mpi_refuses_mpirun() -> Result<(), Failed> {
+    let dir = scratch("no-mpi");
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(env!("CARGO_BIN_EXE_diffwgpu"))
+        .args(tiny_train(&dir, "--device cpu --batch-size 2 --steps 1"))
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "the build without MPI trained under mpirun"
+    );
+    assert!(
+        err.contains("started as one of 2 MPI processes, but this diffwgpu was built without MPI"),
+        "{err}"
+    );
+    assert!(!dir.join("train_log.csv").exists(), "it trained anyway");
+    Ok(())
+}
+
 /// The processes whose command line mentions `marker`.
 fn pids_with(marker: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -338,7 +362,8 @@ fn main() -> ExitCode {
         resumed_runs_continue_exactly,
         uneven_batch_ends_the_job_clearly,
         killed_rank_ends_the_job,
-        info_reports_the_rank_layout
+        info_reports_the_rank_layout,
+        build_without_mpi_refuses_mpirun
     ];
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let found = mpirun_found();

@@ -20,9 +20,22 @@ impl Ranks {
         })
     }
 
-    /// A build without MPI is always a job of one.
+    /// A build without MPI is always a job of one: started by `mpirun -np N` with N > 1, its
+    /// processes would each train alone into the same folder, so that is refused.
     #[cfg(not(feature = "mpi"))]
     pub fn init() -> Result<Ranks> {
+        // Open MPI's and MPICH's (Hydra's) launchers say how many processes they started.
+        let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+            .max();
+        if let Some(n) = launched.filter(|&n| n > 1) {
+            anyhow::bail!(
+                "started as one of {n} MPI processes, but this diffwgpu was built without MPI; \
+                 build it with `cargo build --release --features mpi` (needs an MPI library and \
+                 libclang), or run it without mpirun"
+            );
+        }
         Ok(Ranks::single())
     }
 

@@ -531,9 +531,9 @@ pub fn run(args: TrainArgs, ranks: &Ranks) -> Result<()> {
         }
     };
 
-    // Without a terminal the bar is hidden: a line every LOG_EVERY steps instead.
+    // Without a terminal the bar is hidden: rank 0 prints a line every LOG_EVERY steps instead.
     const LOG_EVERY: u64 = 100;
-    let interactive = progress::interactive() || !root;
+    let log_lines = root && !progress::interactive();
     let shard = trainer.shard();
     let mut smoothed = Smoothed::default();
     let mut last = Instant::now();
@@ -564,7 +564,7 @@ pub fn run(args: TrainArgs, ranks: &Ranks) -> Result<()> {
         let loss = smoothed.push(stats.loss);
         bar.set_message(format!("loss {loss:.4} | {images_per_s:.1} img/s"));
         bar.inc(1);
-        if !interactive && (k + 1).is_multiple_of(LOG_EVERY) {
+        if log_lines && (k + 1).is_multiple_of(LOG_EVERY) {
             eprintln!(
                 "step {}/{} | loss {loss:.4} | {images_per_s:.1} img/s",
                 k + 1,

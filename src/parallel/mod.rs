@@ -80,7 +80,7 @@ impl Shard {
     /// This rank's slice of a global batch laid out sample by sample (`[B, ...]`).
     pub fn slice<'a, T>(&self, global: &'a [T], batch: usize) -> Result<&'a [T]> {
         let range = self.range(batch)?;
-        if batch == 0 || !global.len().is_multiple_of(batch) {
+        if !global.len().is_multiple_of(batch) {
             return Err(Error::invalid(
                 "data-parallel",
                 format!("{} values are not a batch of {batch}", global.len()),

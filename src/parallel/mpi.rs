@@ -28,8 +28,12 @@ pub struct MpiWorld {
     _universe: Universe,
 }
 
-/// The world communicator, movable across threads.
-struct World(SimpleCommunicator);
+/// The world communicator, movable across threads, and the send buffer of the all-reduce,
+/// kept between steps.
+struct World {
+    comm: SimpleCommunicator,
+    send: Vec<f32>,
+}
 
 // SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED (checked in `MpiWorld::init`), which
 // allows calls from any thread provided no two run at once; `MpiWorld` only reaches the
@@ -58,7 +62,10 @@ impl MpiWorld {
             local_rank: local.rank() as usize,
             local_size: local.size() as usize,
             node,
-            world: Mutex::new(World(world)),
+            world: Mutex::new(World {
+                comm: world,
+                send: Vec::new(),
+            }),
             _universe: universe,
         })
     }
@@ -67,7 +74,7 @@ impl MpiWorld {
     /// that the others do not wait for it forever.
     pub fn abort(&self, code: i32) -> ! {
         let world = self.world.lock().unwrap_or_else(|e| e.into_inner());
-        world.0.abort(code)
+        world.comm.abort(code)
     }
 }
 
@@ -81,11 +88,11 @@ impl Collective for MpiWorld {
     }
 
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
-        let world = self.world.lock().unwrap_or_else(|e| e.into_inner());
-        let send = values.to_vec();
-        world
-            .0
-            .all_reduce_into(&send[..], values, SystemOperation::sum());
+        let mut world = self.world.lock().unwrap_or_else(|e| e.into_inner());
+        let World { comm, send } = &mut *world;
+        send.clear();
+        send.extend_from_slice(values);
+        comm.all_reduce_into(&send[..], values, SystemOperation::sum());
         Ok(())
     }
 }

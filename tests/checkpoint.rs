@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use diffwgpu::checkpoint::{
-    load_pipeline, read_safetensors, save_pipeline, write_json_atomic, write_safetensors,
-    NamedTensor, SchedulerConfig, TrainingState,
+    load_pipeline, load_pipeline_files, pipeline_files, read_safetensors, save_pipeline,
+    write_json_atomic, write_safetensors, NamedTensor, SchedulerConfig, TrainingState,
 };
 use diffwgpu::diffusion::{NoiseSchedule, PredictionType, VarianceType};
 use diffwgpu::nn::config::UNet2DConfig;
@@ -472,6 +472,52 @@ fn a_bare_unet_folder_loads() {
     let bare = load_pipeline(&alone).unwrap();
     assert_eq!(bare.weights, sorted(unet_weights()));
     assert_eq!(bare.scheduler, None);
+}
+
+#[test]
+fn pipeline_files_in_memory_are_the_folders_bytes() {
+    let dir = TempDir::new("in-memory");
+    let out = dir.join("run");
+    let unet = UNet2DConfig::preset("tiny").unwrap();
+    let scheduler = SchedulerConfig::default();
+    save_pipeline(&out, &unet, &unet_weights(), &scheduler).unwrap();
+    let files = pipeline_files(&unet, &unet_weights(), &scheduler).unwrap();
+    assert_eq!(files.len(), 4);
+    for (name, bytes) in &files {
+        assert_eq!(*bytes, fs::read(out.join(name)).unwrap(), "{name}");
+    }
+
+    // Read back under a leading folder, as a page gets a picked folder's files.
+    let under = |prefix: &str, files: &[(String, Vec<u8>)]| -> BTreeMap<String, Vec<u8>> {
+        files
+            .iter()
+            .map(|(name, bytes)| (format!("{prefix}{name}"), bytes.clone()))
+            .collect()
+    };
+    let loaded = load_pipeline_files(&under("run/", &files)).unwrap();
+    assert_eq!(loaded.config, unet);
+    assert_eq!(loaded.weights, sorted(unet_weights()));
+    assert_eq!(loaded.scheduler, Some(scheduler));
+    assert_eq!(loaded.classes, None);
+
+    // A bare unet folder's two files: no scheduler.
+    let bare: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .filter_map(|(name, bytes)| Some((name.strip_prefix("unet/")?.to_string(), bytes.clone())))
+        .collect();
+    let loaded = load_pipeline_files(&under("", &bare)).unwrap();
+    assert_eq!(loaded.weights, sorted(unet_weights()));
+    assert_eq!(loaded.scheduler, None);
+
+    // Missing weights and files without a model are named.
+    let mut no_weights = under("run/", &files);
+    no_weights.remove("run/unet/diffusion_pytorch_model.safetensors");
+    let (path, msg) = checkpoint_error(load_pipeline_files(&no_weights).unwrap_err());
+    assert_eq!(path, "run/unet/diffusion_pytorch_model.safetensors");
+    assert!(msg.contains("missing"), "{msg}");
+    let only_index = under("run/", &files[..1]);
+    let (_, msg) = checkpoint_error(load_pipeline_files(&only_index).unwrap_err());
+    assert!(msg.contains("hold no model"), "{msg}");
 }
 
 #[test]

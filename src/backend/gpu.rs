@@ -1,7 +1,7 @@
 //! The GPU backend: every op is a hand-written WGSL kernel recorded into the shared command
 //! encoder (see `crate::gpu`).
 
-use super::Backend;
+use super::{Backend, HostRead};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops::attention::{self, AttentionOutput};
@@ -37,6 +37,10 @@ impl Backend for Gpu {
 
     fn to_vec(&self, t: &Tensor) -> Result<Vec<f32>> {
         self.read(t)
+    }
+
+    fn to_vec_async<'a>(&'a self, t: &'a Tensor) -> HostRead<'a> {
+        Box::pin(self.read_async(t))
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -19,6 +19,11 @@ use crate::ops::linear::LinearGrads;
 use crate::ops::optim::{AdamWParams, StepTensors};
 use crate::ops::solver_step::{SolverStepCoefficients, SolverStepInputs};
 use crate::tensor::{Device, Tensor};
+use std::future::Future;
+use std::pin::Pin;
+
+/// A tensor's host copy, once the device has it ([`Backend::to_vec_async`]).
+pub type HostRead<'a> = Pin<Box<dyn Future<Output = Result<Vec<f32>>> + 'a>>;
 
 pub trait Backend: Send + Sync {
     /// Which kind of storage this backend's tensors have.
@@ -31,6 +36,11 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, shape: &[usize]) -> Result<Tensor>;
     /// Reads a tensor back to the host (on the GPU: submits and waits).
     fn to_vec(&self, t: &Tensor) -> Result<Vec<f32>>;
+    /// Reads a tensor back to the host without blocking the thread: what a web page, which
+    /// may not wait, uses instead of [`Self::to_vec`]. On the CPU it is ready at once.
+    fn to_vec_async<'a>(&'a self, t: &'a Tensor) -> HostRead<'a> {
+        Box::pin(std::future::ready(self.to_vec(t)))
+    }
     /// Waits until all recorded work is done (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
     /// The most f32 values one tensor can hold (the GPU binds no larger buffer).

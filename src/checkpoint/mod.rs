@@ -29,9 +29,12 @@ pub mod unet_weights;
 pub use atomic::write_atomic;
 pub use class_labels::{ClassLabels, CLASS_LABELS_FILE};
 pub use pipeline::{
-    load_pipeline, save_pipeline, write_json_atomic, UnetFolder, DIFFUSERS_VERSION,
+    load_pipeline, load_pipeline_files, pipeline_files, save_pipeline, write_json_atomic,
+    UnetFolder, DIFFUSERS_VERSION,
 };
-pub use safetensors_io::{read_safetensors, write_safetensors, NamedTensor};
+pub use safetensors_io::{
+    parse_safetensors, read_safetensors, safetensors_bytes, write_safetensors, NamedTensor,
+};
 pub use scheduler_config::{SchedulerConfig, DPM_SOLVER_SCHEDULER};
 pub use training_state::{TrainingState, TRAINING_STATE_FILE};
 pub use unet_weights::unet_weights;

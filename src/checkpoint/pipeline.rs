@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::{
-    error, read_safetensors, write_atomic, write_safetensors, ClassLabels, NamedTensor,
-    SchedulerConfig,
+    error, parse_safetensors, read_safetensors, safetensors_bytes, write_atomic, write_safetensors,
+    ClassLabels, NamedTensor, SchedulerConfig,
 };
 use crate::error::{Error, Result};
 use crate::nn::config::UNet2DConfig;
@@ -63,23 +63,116 @@ pub fn save_pipeline(
             )
         })?;
     }
-    // diffusers (like torch's safetensors writer) marks its weight files as PyTorch tensors.
-    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&unet_dir.join(WEIGHTS), weights, &metadata)?;
-    // Through the config's own JSON, which prints its f32 values as written (`1e-5`, not the
-    // f64 widening `9.99999974e-6`).
+    write_safetensors(&unet_dir.join(WEIGHTS), weights, &weights_metadata())?;
+    write_json_atomic(&unet_dir.join(CONFIG), &unet_config_json(unet))?;
+    write_json_atomic(&scheduler_dir.join(SCHEDULER_CONFIG), &scheduler.to_json())?;
+    write_json_atomic(&out.join(MODEL_INDEX), &model_index_json(unet, scheduler))
+}
+
+/// The files [`save_pipeline`] writes, in memory, by their path inside the folder (for a page
+/// that offers the folder as a download): the same bytes.
+pub fn pipeline_files(
+    unet: &UNet2DConfig,
+    weights: &[NamedTensor],
+    scheduler: &SchedulerConfig,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    unet.validate()?;
+    scheduler.validate()?;
+    let weights_name = format!("{UNET_DIR}/{WEIGHTS}");
+    let weights = safetensors_bytes(&weights_name, weights, &weights_metadata())?;
+    let json = |text: String| match text.ends_with('\n') {
+        true => text.into_bytes(),
+        false => format!("{text}\n").into_bytes(),
+    };
+    Ok(vec![
+        (MODEL_INDEX.into(), json(model_index_json(unet, scheduler))),
+        (format!("{UNET_DIR}/{CONFIG}"), json(unet_config_json(unet))),
+        (weights_name, weights),
+        (
+            format!("{SCHEDULER_DIR}/{SCHEDULER_CONFIG}"),
+            json(scheduler.to_json()),
+        ),
+    ])
+}
+
+/// diffusers (like torch's safetensors writer) marks its weight files as PyTorch tensors.
+fn weights_metadata() -> BTreeMap<String, String> {
+    BTreeMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// `unet/config.json`: through the config's own JSON, which prints its f32 values as written
+/// (`1e-5`, not the f64 widening `9.99999974e-6`).
+fn unet_config_json(unet: &UNet2DConfig) -> String {
     let mut config: Value =
         serde_json::from_str(&unet.to_json()).expect("a model config's JSON parses");
     config["_diffusers_version"] = json!(DIFFUSERS_VERSION);
-    write_json_atomic(&unet_dir.join(CONFIG), &pretty(&config))?;
-    write_json_atomic(&scheduler_dir.join(SCHEDULER_CONFIG), &scheduler.to_json())?;
-    let index = json!({
+    pretty(&config)
+}
+
+/// `model_index.json`: a DDPMPipeline of the scheduler and the UNet.
+fn model_index_json(unet: &UNet2DConfig, scheduler: &SchedulerConfig) -> String {
+    pretty(&json!({
         "_class_name": "DDPMPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", scheduler.class_name],
         "unet": ["diffusers", unet.class_name],
-    });
-    write_json_atomic(&out.join(MODEL_INDEX), &pretty(&index))
+    }))
+}
+
+/// Reads a pipeline folder whose files are in memory, keyed by their paths (a page's picked
+/// or dropped files): `unet/config.json` and the weights beside it, with
+/// `scheduler/scheduler_config.json` if given; the paths may share a leading folder
+/// (`run/unet/config.json`), and a bare unet folder (`config.json` and the weights) works
+/// too. A class-conditional model's classes are its label ids.
+pub fn load_pipeline_files(files: &BTreeMap<String, Vec<u8>>) -> Result<UnetFolder> {
+    let pipeline_config = format!("{UNET_DIR}/{CONFIG}");
+    let found = |suffix: &str| {
+        files
+            .keys()
+            .filter(|k| *k == suffix || k.ends_with(&format!("/{suffix}")))
+            .min_by_key(|k| k.len())
+            .map(|k| k[..k.len() - suffix.len()].to_string())
+    };
+    let (root, unet_dir) = match (found(&pipeline_config), found(CONFIG)) {
+        (Some(root), _) => (root.clone(), format!("{root}{UNET_DIR}/")),
+        (None, Some(dir)) => (dir.clone(), dir),
+        (None, None) => {
+            return Err(error(
+                Path::new("the given files"),
+                format!(
+                    "hold no model; give the files of a pipeline folder ({MODEL_INDEX},                      {UNET_DIR}/{CONFIG}, {UNET_DIR}/{WEIGHTS}, {SCHEDULER_DIR}/{SCHEDULER_CONFIG})                      or of a UNet2DModel folder ({CONFIG} and {WEIGHTS})"
+                ),
+            ))
+        }
+    };
+    let file = |name: &str| -> Result<(&Path, &[u8])> {
+        let (key, bytes) = files
+            .get_key_value(name)
+            .ok_or_else(|| error(Path::new(name), "is missing; give every file of the folder"))?;
+        Ok((Path::new(key.as_str()), bytes.as_slice()))
+    };
+    let text = |path: &Path, bytes: &[u8]| -> Result<String> {
+        String::from_utf8(bytes.to_vec()).map_err(|_| error(path, "is not UTF-8 text"))
+    };
+    let (config_path, bytes) = file(&format!("{unet_dir}{CONFIG}"))?;
+    let config =
+        UNet2DConfig::from_json(&text(config_path, bytes)?).map_err(|e| in_file(config_path, e))?;
+    let (weights_path, bytes) = file(&format!("{unet_dir}{WEIGHTS}"))?;
+    let (weights, _) = parse_safetensors(weights_path, bytes)?;
+    let scheduler = match file(&format!("{root}{SCHEDULER_DIR}/{SCHEDULER_CONFIG}")) {
+        Ok((path, bytes)) => {
+            Some(SchedulerConfig::from_json(&text(path, bytes)?).map_err(|e| in_file(path, e))?)
+        }
+        Err(_) => None,
+    };
+    let rows = config.class_count();
+    Ok(UnetFolder {
+        classes: (rows > 0).then(|| ClassLabels::ids(rows)),
+        config,
+        weights,
+        scheduler,
+        root: PathBuf::from(root),
+    })
 }
 
 /// Reads a pipeline folder (`unet/` and, if present, `scheduler/`), or a bare unet folder

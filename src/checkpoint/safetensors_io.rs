@@ -52,16 +52,39 @@ pub(super) fn write_renamed(
 ) -> Result<()> {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let header = header(path, &tensors, metadata)?;
-    write_atomic(path, |out| {
-        out.write_all(&(header.len() as u64).to_le_bytes())?;
-        out.write_all(&header)?;
-        for (_, tensor) in &tensors {
-            for value in &tensor.data {
-                out.write_all(&value.to_le_bytes())?;
-            }
+    write_atomic(path, |out| write_file(out, &header, &tensors))
+}
+
+/// The bytes [`write_safetensors`] writes, in memory (for a page that offers them as a
+/// download); `name` is what errors call the file.
+pub fn safetensors_bytes(
+    name: &str,
+    tensors: &[NamedTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut named: Vec<(String, &NamedTensor)> =
+        tensors.iter().map(|t| (t.name.clone(), t)).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let header = header(Path::new(name), &named, metadata)?;
+    let mut out = Vec::new();
+    write_file(&mut out, &header, &named).map_err(|e| error(Path::new(name), e.to_string()))?;
+    Ok(out)
+}
+
+/// The header's length, the header, then every tensor's little-endian data.
+fn write_file(
+    out: &mut impl Write,
+    header: &[u8],
+    tensors: &[(String, &NamedTensor)],
+) -> io::Result<()> {
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(header)?;
+    for (_, tensor) in tensors {
+        for value in &tensor.data {
+            out.write_all(&value.to_le_bytes())?;
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 /// The JSON header of `tensors`, laid out back to back in the given order, padded with
@@ -126,8 +149,16 @@ fn header(
 /// sorted by name, with the file's metadata.
 pub fn read_safetensors(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let bytes = fs::read(path).map_err(|e| read_error(path, e))?;
+    parse_safetensors(path, &bytes)
+}
+
+/// [`read_safetensors`] of a file's bytes already in memory; `path` is what errors name.
+pub fn parse_safetensors(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let (header_len, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| format_error(path, e))?;
+        SafeTensors::read_metadata(bytes).map_err(|e| format_error(path, e))?;
     // `read_metadata` checked that the byte ranges tile the data exactly.
     let data = &bytes[HEADER_LEN_BYTES + header_len..];
     let mut tensors = header

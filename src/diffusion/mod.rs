@@ -10,6 +10,7 @@ pub mod schedule;
 pub use denoiser::{ClassGuidance, Denoiser, GaussianDenoiser, UNetDenoiser};
 pub use dpm_solver::{DpmSolver, DpmSolverType, FinalSigmas};
 pub use sampler::{
-    inference_timesteps, predicted_x0, sample, NoiseStream, Sampler, StepView, TimestepSpacing,
+    inference_timesteps, predicted_x0, sample, NoiseStream, ReverseProcess, Sampler, StepView,
+    TakenStep, TimestepSpacing,
 };
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, VarianceType};

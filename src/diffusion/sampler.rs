@@ -164,7 +164,8 @@ impl NoiseStream {
     }
 }
 
-/// Runs the reverse process of `model` from `x_T`; returns `x_0`.
+/// Runs the reverse process of `model` from `x_T`; returns `x_0`. `on_step` sees each step's
+/// state and model output once the step is taken.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     be: &dyn Backend,
@@ -177,43 +178,159 @@ pub fn sample(
     noise: NoiseStream,
     on_step: &mut dyn FnMut(&StepView) -> Result<()>,
 ) -> Result<Tensor> {
-    let [c, h, w] = model.image_shape();
-    let n = x_t.shape().first().copied().unwrap_or(0);
-    if x_t.shape() != [n, c, h, w] || n == 0 {
-        return Err(Error::shape(
-            "sample",
-            format!("x_T of shape [N, {c}, {h}, {w}]"),
-            x_t.shape(),
-        ));
+    let mut run = ReverseProcess::new(
+        be,
+        model,
+        schedule,
+        prediction_type,
+        sampler,
+        timesteps,
+        x_t,
+        noise,
+    )?;
+    while !run.is_done() {
+        let step = run.step()?;
+        on_step(&step.view())?;
     }
-    let mut x = x_t;
-    // The noise of a step without noise (sigma = 0), made once.
-    let mut no_noise: Option<Tensor> = None;
-    let mut zeros = |be: &dyn Backend, shape: &[usize]| -> Result<Tensor> {
-        if let Some(z) = &no_noise {
+    Ok(run.into_x())
+}
+
+/// The reverse process taken one step at a time, for a caller that shows the denoising as it
+/// goes or must return to an event loop between steps; [`sample`] runs it to the end.
+pub struct ReverseProcess<'a> {
+    be: &'a dyn Backend,
+    model: &'a dyn Denoiser,
+    schedule: &'a NoiseSchedule,
+    prediction_type: PredictionType,
+    sampler: &'a Sampler,
+    timesteps: &'a [usize],
+    noise: NoiseStream,
+    /// The state after the steps taken: `x_T` at first, `x_0` at the end.
+    x: Tensor,
+    /// Steps taken.
+    index: usize,
+    /// The noise of a step without noise (sigma = 0), made once.
+    no_noise: Option<Tensor>,
+    /// DPM-Solver++'s log-SNR sigmas of `timesteps`.
+    sigmas: Vec<f32>,
+    /// DPM-Solver++'s x0_hat of the previous step.
+    history: Option<Tensor>,
+}
+
+/// One step taken: the state it started from and the model's output there.
+pub struct TakenStep {
+    pub index: usize,
+    pub total: usize,
+    pub t: usize,
+    pub x_t: Tensor,
+    pub model_output: Tensor,
+}
+
+impl TakenStep {
+    pub fn view(&self) -> StepView<'_> {
+        StepView {
+            index: self.index,
+            total: self.total,
+            t: self.t,
+            x_t: &self.x_t,
+            model_output: &self.model_output,
+        }
+    }
+}
+
+impl<'a> ReverseProcess<'a> {
+    /// The process of `model` over `timesteps` from `x_t` (`[N, C, H, W]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        be: &'a dyn Backend,
+        model: &'a dyn Denoiser,
+        schedule: &'a NoiseSchedule,
+        prediction_type: PredictionType,
+        sampler: &'a Sampler,
+        timesteps: &'a [usize],
+        x_t: Tensor,
+        noise: NoiseStream,
+    ) -> Result<Self> {
+        let [c, h, w] = model.image_shape();
+        let n = x_t.shape().first().copied().unwrap_or(0);
+        if x_t.shape() != [n, c, h, w] || n == 0 {
+            return Err(Error::shape(
+                "sample",
+                format!("x_T of shape [N, {c}, {h}, {w}]"),
+                x_t.shape(),
+            ));
+        }
+        let sigmas = match sampler {
+            Sampler::DpmSolver(s) => s.sigmas(schedule, timesteps)?,
+            _ => Vec::new(),
+        };
+        Ok(ReverseProcess {
+            be,
+            model,
+            schedule,
+            prediction_type,
+            sampler,
+            timesteps,
+            noise,
+            x: x_t,
+            index: 0,
+            no_noise: None,
+            sigmas,
+            history: None,
+        })
+    }
+
+    /// The state after the steps taken so far.
+    pub fn x(&self) -> &Tensor {
+        &self.x
+    }
+
+    /// Steps taken, of [`Self::total`].
+    pub fn steps_taken(&self) -> usize {
+        self.index
+    }
+
+    pub fn total(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.index >= self.timesteps.len()
+    }
+
+    /// The final state (`x_0` once every step is taken).
+    pub fn into_x(self) -> Tensor {
+        self.x
+    }
+
+    /// The noise of step `i`, or zeros when the step adds none.
+    fn noise_or_zeros(&mut self, sigma: f32, i: usize) -> Result<Tensor> {
+        let shape = self.x.shape().to_vec();
+        if sigma > 0.0 {
+            return self.noise.step(self.be, &shape, i);
+        }
+        if let Some(z) = &self.no_noise {
             return Ok(z.clone());
         }
-        let z = be.zeros(shape)?;
-        no_noise = Some(z.clone());
+        let z = self.be.zeros(&shape)?;
+        self.no_noise = Some(z.clone());
         Ok(z)
-    };
-    let sigmas = match sampler {
-        Sampler::DpmSolver(s) => s.sigmas(schedule, timesteps)?,
-        _ => Vec::new(),
-    };
-    // DPM-Solver++'s x0_hat of the previous step.
-    let mut history: Option<Tensor> = None;
-    for (i, &t) in timesteps.iter().enumerate() {
-        let t_prev = timesteps.get(i + 1).copied();
-        let out = model.predict(be, &x, &vec![t as f64; n])?;
-        on_step(&StepView {
-            index: i,
-            total: timesteps.len(),
-            t,
-            x_t: &x,
-            model_output: &out,
-        })?;
-        let z_shape = x.shape().to_vec();
+    }
+
+    /// Takes the next step; an error once every step is taken.
+    pub fn step(&mut self) -> Result<TakenStep> {
+        let (be, schedule, prediction_type) = (self.be, self.schedule, self.prediction_type);
+        let i = self.index;
+        let Some(&t) = self.timesteps.get(i) else {
+            return Err(Error::invalid(
+                "sample",
+                format!("all {} steps are taken", self.timesteps.len()),
+            ));
+        };
+        let n = self.x.shape()[0];
+        let t_prev = self.timesteps.get(i + 1).copied();
+        let x = self.x.clone();
+        let out = self.model.predict(be, &x, &vec![t as f64; n])?;
         let at_x = |prev, noise| SolverStepInputs {
             x_eval: &x,
             model_output: &out,
@@ -221,7 +338,7 @@ pub fn sample(
             prev,
             noise,
         };
-        x = match sampler {
+        let next = match self.sampler {
             Sampler::Ddpm {
                 variance_type,
                 clip_sample,
@@ -233,36 +350,28 @@ pub fn sample(
                     prediction_type,
                     *clip_sample,
                 )?;
-                let z = if k.sigma > 0.0 {
-                    noise.step(be, &z_shape, i)?
-                } else {
-                    zeros(be, &z_shape)?
-                };
+                let z = self.noise_or_zeros(k.sigma, i)?;
                 be.ddpm_step(&x, &out, &z, &k)?
             }
             Sampler::Ddim { eta, clip_sample } => {
                 // diffusers' DDIMScheduler steps back by T / n whatever the spacing.
-                let stride = schedule.num_train_timesteps() / timesteps.len();
+                let stride = schedule.num_train_timesteps() / self.timesteps.len();
                 let t_prev = t.checked_sub(stride);
                 let k =
                     schedule.ddim_coefficients(t, t_prev, *eta, prediction_type, *clip_sample)?;
-                let z = if k.sigma > 0.0 {
-                    noise.step(be, &z_shape, i)?
-                } else {
-                    zeros(be, &z_shape)?
-                };
+                let z = self.noise_or_zeros(k.sigma, i)?;
                 be.ddim_step(&x, &out, &z, &k)?
             }
             Sampler::DpmSolver(solver) => {
-                let k = solver.step(&sigmas, i, prediction_type)?;
-                let (next, x0) = be.solver_step(&at_x(history.as_ref(), None), &k)?;
-                history = Some(x0);
+                let k = solver.step(&self.sigmas, i, prediction_type)?;
+                let (next, x0) = be.solver_step(&at_x(self.history.as_ref(), None), &k)?;
+                self.history = Some(x0);
                 next
             }
             Sampler::Sde => {
                 let k = sde_step(schedule, t, t_prev, prediction_type)?;
                 let z = match t_prev {
-                    Some(_) => Some(noise.step(be, &z_shape, i)?),
+                    Some(_) => Some(self.noise.step(be, x.shape(), i)?),
                     None => None,
                 };
                 be.solver_step(&at_x(None, z.as_ref()), &k)?.0
@@ -272,7 +381,9 @@ pub fn sample(
                 let (predicted, eps) = be.solver_step(&at_x(None, None), &heun.predictor)?;
                 match (heun.corrector, t_prev) {
                     (Some(k), Some(t_prev)) => {
-                        let out = model.predict(be, &predicted, &vec![t_prev as f64; n])?;
+                        let out = self
+                            .model
+                            .predict(be, &predicted, &vec![t_prev as f64; n])?;
                         let corrector = SolverStepInputs {
                             x_eval: &predicted,
                             model_output: &out,
@@ -286,8 +397,16 @@ pub fn sample(
                 }
             }
         };
+        self.x = next;
+        self.index += 1;
+        Ok(TakenStep {
+            index: i,
+            total: self.timesteps.len(),
+            t,
+            x_t: x,
+            model_output: out,
+        })
     }
-    Ok(x)
 }
 
 /// The model's estimate of the clean image at timestep `t` (host side, for pictures of the

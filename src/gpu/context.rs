@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::buffer::{size_class, BufferPool, Counted, GpuBuffer};
+use super::oneshot::oneshot;
 use super::pipeline::{Kernel, PipelineCache};
 use super::recorder::Recorder;
+use super::scope::scoped;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -80,14 +82,23 @@ pub struct AdapterSummary {
     pub max_storage_buffers_per_shader_stage: u32,
 }
 
+/// The APIs wgpu may use: the native ones, or in a web page the browser's WebGPU.
+#[cfg(not(target_arch = "wasm32"))]
+const BACKENDS: wgpu::Backends = wgpu::Backends::VULKAN
+    .union(wgpu::Backends::METAL)
+    .union(wgpu::Backends::DX12);
+#[cfg(target_arch = "wasm32")]
+const BACKENDS: wgpu::Backends = wgpu::Backends::BROWSER_WEBGPU;
+
 fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends: wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12,
+        backends: BACKENDS,
         ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
     })
 }
 
 /// Preference order: discrete, integrated, virtual, then software.
+#[cfg(not(target_arch = "wasm32"))]
 fn rank(device_type: wgpu::DeviceType) -> u8 {
     match device_type {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -98,6 +109,7 @@ fn rank(device_type: wgpu::DeviceType) -> u8 {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn summary(adapter: &wgpu::Adapter) -> AdapterSummary {
     let info = adapter.get_info();
     let limits = adapter.limits();
@@ -115,17 +127,20 @@ fn summary(adapter: &wgpu::Adapter) -> AdapterSummary {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Every adapter wgpu finds, best first (the first is what [`Gpu::new`] picks).
 pub fn adapters() -> Vec<AdapterSummary> {
     sorted_adapters(&instance()).iter().map(summary).collect()
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn sorted_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     let mut all = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     all.sort_by_key(|a| rank(a.get_info().device_type));
     all
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Every adapter, best first, whose name contains `filter` (case-insensitive); at least one.
 fn candidates(filter: Option<&str>) -> Result<Vec<wgpu::Adapter>> {
     let all = sorted_adapters(&instance());
@@ -200,6 +215,7 @@ fn unmet_limit(adapter: &wgpu::Limits) -> Option<String> {
 }
 
 impl Gpu {
+    #[cfg(not(target_arch = "wasm32"))]
     /// The best adapter available: a hardware GPU before a software one. The environment
     /// variable `DIFFWGPU_ADAPTER` picks the first adapter whose name contains its value.
     pub fn new() -> Result<Gpu> {
@@ -207,12 +223,14 @@ impl Gpu {
         Self::with_adapter(filter.as_deref())
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// The best adapter whose name contains `filter` (case-insensitive), or the best of all.
     pub fn with_adapter(filter: Option<&str>) -> Result<Gpu> {
         let adapter = candidates(filter)?.into_iter().next().unwrap();
         Self::from_adapter(adapter)
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// The GPU of the `index`-th of several processes on one machine (a data-parallel rank):
     /// the adapters of the best kind (hardware before software; `DIFFWGPU_ADAPTER` filters
     /// them by name as in [`Gpu::new`]) taken in turn, so that ranks spread over the GPUs.
@@ -229,7 +247,27 @@ impl Gpu {
         Ok((Self::from_adapter(same.swap_remove(taken))?, taken, count))
     }
 
+    /// The adapter the platform recommends for high performance; in a web page, the one the
+    /// browser's WebGPU gives (there adapters cannot be listed, and nothing may block).
+    pub async fn request() -> Result<Gpu> {
+        let adapter = instance()
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::NoAdapter(format!("no WebGPU adapter: {e}")))?;
+        Self::from_adapter_async(adapter).await
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
     fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu> {
+        pollster::block_on(Self::from_adapter_async(adapter))
+    }
+
+    async fn from_adapter_async(adapter: wgpu::Adapter) -> Result<Gpu> {
         let info = adapter.get_info();
         if let Some(why) = unmet_limit(&adapter.limits()) {
             return Err(Error::NoAdapter(format!(
@@ -238,15 +276,17 @@ impl Gpu {
             )));
         }
         let limits = required_limits(&adapter.limits());
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("diffwgpu"),
-            required_features: wgpu::Features::empty(),
-            required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::Device(format!("{}: {e}", info.name)))?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("diffwgpu"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Device(format!("{}: {e}", info.name)))?;
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -406,12 +446,10 @@ impl Gpu {
                 },
             });
         }
-        let scope = self
-            .ctx
-            .device
-            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = self.ctx.device.create_buffer(desc);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let (buffer, error) = scoped(&self.ctx.device, wgpu::ErrorFilter::OutOfMemory, || {
+            self.ctx.device.create_buffer(desc)
+        });
+        if let Some(e) = error {
             return Err(Error::OutOfMemory {
                 op,
                 bytes,
@@ -488,8 +526,21 @@ impl Gpu {
         ))
     }
 
-    /// Submits the recorded work and reads a GPU tensor back to the host.
+    /// Submits the recorded work and reads a GPU tensor back to the host, waiting for the
+    /// device. A web page cannot wait: there use [`Self::read_async`].
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        #[cfg(not(target_arch = "wasm32"))]
+        return pollster::block_on(self.read_async(t));
+        #[cfg(target_arch = "wasm32")]
+        return Err(Error::Device(format!(
+            "reading a tensor of {:?} would block the page; read it with Gpu::read_async",
+            t.shape()
+        )));
+    }
+
+    /// Submits the recorded work and reads a GPU tensor back to the host once the device has
+    /// finished it: natively at once, in a web page when the browser maps the buffer.
+    pub async fn read_async(&self, t: &Tensor) -> Result<Vec<f32>> {
         let slice = t.gpu_buffer("read")?;
         let size = slice.size;
         // Counted while the read runs, so that a step's peak includes it.
@@ -515,15 +566,17 @@ impl Gpu {
             );
             rec.flush(&self.ctx);
         }
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (mapped, map_result) = oneshot();
         staging
             .raw()
             .slice(..)
-            .map_async(wgpu::MapMode::Read, move |r| tx.send(r).unwrap_or(()));
+            .map_async(wgpu::MapMode::Read, mapped);
+        #[cfg(not(target_arch = "wasm32"))]
         self.wait()?;
-        rx.recv()
-            .map_err(|e| Error::Device(e.to_string()))?
+        map_result
+            .await
             .map_err(|e| Error::Device(format!("mapping a readback buffer failed: {e}")))?;
+        self.take_errors("read")?;
         let view = staging
             .raw()
             .get_mapped_range(..)

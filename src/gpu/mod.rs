@@ -6,12 +6,16 @@
 
 mod buffer;
 mod context;
+mod oneshot;
 mod pipeline;
 mod recorder;
+mod scope;
 mod slice;
 
 pub use buffer::GpuBuffer;
-pub use context::{adapters, kernel_limits, AdapterSummary, Gpu, GpuStats};
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::adapters;
+pub use context::{kernel_limits, AdapterSummary, Gpu, GpuStats};
 pub use pipeline::{Access, Kernel};
 pub use recorder::{grid, Arg};
 pub use slice::GpuSlice;

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::scope::scoped;
 use crate::error::{Error, Result};
 
 /// How a kernel binds one storage buffer.
@@ -105,54 +106,58 @@ impl PipelineCache {
                 ),
             });
         }
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .modules
-            .lock()
-            .unwrap()
-            .entry(kernel.shader)
-            .or_insert_with(|| {
-                let desc = wgpu::ShaderModuleDescriptor {
-                    label: Some(kernel.shader),
-                    source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
-                };
-                if GUARDED_SHADERS.contains(&kernel.shader) {
-                    let checks = wgpu::ShaderRuntimeChecks {
-                        bounds_checks: false,
-                        ..wgpu::ShaderRuntimeChecks::checked()
-                    };
-                    // SAFETY: every buffer and array index of these shaders is guarded in the
-                    // code (see GUARDED_SHADERS); only the bounds checks are turned off.
-                    unsafe { device.create_shader_module_trusted(desc, checks) }
-                } else {
-                    device.create_shader_module(desc)
-                }
-            })
-            .clone();
-        let bind_layout = self
-            .layouts
-            .lock()
-            .unwrap()
-            .entry(kernel.storage)
-            .or_insert_with(|| bind_group_layout(device, kernel.storage))
-            .clone();
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(kernel.entry),
-            bind_group_layouts: &[Some(&bind_layout)],
-            immediate_size: 0,
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(kernel.entry),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some(kernel.entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: kernel.constants,
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let ((pipeline, bind_layout), error) =
+            scoped(device, wgpu::ErrorFilter::Validation, || {
+                let module = self
+                    .modules
+                    .lock()
+                    .unwrap()
+                    .entry(kernel.shader)
+                    .or_insert_with(|| {
+                        let desc = wgpu::ShaderModuleDescriptor {
+                            label: Some(kernel.shader),
+                            source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+                        };
+                        if GUARDED_SHADERS.contains(&kernel.shader) {
+                            let checks = wgpu::ShaderRuntimeChecks {
+                                bounds_checks: false,
+                                ..wgpu::ShaderRuntimeChecks::checked()
+                            };
+                            // SAFETY: every buffer and array index of these shaders is guarded in the
+                            // code (see GUARDED_SHADERS); only the bounds checks are turned off.
+                            unsafe { device.create_shader_module_trusted(desc, checks) }
+                        } else {
+                            device.create_shader_module(desc)
+                        }
+                    })
+                    .clone();
+                let bind_layout = self
+                    .layouts
+                    .lock()
+                    .unwrap()
+                    .entry(kernel.storage)
+                    .or_insert_with(|| bind_group_layout(device, kernel.storage))
+                    .clone();
+                let pipeline_layout =
+                    device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(kernel.entry),
+                        bind_group_layouts: &[Some(&bind_layout)],
+                        immediate_size: 0,
+                    });
+                let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.entry),
+                    layout: Some(&pipeline_layout),
+                    module: &module,
+                    entry_point: Some(kernel.entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: kernel.constants,
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                });
+                (pipeline, bind_layout)
+            });
+        if let Some(e) = error {
             return Err(Error::Gpu {
                 op: kernel.entry,
                 msg: format!(

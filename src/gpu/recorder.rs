@@ -11,6 +11,7 @@ use bytemuck::Pod;
 use super::buffer::{BufferPool, Counted, GpuBuffer};
 use super::context::{Context, Gpu};
 use super::pipeline::{Access, Kernel};
+use super::scope::scoped;
 use super::slice::GpuSlice;
 use crate::error::{Error, Result};
 
@@ -213,13 +214,14 @@ impl Gpu {
                 resource: wgpu::BindingResource::Buffer(arg.slice.binding()),
             });
         }
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.entry),
-            layout: &pipeline.1,
-            entries: &entries,
+        let (bind_group, error) = scoped(&ctx.device, wgpu::ErrorFilter::Validation, || {
+            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.entry),
+                layout: &pipeline.1,
+                entries: &entries,
+            })
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = error {
             return Err(fail(format!("binding the arguments failed: {e}")));
         }
         let pass = rec.pass(ctx);

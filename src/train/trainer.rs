@@ -31,6 +31,10 @@ use crate::ops::optim::{AdamWParams, StepTensors};
 use crate::parallel::{Collective, Shard};
 use crate::rng;
 use crate::tensor::Tensor;
+#[cfg(not(target_arch = "wasm32"))]
+use std::time::Instant;
+#[cfg(target_arch = "wasm32")]
+use web_time::Instant;
 
 /// Independent random streams of one run.
 const TIMESTEP_STREAM: u64 = 1;
@@ -255,6 +259,22 @@ impl<'b> Trainer<'b> {
         self.apply(g).map_err(|e| self.for_batch(e))
     }
 
+    /// [`Self::step`] for a caller that must not block, such as a web page: the same step,
+    /// with the loss and the norm read by [`Backend::to_vec_async`]. Not for a rank of a
+    /// data-parallel group.
+    pub async fn step_async(&mut self, x0: &[f32], labels: Option<&[u32]>) -> Result<StepStats> {
+        if self.group.is_some() {
+            return Err(Error::invalid(
+                "train step",
+                "a rank of a data-parallel group steps with Trainer::step",
+            ));
+        }
+        let g = self.gradients(x0, labels).map_err(|e| self.for_batch(e))?;
+        let update = self.record_update(g).map_err(|e| self.for_batch(e))?;
+        let scalars = self.be.to_vec_async(&update.scalars).await?;
+        self.finish(update, &scalars)
+    }
+
     /// The loss and gradient of the whole global batch from each rank's own: the sum over
     /// the group, divided by the number of ranks (each rank's loss is the mean over an equal
     /// slice of the batch, so the mean of theirs is the batch's), in one all-reduce of the
@@ -335,7 +355,7 @@ impl<'b> Trainer<'b> {
             ));
         }
         let k = self.state.step;
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let x0 = be.upload(&shape, x0)?;
         let timesteps = self.timesteps(k);
         let t = be.upload(&[shape[0]], &timesteps)?;
@@ -396,9 +416,17 @@ impl<'b> Trainer<'b> {
     /// the step's learning rate and the EMA at the step's decay, in one kernel; then one
     /// readback of the loss and the norm.
     pub fn apply(&mut self, g: StepGradients) -> Result<StepStats> {
+        let update = self.record_update(g)?;
+        let scalars = self.be.to_vec(&update.scalars)?;
+        self.finish(update, &scalars)
+    }
+
+    /// Records the fused update of [`Self::apply`]; [`Self::finish`] completes the step from
+    /// the host copy of the returned scalars.
+    fn record_update(&mut self, g: StepGradients) -> Result<RecordedUpdate> {
         let be = self.be;
         let k = self.state.step;
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let StepGradients {
             loss,
             grads,
@@ -427,10 +455,18 @@ impl<'b> Trainer<'b> {
         be.adamw_ema_step(tensors, &h, self.hyper.ema_decay_at(k + 1))?;
         // One readback (one wait on the GPU) for both scalars: [loss, |g|^2].
         let scalar = |t: &Tensor| t.reshape(&[1, 1, 1, 1]);
-        let both = be.concat_channels(&scalar(&loss)?, &scalar(&norm2)?)?;
-        let host_time = recording + started.elapsed();
-        let both = be.to_vec(&both)?;
-        let (loss, grad_norm) = (both[0], both[1].sqrt());
+        let scalars = be.concat_channels(&scalar(&loss)?, &scalar(&norm2)?)?;
+        Ok(RecordedUpdate {
+            scalars,
+            lr,
+            host_time: recording + started.elapsed(),
+        })
+    }
+
+    /// Ends the step whose update was recorded, given `[loss, |g|^2]` read back.
+    fn finish(&mut self, update: RecordedUpdate, scalars: &[f32]) -> Result<StepStats> {
+        let k = self.state.step;
+        let (loss, grad_norm) = (scalars[0], scalars[1].sqrt());
         if !loss.is_finite() || !grad_norm.is_finite() {
             // The update kernel skips a step whose norm is not finite: the state is unchanged.
             return Err(Error::invalid(
@@ -441,12 +477,20 @@ impl<'b> Trainer<'b> {
                 ),
             ));
         }
-        s.step += 1;
+        self.state.step += 1;
         Ok(StepStats {
             loss,
             grad_norm,
-            lr,
-            host_time,
+            lr: update.lr,
+            host_time: update.host_time,
         })
     }
+}
+
+/// An update recorded on the backend whose scalars are still to be read.
+struct RecordedUpdate {
+    /// `[loss, |g|^2]`, shape `[1, 2, 1, 1]`.
+    scalars: Tensor,
+    lr: f32,
+    host_time: std::time::Duration,
 }

@@ -98,14 +98,33 @@ fn neg_two_ln(u: f32) -> f32 {
     return -2.0 * (ef * ln2_hi + (ln_m + ef * ln2_lo));
 }
 
+// (cos theta, sin theta) of theta = pi c 2^-22, c in (-2^22, 2^22): the nearest quarter turn
+// q pi / 2 exactly (2^21 of c per quarter turn), then the Taylor series of the rest a in
+// [-pi/4, pi/4]; the builtin cos and sin need only be within 2^-11 (src/rng.rs mirrors this).
+fn cos_sin_of_grid(c: f32) -> vec2<f32> {
+    let q = round(c * (1.0 / 2097152.0));
+    let a = (c - q * 2097152.0) * (3.14159265358979 / 4194304.0);
+    let a2 = a * a;
+    let s = a * (1.0 - a2 * (1.0 / 6.0)
+        * (1.0 - a2 * (1.0 / 20.0) * (1.0 - a2 * (1.0 / 42.0) * (1.0 - a2 * (1.0 / 72.0)))));
+    let co = 1.0 - a2 * 0.5 * (1.0 - a2 * (1.0 / 12.0) * (1.0 - a2 * (1.0 / 30.0)
+        * (1.0 - a2 * (1.0 / 56.0) * (1.0 - a2 * (1.0 / 90.0)))));
+    // theta = a + q pi / 2, q in -2..=2.
+    switch ((i32(q) + 4) % 4) {
+        case 0: { return vec2<f32>(co, s); }
+        case 1: { return vec2<f32>(-s, co); }
+        case 2: { return vec2<f32>(-co, -s); }
+        default: { return vec2<f32>(s, -co); }
+    }
+}
+
 // Box-Muller: r = sqrt(-2 ln u1), u1 = ((w0 >> 8) + 1) 2^-24 in (0, 1];
-// theta = pi ((w1 >> 9) - 2^22 + 1/2) 2^-22, strictly inside (-pi, pi).
+// theta = pi c 2^-22, c = (w1 >> 9) - 2^22 + 1/2, strictly inside (-pi, pi).
 fn box_muller(w0: u32, w1: u32) -> vec2<f32> {
     let u1 = f32((w0 >> 8u) + 1u) * (1.0 / 16777216.0);
     let r = sqrt(neg_two_ln(u1));
     let centered = f32(i32(w1 >> 9u) - (1 << 22u)) + 0.5;
-    let theta = centered * (3.14159265358979 / 4194304.0);
-    return vec2<f32>(r * cos(theta), r * sin(theta));
+    return r * cos_sin_of_grid(centered);
 }
 
 // Writes the values of the k-th block that fall inside the fill.

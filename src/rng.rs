@@ -92,14 +92,44 @@ pub fn neg_two_ln(u: f32) -> f32 {
 
 /// Box-Muller: two standard normals `r cos(theta), r sin(theta)` from two words, with
 /// `r = sqrt(-2 ln u1)`, `u1 = ((w0 >> 8) + 1) 2^-24` in (0, 1] (never ln 0) and
-/// `theta = pi ((w1 >> 9) - 2^22 + 1/2) 2^-22`, strictly inside (-pi, pi) where the GPU's
-/// `cos` and `sin` are accurate.
+/// `theta = pi c 2^-22`, `c = (w1 >> 9) - 2^22 + 1/2`, strictly inside (-pi, pi).
 pub fn box_muller(w0: u32, w1: u32) -> (f32, f32) {
     let u1 = ((w0 >> 8) + 1) as f32 * (1.0 / 16_777_216.0);
     let r = neg_two_ln(u1).sqrt();
     let centered = ((w1 >> 9) as i32 - (1 << 22)) as f32 + 0.5;
-    let theta = centered * (std::f32::consts::PI / 4_194_304.0);
-    (r * theta.cos(), r * theta.sin())
+    let (cos, sin) = cos_sin_of_grid(centered);
+    (r * cos, r * sin)
+}
+
+/// `(cos theta, sin theta)` of `theta = pi c 2^-22` for `c` in (-2^22, 2^22): the nearest
+/// quarter turn `q pi / 2` taken exactly (`c` counts 2^21 per quarter turn), then the Taylor
+/// series of the rest `a` in [-pi/4, pi/4] (truncation below 2e-9). Written out (rather than
+/// `cos`, `sin`) so that both backends agree to an ulp: WGSL's builtins need only be within
+/// 2^-11, and a software adapter (SwiftShader) is 2e-4 off.
+pub fn cos_sin_of_grid(c: f32) -> (f32, f32) {
+    const QUARTER: f32 = 2_097_152.0;
+    let q = (c * (1.0 / QUARTER)).round();
+    let a = (c - q * QUARTER) * (std::f32::consts::PI / 4_194_304.0);
+    let a2 = a * a;
+    let sin = a
+        * (1.0
+            - a2 * (1.0 / 6.0)
+                * (1.0
+                    - a2 * (1.0 / 20.0) * (1.0 - a2 * (1.0 / 42.0) * (1.0 - a2 * (1.0 / 72.0)))));
+    let cos = 1.0
+        - a2 * 0.5
+            * (1.0
+                - a2 * (1.0 / 12.0)
+                    * (1.0
+                        - a2 * (1.0 / 30.0)
+                            * (1.0 - a2 * (1.0 / 56.0) * (1.0 - a2 * (1.0 / 90.0)))));
+    // theta = a + q pi / 2, q in -2..=2.
+    match (q as i32).rem_euclid(4) {
+        0 => (cos, sin),
+        1 => (-sin, cos),
+        2 => (-cos, -sin),
+        _ => (sin, -cos),
+    }
 }
 
 /// The four standard normals of one Philox block: Box-Muller on words (0, 1) and (2, 3).
@@ -176,6 +206,30 @@ mod tests {
                 (got - want).abs() <= 4.0 * f32::EPSILON as f64 * want.abs(),
                 "u = {u}: {got} vs {want}"
             );
+        }
+    }
+
+    #[test]
+    fn cos_sin_of_grid_matches_f64() {
+        // Every quarter turn, its edges, and a sweep across the whole grid.
+        let edges = [
+            -4_194_303.5f32,
+            -2_097_152.5,
+            -1_048_576.5,
+            -0.5,
+            0.5,
+            1_048_575.5,
+        ];
+        let sweep = (0..4096).map(|k| (k * 2048 - (1 << 22)) as f32 + 0.5);
+        for c in edges.into_iter().chain(sweep) {
+            let theta = std::f64::consts::PI * c as f64 / 4_194_304.0;
+            let (cos, sin) = cos_sin_of_grid(c);
+            for (got, want) in [(cos, theta.cos()), (sin, theta.sin())] {
+                assert!(
+                    (got as f64 - want).abs() <= 2.0 * f32::EPSILON as f64,
+                    "c = {c}: {got} vs {want}"
+                );
+            }
         }
     }
 

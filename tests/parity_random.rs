@@ -66,10 +66,10 @@ fn uniform_fill_is_bitwise_equal_on_gpu_and_cpu(g: &Gpu) {
 
 fn normal_fill_matches_cpu(g: &Gpu) {
     for &(shape, seed, offset) in CASES {
-        // |z| < 5.8; the GPU's sqrt, cos and sin are accurate to a few ulps in (-pi, pi)
-        // (the logarithm is written out in both), so a few ulps of 5.8 (4.8e-7 each) plus
-        // a relative few ulps. Measured over 2^20 draws: 4.8e-7 on lavapipe, 1.5e-6 on an
-        // NVIDIA H100 (Vulkan).
+        // |z| < 5.8; the logarithm, cos and sin are written out in both backends, and only
+        // the GPU's sqrt (and its choice to fuse multiply-adds) may differ, so a few ulps of
+        // 5.8 (4.8e-7 each) plus a relative few ulps. Measured over 2^20 draws: bitwise equal
+        // on lavapipe; 1.5e-6 on an NVIDIA H100 (Vulkan) when cos and sin were builtins.
         parity(
             g,
             &format!("randn {shape:?} seed {seed} offset {offset}"),

@@ -99,23 +99,12 @@ fn neg_two_ln(u: f32) -> f32 {
 }
 
 // (cos theta, sin theta) of theta = pi c 2^-22, c in (-2^22, 2^22): the nearest quarter turn
-// q pi / 2 exactly (2^21 of c per quarter turn), then the Taylor series of the rest a in
-// [-pi/4, pi/4]; the builtin cos and sin need only be within 2^-11 (src/rng.rs mirrors this).
+// q pi / 2 taken exactly (2^21 of c per quarter turn), the rest a in [-pi/4, pi/4] by
+// sin_cos.wgsl (src/rng.rs mirrors this).
 fn cos_sin_of_grid(c: f32) -> vec2<f32> {
     let q = round(c * (1.0 / 2097152.0));
     let a = (c - q * 2097152.0) * (3.14159265358979 / 4194304.0);
-    let a2 = a * a;
-    let s = a * (1.0 - a2 * (1.0 / 6.0)
-        * (1.0 - a2 * (1.0 / 20.0) * (1.0 - a2 * (1.0 / 42.0) * (1.0 - a2 * (1.0 / 72.0)))));
-    let co = 1.0 - a2 * 0.5 * (1.0 - a2 * (1.0 / 12.0) * (1.0 - a2 * (1.0 / 30.0)
-        * (1.0 - a2 * (1.0 / 56.0) * (1.0 - a2 * (1.0 / 90.0)))));
-    // theta = a + q pi / 2, q in -2..=2.
-    switch ((i32(q) + 4) % 4) {
-        case 0: { return vec2<f32>(co, s); }
-        case 1: { return vec2<f32>(-s, co); }
-        case 2: { return vec2<f32>(-co, -s); }
-        default: { return vec2<f32>(s, -co); }
-    }
+    return add_quarter_turns(cos_sin_taylor(a), i32(q));
 }
 
 // Box-Muller: r = sqrt(-2 ln u1), u1 = ((w0 >> 8) + 1) 2^-24 in (0, 1];

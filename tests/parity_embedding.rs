@@ -27,10 +27,11 @@ fn embedding_matches_cpu(g: &Gpu) {
             for (shift, scale) in [(1.0, 1.0), (0.0, 1.0), (0.0, 3.5)] {
                 let p = params(dim, flip, shift, scale);
                 // Both backends compute the same f32 argument (frequencies from the host,
-                // two correctly rounded products), so only sin/cos differ: after the GPU's
-                // exact reduction to [-pi, pi] (one rounding, 2.4e-7) drivers are accurate to
-                // about 1e-6 there; 1e-5 leaves room for that. Measured over t = 0..999 at
-                // dim 512: 1.5e-7 on lavapipe, 4.5e-7 on an NVIDIA H100 (Vulkan).
+                // two correctly rounded products), so only sin/cos differ: the GPU reduces
+                // to [-pi, pi] (one rounding, 2.4e-7), then to a quarter turn, and sums a
+                // Taylor series (shaders/sin_cos.wgsl) instead of trusting the builtins
+                // (SwiftShader's are 2e-4 off); 1e-5 leaves room for fused multiply-adds.
+                // Measured over t = 0..999 at dim 512: 2.4e-7 on lavapipe.
                 parity(
                     g,
                     &format!("dim {dim} flip {flip} shift {shift} scale {scale}"),

@@ -106,7 +106,10 @@ pub(crate) mod gpu {
 
     const TIMESTEP_EMBEDDING: Kernel = Kernel {
         shader: "embedding",
-        source: include_str!("../../shaders/embedding.wgsl"),
+        source: concat!(
+            include_str!("../../shaders/sin_cos.wgsl"),
+            include_str!("../../shaders/embedding.wgsl")
+        ),
         entry: "timestep_embedding",
         params: size_of::<Params>(),
         storage: &[R, R, W],

@@ -65,7 +65,10 @@ pub(crate) mod gpu {
     const fn kernel(entry: &'static str) -> Kernel {
         Kernel {
             shader: "rng",
-            source: include_str!("../../shaders/rng.wgsl"),
+            source: concat!(
+                include_str!("../../shaders/sin_cos.wgsl"),
+                include_str!("../../shaders/rng.wgsl")
+            ),
             entry,
             params: size_of::<Params>(),
             storage: &[W],

@@ -179,7 +179,6 @@ pub fn sample(
     on_step: &mut dyn FnMut(&StepView) -> Result<()>,
 ) -> Result<Tensor> {
     let mut run = ReverseProcess::new(
-        be,
         model,
         schedule,
         prediction_type,
@@ -189,21 +188,19 @@ pub fn sample(
         noise,
     )?;
     while !run.is_done() {
-        let step = run.step()?;
+        let step = run.step(be, model, schedule)?;
         on_step(&step.view())?;
     }
     Ok(run.into_x())
 }
 
 /// The reverse process taken one step at a time, for a caller that shows the denoising as it
-/// goes or must return to an event loop between steps; [`sample`] runs it to the end.
-pub struct ReverseProcess<'a> {
-    be: &'a dyn Backend,
-    model: &'a dyn Denoiser,
-    schedule: &'a NoiseSchedule,
+/// goes or must return to an event loop between steps; [`sample`] runs it to the end. It owns
+/// the process's state; each step is given the backend, the model and the schedule.
+pub struct ReverseProcess {
     prediction_type: PredictionType,
-    sampler: &'a Sampler,
-    timesteps: &'a [usize],
+    sampler: Sampler,
+    timesteps: Vec<usize>,
     noise: NoiseStream,
     /// The state after the steps taken: `x_T` at first, `x_0` at the end.
     x: Tensor,
@@ -238,16 +235,14 @@ impl TakenStep {
     }
 }
 
-impl<'a> ReverseProcess<'a> {
+impl ReverseProcess {
     /// The process of `model` over `timesteps` from `x_t` (`[N, C, H, W]`).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        be: &'a dyn Backend,
-        model: &'a dyn Denoiser,
-        schedule: &'a NoiseSchedule,
+        model: &dyn Denoiser,
+        schedule: &NoiseSchedule,
         prediction_type: PredictionType,
-        sampler: &'a Sampler,
-        timesteps: &'a [usize],
+        sampler: &Sampler,
+        timesteps: &[usize],
         x_t: Tensor,
         noise: NoiseStream,
     ) -> Result<Self> {
@@ -265,12 +260,9 @@ impl<'a> ReverseProcess<'a> {
             _ => Vec::new(),
         };
         Ok(ReverseProcess {
-            be,
-            model,
-            schedule,
             prediction_type,
-            sampler,
-            timesteps,
+            sampler: sampler.clone(),
+            timesteps: timesteps.to_vec(),
             noise,
             x: x_t,
             index: 0,
@@ -304,22 +296,28 @@ impl<'a> ReverseProcess<'a> {
     }
 
     /// The noise of step `i`, or zeros when the step adds none.
-    fn noise_or_zeros(&mut self, sigma: f32, i: usize) -> Result<Tensor> {
+    fn noise_or_zeros(&mut self, be: &dyn Backend, sigma: f32, i: usize) -> Result<Tensor> {
         let shape = self.x.shape().to_vec();
         if sigma > 0.0 {
-            return self.noise.step(self.be, &shape, i);
+            return self.noise.step(be, &shape, i);
         }
         if let Some(z) = &self.no_noise {
             return Ok(z.clone());
         }
-        let z = self.be.zeros(&shape)?;
+        let z = be.zeros(&shape)?;
         self.no_noise = Some(z.clone());
         Ok(z)
     }
 
-    /// Takes the next step; an error once every step is taken.
-    pub fn step(&mut self) -> Result<TakenStep> {
-        let (be, schedule, prediction_type) = (self.be, self.schedule, self.prediction_type);
+    /// Takes the next step with `model` (the one the process was made for) on `be`; an error
+    /// once every step is taken.
+    pub fn step(
+        &mut self,
+        be: &dyn Backend,
+        model: &dyn Denoiser,
+        schedule: &NoiseSchedule,
+    ) -> Result<TakenStep> {
+        let prediction_type = self.prediction_type;
         let i = self.index;
         let Some(&t) = self.timesteps.get(i) else {
             return Err(Error::invalid(
@@ -330,7 +328,7 @@ impl<'a> ReverseProcess<'a> {
         let n = self.x.shape()[0];
         let t_prev = self.timesteps.get(i + 1).copied();
         let x = self.x.clone();
-        let out = self.model.predict(be, &x, &vec![t as f64; n])?;
+        let out = model.predict(be, &x, &vec![t as f64; n])?;
         let at_x = |prev, noise| SolverStepInputs {
             x_eval: &x,
             model_output: &out,
@@ -338,7 +336,7 @@ impl<'a> ReverseProcess<'a> {
             prev,
             noise,
         };
-        let next = match self.sampler {
+        let next = match &self.sampler {
             Sampler::Ddpm {
                 variance_type,
                 clip_sample,
@@ -350,7 +348,7 @@ impl<'a> ReverseProcess<'a> {
                     prediction_type,
                     *clip_sample,
                 )?;
-                let z = self.noise_or_zeros(k.sigma, i)?;
+                let z = self.noise_or_zeros(be, k.sigma, i)?;
                 be.ddpm_step(&x, &out, &z, &k)?
             }
             Sampler::Ddim { eta, clip_sample } => {
@@ -359,7 +357,7 @@ impl<'a> ReverseProcess<'a> {
                 let t_prev = t.checked_sub(stride);
                 let k =
                     schedule.ddim_coefficients(t, t_prev, *eta, prediction_type, *clip_sample)?;
-                let z = self.noise_or_zeros(k.sigma, i)?;
+                let z = self.noise_or_zeros(be, k.sigma, i)?;
                 be.ddim_step(&x, &out, &z, &k)?
             }
             Sampler::DpmSolver(solver) => {
@@ -381,9 +379,7 @@ impl<'a> ReverseProcess<'a> {
                 let (predicted, eps) = be.solver_step(&at_x(None, None), &heun.predictor)?;
                 match (heun.corrector, t_prev) {
                     (Some(k), Some(t_prev)) => {
-                        let out = self
-                            .model
-                            .predict(be, &predicted, &vec![t_prev as f64; n])?;
+                        let out = model.predict(be, &predicted, &vec![t_prev as f64; n])?;
                         let corrector = SolverStepInputs {
                             x_eval: &predicted,
                             model_output: &out,

@@ -350,6 +350,26 @@ impl Gpu {
         Ok(())
     }
 
+    /// [`Self::build_pipelines`] where the shader compiler answers asynchronously, as a
+    /// browser's does: builds them inside one error scope and awaits its answer, the first
+    /// error the device reported.
+    pub async fn build_pipelines_async(&self, kernels: &[Kernel]) -> Result<()> {
+        let scope = self
+            .ctx
+            .device
+            .push_error_scope(wgpu::ErrorFilter::Validation);
+        let built = self.build_pipelines(kernels);
+        let error = scope.pop().await;
+        built?;
+        match error {
+            Some(e) => Err(Error::Gpu {
+                op: "build pipelines",
+                msg: e.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Frees the pooled buffers no tensor uses.
     pub fn trim_pool(&self) {
         self.ctx.pool.trim();

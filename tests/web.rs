@@ -337,8 +337,9 @@ fn click(browser: &Browser, id: &str) -> Result<(), Failed> {
     Ok(())
 }
 
-/// How many of the canvas `id`'s pixels differ from its first, and how many there are.
-fn canvas_variety(browser: &Browser, id: &str) -> Result<(u64, u64), Failed> {
+/// Fails unless the canvas `id` shows a picture: at least a tenth of its pixels differ from
+/// its first.
+fn assert_drawn(browser: &Browser, id: &str) -> Result<(), Failed> {
     let counts = browser.execute(
         "const canvas = document.getElementById(arguments[0]);
          const { data } = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height);
@@ -351,10 +352,24 @@ fn canvas_variety(browser: &Browser, id: &str) -> Result<(u64, u64), Failed> {
          return [differ, data.length / 4];",
         json!([id]),
     )?;
-    Ok((
-        counts[0].as_u64().unwrap_or(0),
-        counts[1].as_u64().unwrap_or(0),
-    ))
+    let (differ, pixels) = (counts[0].as_u64(), counts[1].as_u64());
+    match (differ, pixels) {
+        (Some(d), Some(p)) if d * 10 > p => Ok(()),
+        _ => Err(format!("#{id} is blank: {counts} (pixels that differ, pixels)").into()),
+    }
+}
+
+/// Sets the Sample section's `settings` (as [`fill`] takes them), presses Sample and waits
+/// until the samples are drawn.
+fn sample_on_page(browser: &Browser, settings: Value, timeout: Duration) -> Result<(), Failed> {
+    fill(browser, settings)?;
+    click(browser, "sample-run")?;
+    wait_for(
+        browser,
+        "document.body.dataset.state === 'sampled'",
+        timeout,
+    )?;
+    assert_drawn(browser, "xt-canvas")
 }
 
 /// The page's own controls: Start trains (the step counter climbs), Stop ends the run with a
@@ -388,11 +403,7 @@ fn page_buttons_train_and_sample() -> Result<(), Failed> {
     )?;
     click(&browser, "train-stop")?;
     wait_for(&browser, "document.body.dataset.state === 'idle'", minutes)?;
-    let (differ, pixels) = canvas_variety(&browser, "grid-canvas")?;
-    assert!(
-        differ * 10 > pixels,
-        "the training grid is blank: {differ} of {pixels} pixels differ"
-    );
+    assert_drawn(&browser, "grid-canvas")?;
 
     click(&browser, "use-for-sampling")?;
     wait_for(
@@ -400,7 +411,7 @@ fn page_buttons_train_and_sample() -> Result<(), Failed> {
         "!document.getElementById('sample-run').disabled",
         minutes,
     )?;
-    fill(
+    sample_on_page(
         &browser,
         json!([
             ["sampler", "ddim"],
@@ -408,20 +419,9 @@ fn page_buttons_train_and_sample() -> Result<(), Failed> {
             ["sample-seed", "5"],
             ["sample-count", "4"]
         ]),
-    )?;
-    click(&browser, "sample-run")?;
-    wait_for(
-        &browser,
-        "document.body.dataset.state === 'sampled'",
         minutes,
     )?;
-    for id in ["xt-canvas", "x0-canvas"] {
-        let (differ, pixels) = canvas_variety(&browser, id)?;
-        assert!(
-            differ * 10 > pixels,
-            "#{id} is blank: {differ} of {pixels} pixels differ"
-        );
-    }
+    assert_drawn(&browser, "x0-canvas")?;
     let page = browser.execute(
         "const text = (id) => document.getElementById(id).textContent;
          return {
@@ -467,18 +467,11 @@ fn page_buttons_train_and_sample() -> Result<(), Failed> {
         "document.getElementById('model-info').textContent.startsWith('picked: ')",
         minutes,
     )?;
-    fill(
+    sample_on_page(
         &browser,
         json!([["sampler", "ddpm"], ["sample-steps", "2"]]),
-    )?;
-    click(&browser, "sample-run")?;
-    wait_for(
-        &browser,
-        "document.body.dataset.state === 'sampled'",
         minutes,
     )?;
-    let (differ, pixels) = canvas_variety(&browser, "xt-canvas")?;
-    assert!(differ * 10 > pixels, "the picked model's samples are blank");
 
     let height = browser.execute("return document.documentElement.scrollHeight;", json!([]))?;
     // The window is the viewport plus what the browser draws around it.

@@ -2,7 +2,8 @@
 //! software adapter runs compute shaders with no GPU), driven through chromedriver. On fixed
 //! seeds the page's tiny model must give what the native CPU backend gives: its forward pass,
 //! a few training steps, a DDIM trajectory and the downloaded pipeline folder; and the page's
-//! own buttons must train, sample and show the samples (a screenshot is saved).
+//! own buttons must train, sample and show the samples (a screenshot is saved); without
+//! WebGPU it must say so and what to do.
 //!
 //! The test builds the page with `web/build.sh` (which installs the wasm32 target and the
 //! pinned wasm-bindgen-cli if needed). Without `chromium` and `chromedriver` the tests are
@@ -483,6 +484,59 @@ fn page_buttons_train_and_sample() -> Result<(), Failed> {
     Ok(())
 }
 
+/// In a browser without WebGPU the page says so, with what to do, and leaves every control
+/// that needs the GPU disabled.
+fn page_without_webgpu_says_why() -> Result<(), Failed> {
+    let web = page().as_ref().map_err(|e| Failed::from(e.as_str()))?;
+    let server = StaticServer::start(web).map_err(|e| format!("cannot serve web/: {e}"))?;
+    let browser = Browser::launch()?;
+    browser.before_each_page(
+        "Object.defineProperty(Navigator.prototype, 'gpu', { get: () => undefined });",
+    )?;
+    browser.goto(&server.url("index.html"))?;
+    wait_for_state_error(&browser)?;
+    let page = browser.execute(
+        "return {
+             status: document.getElementById('status').textContent,
+             start: document.getElementById('train-start').disabled,
+             picker: document.getElementById('folder-input').disabled,
+         };",
+        json!([]),
+    )?;
+    let status = page["status"].as_str().unwrap_or_default();
+    for want in [
+        "no WebGPU",
+        "navigator.gpu is undefined",
+        "--enable-unsafe-webgpu",
+    ] {
+        assert!(status.contains(want), "status without {want:?}: {status}");
+    }
+    assert_eq!(page["start"], true, "Start is enabled without a GPU");
+    assert_eq!(
+        page["picker"], true,
+        "the folder picker is enabled without a GPU"
+    );
+    Ok(())
+}
+
+/// Waits until the page is in its error state (and fails if it becomes idle instead).
+fn wait_for_state_error(browser: &Browser) -> Result<(), Failed> {
+    let state = browser.execute_async(
+        "const done = arguments[arguments.length - 1];
+         const poll = () => {
+             const state = document.body.dataset.state;
+             if (state === 'error' || state === 'idle') { done(state); } else { setTimeout(poll, 100); }
+         };
+         poll();",
+        json!([]),
+        Duration::from_secs(60),
+    )?;
+    match state.as_str() {
+        Some("error") => Ok(()),
+        _ => Err(format!("the page without WebGPU ended {state}, not in its error state").into()),
+    }
+}
+
 /// The files of a zip archive of stored (uncompressed) files, each checked against its CRC.
 fn unzip(zip: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, String> {
     let u16_at = |i: usize| u16::from_le_bytes([zip[i], zip[i + 1]]) as usize;
@@ -526,12 +580,13 @@ type WebTest = fn() -> Result<(), Failed>;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
-    let tests: [(&str, WebTest); 2] = [
+    let tests: [(&str, WebTest); 3] = [
         ("page_matches_the_cpu_backend", page_matches_the_cpu_backend),
         (
             "page_buttons_train_and_sample",
             page_buttons_train_and_sample,
         ),
+        ("page_without_webgpu_says_why", page_without_webgpu_says_why),
     ];
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let found = browser_found();

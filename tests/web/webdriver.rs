@@ -111,6 +111,14 @@ impl Browser {
         Ok(browser)
     }
 
+    /// Runs `script` in every page before the page's own scripts, from the next navigation on
+    /// (the DevTools command `Page.addScriptToEvaluateOnNewDocument`, through chromedriver).
+    pub fn before_each_page(&self, script: &str) -> Result<(), String> {
+        let params = json!({ "source": script });
+        let body = json!({ "cmd": "Page.addScriptToEvaluateOnNewDocument", "params": params });
+        self.command("POST", "goog/cdp/execute", body).map(drop)
+    }
+
     /// Opens `url` and waits until the page has loaded.
     pub fn goto(&self, url: &str) -> Result<(), String> {
         self.command("POST", "url", json!({ "url": url })).map(drop)

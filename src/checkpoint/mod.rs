@@ -37,7 +37,7 @@ pub use safetensors_io::{
 };
 pub use scheduler_config::{SchedulerConfig, DPM_SOLVER_SCHEDULER};
 pub use training_state::{TrainingState, TRAINING_STATE_FILE};
-pub use unet_weights::unet_weights;
+pub use unet_weights::{named_weights, unet_weights};
 
 use std::path::Path;
 

@@ -21,6 +21,22 @@ fn current_name(name: &str) -> String {
     .fold(name.to_string(), |n, (old, new)| n.replace(old, new))
 }
 
+/// `values` (one per parameter of `model`, in its declaration order) under the parameters'
+/// diffusers names and shapes, as a weights file holds them: the inverse of [`unet_weights`].
+pub fn named_weights(model: &UNet2D, values: Vec<Vec<f32>>) -> Vec<NamedTensor> {
+    model
+        .params
+        .specs
+        .iter()
+        .zip(values)
+        .map(|(spec, data)| NamedTensor {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+            data,
+        })
+        .collect()
+}
+
 /// The values of every parameter of `model`, in its declaration order, from `weights` (read
 /// from `path`); a missing, extra or misshapen tensor is an error that names it.
 pub fn unet_weights(model: &UNet2D, weights: &[NamedTensor], path: &Path) -> Result<Vec<Vec<f32>>> {

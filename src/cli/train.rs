@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diffwgpu::checkpoint::TRAINING_STATE_FILE;
 use diffwgpu::checkpoint::{
-    save_pipeline, unet_weights, ClassLabels, NamedTensor, SchedulerConfig, TrainingState,
+    named_weights, save_pipeline, unet_weights, ClassLabels, NamedTensor, SchedulerConfig,
+    TrainingState,
 };
 use diffwgpu::data::{Batcher, Dataset};
 use diffwgpu::diffusion::{
@@ -669,21 +670,6 @@ fn restore(
     Ok(TrainState::from_host(be, model, &host)?)
 }
 
-/// Tensors under the model's parameter names.
-fn named(model: &UNet2D, values: Vec<Vec<f32>>) -> Vec<NamedTensor> {
-    model
-        .params
-        .specs
-        .iter()
-        .zip(values)
-        .map(|(s, data)| NamedTensor {
-            name: s.name.clone(),
-            shape: s.shape.clone(),
-            data,
-        })
-        .collect()
-}
-
 /// The pipeline folder (EMA weights) and the training state, each file written atomically.
 fn save_checkpoint(
     out: &Path,
@@ -694,7 +680,7 @@ fn save_checkpoint(
 ) -> Result<()> {
     let model = &trainer.model;
     let host = trainer.state.to_host(trainer.backend())?;
-    let ema = named(model, host.ema);
+    let ema = named_weights(model, host.ema);
     if let Some(classes) = record.class_labels() {
         let unet_dir = out.join("unet");
         std::fs::create_dir_all(&unet_dir)
@@ -704,9 +690,9 @@ fn save_checkpoint(
     save_pipeline(out, &record.unet, &ema, scheduler)?;
     let state = TrainingState {
         step: host.step,
-        params: named(model, host.params),
-        adam_m: named(model, host.adam_m),
-        adam_v: named(model, host.adam_v),
+        params: named_weights(model, host.params),
+        adam_m: named_weights(model, host.adam_m),
+        adam_v: named_weights(model, host.adam_v),
         ema,
         meta: BTreeMap::from([(RUN_KEY.to_string(), record_json.to_string())]),
     };

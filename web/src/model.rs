@@ -50,6 +50,55 @@ impl Loaded {
         let cfg = &self.parts.model.config;
         [cfg.in_channels, cfg.size()]
     }
+
+    /// The reverse process of `count` images from the noise of `seed`: "ddim" (deterministic,
+    /// `steps` steps) or "ddpm" (`steps` of the training timesteps, ancestral noise).
+    fn reverse_process(
+        &self,
+        kind: &str,
+        steps: usize,
+        seed: u64,
+        count: usize,
+    ) -> Result<ReverseProcess> {
+        let t_max = self.schedule.num_train_timesteps();
+        let clip_sample = self.parts.scheduler.clip();
+        let sampler = match kind {
+            "ddim" => Sampler::Ddim {
+                eta: 0.0,
+                clip_sample,
+            },
+            "ddpm" => Sampler::Ddpm {
+                variance_type: self.parts.scheduler.variance_type()?,
+                clip_sample,
+            },
+            other => {
+                return Err(Error::invalid(
+                    "sample",
+                    format!("no sampler {other:?}; choose \"ddim\" or \"ddpm\""),
+                ))
+            }
+        };
+        let timesteps =
+            inference_timesteps(t_max, steps.clamp(1, t_max), TimestepSpacing::Leading, 0)?;
+        let [c, s] = self.image();
+        let noise = NoiseStream::single(seed, count.max(1));
+        let x_t = noise.initial(self.parts.be, &[count.max(1), c, s, s])?;
+        ReverseProcess::new(
+            &self.denoiser(),
+            &self.schedule,
+            self.prediction_type,
+            &sampler,
+            &timesteps,
+            x_t,
+            noise,
+        )
+    }
+
+    /// The grid of the images `x`, `[N, C, S, S]` on the host.
+    fn grid(&self, x: &[f32]) -> Result<Picture> {
+        let [c, s] = self.image();
+        Picture::grid(x, x.len() / (c * s * s), c, s)
+    }
 }
 
 /// A U-Net with its weights and noise schedule, ready to sample.
@@ -74,6 +123,22 @@ impl Model {
                 parts,
             }),
         })
+    }
+
+    /// The whole reverse process of [`Model::sample`] at once, read back as a grid.
+    pub(crate) async fn sample_grid(
+        &self,
+        kind: &str,
+        steps: usize,
+        seed: u64,
+        count: usize,
+    ) -> Result<Picture> {
+        let l = &self.loaded;
+        let mut process = l.reverse_process(kind, steps, seed, count)?;
+        while !process.is_done() {
+            process.step(l.parts.be, &l.denoiser(), &l.schedule)?;
+        }
+        l.grid(&l.parts.be.to_vec_async(process.x()).await?)
     }
 }
 
@@ -204,39 +269,7 @@ impl Sampling {
         seed: u64,
         count: usize,
     ) -> Result<Sampling> {
-        let l = &loaded;
-        let t_max = l.schedule.num_train_timesteps();
-        let clip_sample = l.parts.scheduler.clip();
-        let sampler = match kind {
-            "ddim" => Sampler::Ddim {
-                eta: 0.0,
-                clip_sample,
-            },
-            "ddpm" => Sampler::Ddpm {
-                variance_type: l.parts.scheduler.variance_type()?,
-                clip_sample,
-            },
-            other => {
-                return Err(Error::invalid(
-                    "sample",
-                    format!("no sampler {other:?}; choose \"ddim\" or \"ddpm\""),
-                ))
-            }
-        };
-        let timesteps =
-            inference_timesteps(t_max, steps.clamp(1, t_max), TimestepSpacing::Leading, 0)?;
-        let [c, s] = l.image();
-        let noise = NoiseStream::single(seed, count.max(1));
-        let x_t = noise.initial(l.parts.be, &[count.max(1), c, s, s])?;
-        let process = ReverseProcess::new(
-            &l.denoiser(),
-            &l.schedule,
-            l.prediction_type,
-            &sampler,
-            &timesteps,
-            x_t,
-            noise,
-        )?;
+        let process = loaded.reverse_process(kind, steps, seed, count)?;
         Ok(Sampling {
             total: process.total(),
             state: Rc::new(RefCell::new(State {
@@ -245,12 +278,6 @@ impl Sampling {
             })),
             loaded,
         })
-    }
-
-    /// The grid of the images `x`, `[N, C, S, S]` on the host.
-    fn grid(loaded: &Loaded, x: &[f32]) -> Result<Picture> {
-        let [c, s] = loaded.image();
-        Picture::grid(x, x.len() / (c * s * s), c, s)
     }
 }
 
@@ -313,8 +340,8 @@ impl Sampling {
                 }
             };
             let pictures = js_sys::Array::new();
-            pictures.push(&Self::grid(&loaded, &x_t)?.into());
-            pictures.push(&Self::grid(&loaded, &x0)?.into());
+            pictures.push(&loaded.grid(&x_t)?.into());
+            pictures.push(&loaded.grid(&x0)?.into());
             Ok(pictures)
         })
     }
@@ -325,7 +352,7 @@ impl Sampling {
         promise(async move {
             let state = exclusive(&state, "sampling")?;
             let x = loaded.parts.be.to_vec_async(state.process.x()).await?;
-            Self::grid(&loaded, &x)
+            loaded.grid(&x)
         })
     }
 

@@ -5,17 +5,14 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use diffwgpu::checkpoint::{pipeline_files, NamedTensor, SchedulerConfig};
+use diffwgpu::checkpoint::{named_weights, pipeline_files, SchedulerConfig};
 use diffwgpu::data::{Batcher, Dataset, Split};
-use diffwgpu::diffusion::{inference_timesteps, NoiseStream, Sampler, TimestepSpacing};
-use diffwgpu::diffusion::{ReverseProcess, UNetDenoiser};
 use diffwgpu::nn::{UNet2D, UNet2DConfig};
 use diffwgpu::train::{LrSchedule, TrainHyper, TrainState, Trainer};
 use diffwgpu::{Backend, Result};
 use wasm_bindgen::prelude::*;
 
 use crate::model::{Model, ModelParts};
-use crate::picture::Picture;
 use crate::{exclusive, promise, zip, WebGpu};
 
 /// The seed of the training grids' noise, so that successive grids show the same images.
@@ -142,44 +139,11 @@ impl Training {
         let run = self.run.clone();
         promise(async move {
             let run = exclusive(&run, "training")?;
-            let (be, trainer) = (run.be, &run.trainer);
-            let cfg = &trainer.model.config;
-            let n = count.max(1) as usize;
-            let t_max = trainer.schedule.num_train_timesteps();
-            let timesteps = inference_timesteps(
-                t_max,
-                (steps as usize).clamp(1, t_max),
-                TimestepSpacing::Leading,
-                0,
-            )?;
-            let shape = [n, cfg.in_channels, cfg.size(), cfg.size()];
-            let noise = NoiseStream::single(GRID_SEED ^ seed as u64, n);
-            let params = trainer.state.ema_views()?;
-            let model = UNetDenoiser {
-                model: &trainer.model,
-                params: &params,
-                classes: None,
-            };
-            let sampler = Sampler::Ddim {
-                eta: 0.0,
-                clip_sample: run.scheduler.clip(),
-            };
-            let pt = trainer.hyper.prediction_type;
-            let x_t = noise.initial(be, &shape)?;
-            let mut process = ReverseProcess::new(
-                &model,
-                &trainer.schedule,
-                pt,
-                &sampler,
-                &timesteps,
-                x_t,
-                noise,
-            )?;
-            while !process.is_done() {
-                process.step(be, &model, &trainer.schedule)?;
-            }
-            let x0 = be.to_vec_async(process.x()).await?;
-            Picture::grid(&x0, n, cfg.in_channels, cfg.size())
+            let model = run.model(true)?;
+            let seed = GRID_SEED ^ seed as u64;
+            model
+                .sample_grid("ddim", steps as usize, seed, count as usize)
+                .await
         })
     }
 
@@ -192,18 +156,7 @@ impl Training {
             let run = exclusive(&run, "training")?;
             let trainer = &run.trainer;
             let ema = run.be.to_vec_async(&trainer.state.ema).await?;
-            let weights: Vec<NamedTensor> = trainer
-                .model
-                .params
-                .specs
-                .iter()
-                .zip(trainer.state.layout.split(&ema))
-                .map(|(spec, data)| NamedTensor {
-                    name: spec.name.clone(),
-                    shape: spec.shape.clone(),
-                    data,
-                })
-                .collect();
+            let weights = named_weights(&trainer.model, trainer.state.layout.split(&ema));
             let files = pipeline_files(&trainer.model.config, &weights, &run.scheduler)?;
             Ok(js_sys::Uint8Array::from(&zip::stored(&files)[..]))
         })
@@ -212,25 +165,29 @@ impl Training {
     /// A sampling `Model` of a copy of the current weights (the EMA weights when `ema`).
     pub fn model(&self, ema: bool) -> js_sys::Promise {
         let run = self.run.clone();
-        promise(async move {
-            let run = exclusive(&run, "training")?;
-            let trainer = &run.trainer;
-            let flat = match ema {
-                true => &trainer.state.ema,
-                false => &trainer.state.params,
-            };
-            let copy = run.be.scale(flat, 1.0)?;
-            let params = trainer.state.layout.views(&copy)?;
-            Model::from_parts(ModelParts {
-                be: run.be,
-                model: UNet2D::new(&trainer.model.config)?,
-                params,
-                scheduler: run.scheduler.clone(),
-                source: format!(
-                    "{} at step {}",
-                    trainer.model.config.class_name, trainer.state.step
-                ),
-            })
+        promise(async move { exclusive(&run, "training")?.model(ema) })
+    }
+}
+
+impl Run {
+    /// A sampling `Model` of a copy of the current weights (the EMA weights when `ema`).
+    fn model(&self, ema: bool) -> Result<Model> {
+        let trainer = &self.trainer;
+        let flat = match ema {
+            true => &trainer.state.ema,
+            false => &trainer.state.params,
+        };
+        let copy = self.be.scale(flat, 1.0)?;
+        let params = trainer.state.layout.views(&copy)?;
+        Model::from_parts(ModelParts {
+            be: self.be,
+            model: UNet2D::new(&trainer.model.config)?,
+            params,
+            scheduler: self.scheduler.clone(),
+            source: format!(
+                "{} at step {}",
+                trainer.model.config.class_name, trainer.state.step
+            ),
         })
     }
 }

@@ -3,7 +3,7 @@
 //! seeds the page's tiny model must give what the native CPU backend gives: its forward pass,
 //! a few training steps, a DDIM trajectory and the downloaded pipeline folder; and the page's
 //! own buttons must train, sample and show the samples (a screenshot is saved); without
-//! WebGPU it must say so and what to do.
+//! WebGPU, or given a bad folder, it must say what is wrong.
 //!
 //! The test builds the page with `web/build.sh` (which installs the wasm32 target and the
 //! pinned wasm-bindgen-cli if needed). Without `chromium` and `chromedriver` the tests are
@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{assert_close, seeded};
-use diffwgpu::checkpoint::{load_pipeline_files, save_pipeline, NamedTensor, SchedulerConfig};
+use diffwgpu::checkpoint::{load_pipeline_files, named_weights, save_pipeline, SchedulerConfig};
 use diffwgpu::data::{Batcher, Dataset, Split};
 use diffwgpu::diffusion::{
     inference_timesteps, sample, Denoiser, NoiseStream, Sampler, TimestepSpacing, UNetDenoiser,
@@ -450,17 +450,7 @@ fn page_buttons_train_and_sample() -> Result<(), Failed> {
     let run = folder.join("picked");
     let config = UNet2DConfig::preset("tiny")?;
     let model = UNet2D::new(&config)?;
-    let weights: Vec<NamedTensor> = model
-        .params
-        .specs
-        .iter()
-        .zip(model.params.initial_values(SEED))
-        .map(|(spec, data)| NamedTensor {
-            name: spec.name.clone(),
-            shape: spec.shape.clone(),
-            data,
-        })
-        .collect();
+    let weights = named_weights(&model, model.params.initial_values(SEED));
     save_pipeline(&run, &config, &weights, &SchedulerConfig::default())?;
     browser.choose_files("#folder-input", &run)?;
     wait_for(
@@ -537,6 +527,69 @@ fn wait_for_state_error(browser: &Browser) -> Result<(), Failed> {
     }
 }
 
+/// A folder that is no pipeline, and a pipeline whose weights file is cut short, each get an
+/// error on the page that names the problem, and the page stays usable.
+fn page_refuses_bad_folders() -> Result<(), Failed> {
+    let (_server, browser) = open_page()?;
+    let folder = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-bad-folders");
+    let _ = std::fs::remove_dir_all(&folder);
+    let notes = folder.join("notes");
+    std::fs::create_dir_all(&notes).map_err(|e| e.to_string())?;
+    std::fs::write(notes.join("readme.txt"), "not a model").map_err(|e| e.to_string())?;
+    browser.choose_files("#folder-input", &notes)?;
+    wait_for_error(
+        &browser,
+        "none of the 1 files given belongs to a pipeline folder",
+    )?;
+
+    let cut = folder.join("cut");
+    let config = UNet2DConfig::preset("tiny")?;
+    let model = UNet2D::new(&config)?;
+    let weights = named_weights(&model, model.params.initial_values(SEED));
+    save_pipeline(&cut, &config, &weights, &SchedulerConfig::default())?;
+    let file = cut.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&file).map_err(|e| e.to_string())?;
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).map_err(|e| e.to_string())?;
+    browser.choose_files("#folder-input", &cut)?;
+    wait_for_error(&browser, "cut/unet/diffusion_pytorch_model.safetensors")?;
+    let ready = browser.execute(
+        "return !document.getElementById('folder-input').disabled
+             && !document.getElementById('train-start').disabled;",
+        json!([]),
+    )?;
+    assert_eq!(
+        ready, true,
+        "the page's controls stay disabled after a bad folder"
+    );
+    Ok(())
+}
+
+/// Waits until the page's error box says `want`; fails with what it says otherwise.
+fn wait_for_error(browser: &Browser, want: &str) -> Result<(), Failed> {
+    let said = browser.execute_async(
+        "const [want, done] = arguments;
+         const box = document.getElementById('error');
+         const started = performance.now();
+         const poll = () => {
+             if (box.textContent.includes(want) || performance.now() - started > 30000) {
+                 done(box.textContent);
+             } else {
+                 setTimeout(poll, 100);
+             }
+         };
+         poll();",
+        json!([want]),
+        Duration::from_secs(60),
+    )?;
+    let said = said.as_str().unwrap_or_default();
+    if said.contains(want) {
+        eprintln!("the page says: {said}");
+        Ok(())
+    } else {
+        Err(format!("the page's error box says {said:?}, not {want:?}").into())
+    }
+}
+
 /// The files of a zip archive of stored (uncompressed) files, each checked against its CRC.
 fn unzip(zip: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, String> {
     let u16_at = |i: usize| u16::from_le_bytes([zip[i], zip[i + 1]]) as usize;
@@ -580,13 +633,14 @@ type WebTest = fn() -> Result<(), Failed>;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
-    let tests: [(&str, WebTest); 3] = [
+    let tests: [(&str, WebTest); 4] = [
         ("page_matches_the_cpu_backend", page_matches_the_cpu_backend),
         (
             "page_buttons_train_and_sample",
             page_buttons_train_and_sample,
         ),
         ("page_without_webgpu_says_why", page_without_webgpu_says_why),
+        ("page_refuses_bad_folders", page_refuses_bad_folders),
     ];
     let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let found = browser_found();

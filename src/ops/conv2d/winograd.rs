@@ -59,6 +59,20 @@ const MIN_CHUNK_TILES: usize = 64;
 /// Floats of `V` and `M` one chunk may hold before it is cut (about a core's L2 cache).
 const CHUNK_FLOATS: usize = 384 * 1024;
 
+/// Filters transformed together, one per f64 lane (two AVX2 registers).
+const FILTER_LANES: usize = 8;
+
+type Lanes64 = [f64; FILTER_LANES];
+
+#[inline(always)]
+fn lanes64(f: impl Fn(usize) -> f64) -> Lanes64 {
+    let mut out = [0.0; FILTER_LANES];
+    for (l, o) in out.iter_mut().enumerate() {
+        *o = f(l);
+    }
+    out
+}
+
 #[inline(always)]
 fn lanes(f: impl Fn(usize) -> f32) -> Lanes {
     let mut out = [0.0; LANES];
@@ -99,10 +113,10 @@ pub(crate) trait Variant: Sync {
     fn output(v: &[Lanes; MAX_A]) -> [Lanes; MAX_A];
     /// `A o`, the adjoint of `output`: `M` values to `A`.
     fn output_adjoint(o: &[Lanes; MAX_A]) -> [Lanes; MAX_A];
-    /// `G g`: three filter taps to `A` values.
-    fn filter(g: [f64; 3]) -> [f64; MAX_A];
+    /// `G g`: three filter taps to `A` values, in f64.
+    fn filter(g: &[Lanes64; 3]) -> [Lanes64; MAX_A];
     /// `G^T u`, the adjoint of `filter`: `A` values to three.
-    fn filter_adjoint(u: &[f64; MAX_A]) -> [f64; 3];
+    fn filter_adjoint(u: &[Lanes64; MAX_A]) -> [Lanes64; 3];
 }
 
 /// `F(2x2, 3x3)`: points 0, 1, -1 and infinity.
@@ -151,15 +165,25 @@ impl Variant for F2 {
         ]
     }
 
-    fn filter([g0, g1, g2]: [f64; 3]) -> [f64; MAX_A] {
-        [g0, (g0 + g1 + g2) / 2.0, (g0 - g1 + g2) / 2.0, g2, 0.0, 0.0]
+    #[inline(always)]
+    fn filter([g0, g1, g2]: &[Lanes64; 3]) -> [Lanes64; MAX_A] {
+        let z = [0.0; FILTER_LANES];
+        [
+            *g0,
+            lanes64(|l| (g0[l] + g1[l] + g2[l]) * 0.5),
+            lanes64(|l| (g0[l] - g1[l] + g2[l]) * 0.5),
+            *g2,
+            z,
+            z,
+        ]
     }
 
-    fn filter_adjoint(u: &[f64; MAX_A]) -> [f64; 3] {
+    #[inline(always)]
+    fn filter_adjoint(u: &[Lanes64; MAX_A]) -> [Lanes64; 3] {
         [
-            u[0] + (u[1] + u[2]) / 2.0,
-            (u[1] - u[2]) / 2.0,
-            (u[1] + u[2]) / 2.0 + u[3],
+            lanes64(|l| u[0][l] + (u[1][l] + u[2][l]) * 0.5),
+            lanes64(|l| (u[1][l] - u[2][l]) * 0.5),
+            lanes64(|l| (u[1][l] + u[2][l]) * 0.5 + u[3][l]),
         ]
     }
 }
@@ -216,22 +240,36 @@ impl Variant for F4 {
         ]
     }
 
-    fn filter([g0, g1, g2]: [f64; 3]) -> [f64; MAX_A] {
+    // Products with the reciprocals (rounded in f64, far below f32's rounding) rather than
+    // divisions: a division per value made these transforms an eighth of a sampling step.
+    #[inline(always)]
+    fn filter([g0, g1, g2]: &[Lanes64; 3]) -> [Lanes64; MAX_A] {
+        const SIXTH: f64 = 1.0 / 6.0;
+        const TWELFTH: f64 = 1.0 / 12.0;
+        const TWENTY_FOURTH: f64 = 1.0 / 24.0;
+        let even: Lanes64 = lanes64(|l| g0[l] * TWENTY_FOURTH + g2[l] * SIXTH);
+        let odd: Lanes64 = lanes64(|l| g1[l] * TWELFTH);
         [
-            g0 / 4.0,
-            -(g0 + g1 + g2) / 6.0,
-            -(g0 - g1 + g2) / 6.0,
-            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
-            g2,
+            lanes64(|l| g0[l] * 0.25),
+            lanes64(|l| -(g0[l] + g1[l] + g2[l]) * SIXTH),
+            lanes64(|l| -(g0[l] - g1[l] + g2[l]) * SIXTH),
+            lanes64(|l| even[l] + odd[l]),
+            lanes64(|l| even[l] - odd[l]),
+            *g2,
         ]
     }
 
-    fn filter_adjoint(u: &[f64; MAX_A]) -> [f64; 3] {
+    #[inline(always)]
+    fn filter_adjoint(u: &[Lanes64; MAX_A]) -> [Lanes64; 3] {
+        const SIXTH: f64 = 1.0 / 6.0;
+        const TWELFTH: f64 = 1.0 / 12.0;
+        const TWENTY_FOURTH: f64 = 1.0 / 24.0;
         [
-            u[0] / 4.0 - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
-            (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
-            (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
+            lanes64(|l| {
+                u[0][l] * 0.25 - (u[1][l] + u[2][l]) * SIXTH + (u[3][l] + u[4][l]) * TWENTY_FOURTH
+            }),
+            lanes64(|l| (u[2][l] - u[1][l]) * SIXTH + (u[3][l] - u[4][l]) * TWELFTH),
+            lanes64(|l| (u[3][l] + u[4][l] - u[1][l] - u[2][l]) * SIXTH + u[5][l]),
         ]
     }
 }
@@ -490,25 +528,74 @@ impl<T: Variant> Pass for OutputAdjointTiles<'_, T> {
 /// transformed into a buffer of its own and copied out in runs of this many.
 const FILTER_BLOCK: usize = 256;
 
-/// `G g G^T` of one 3x3 filter, in f64: `(G g)` for each column of the taps, then `G` along
-/// the rows of that.
-fn filter_tile<T: Variant>(taps: &[f32]) -> [[f64; MAX_A]; MAX_A] {
-    let tap = |r: usize, c: usize| taps[r * 3 + c] as f64;
-    let cols: [[f64; MAX_A]; 3] = std::array::from_fn(|c| T::filter([0, 1, 2].map(|r| tap(r, c))));
-    std::array::from_fn(|i| T::filter([cols[0][i], cols[1][i], cols[2][i]]))
+/// `U [a^2, n] = G g G^T` in f64 of the `n` filters `w [n, 3, 3]`, `FILTER_LANES` at a time:
+/// `(G g)` for each column of the taps, then `G` along the rows of that.
+struct FilterTiles<'a, T> {
+    w: &'a [f32],
+    u: &'a mut [f32],
+    variant: std::marker::PhantomData<T>,
 }
 
-/// `G^T du G` of one transformed tile, in f64: the 3x3 weight gradient.
-fn filter_tile_adjoint<T: Variant>(du: &[[f64; MAX_A]; MAX_A]) -> [f32; 9] {
-    let rows: [[f64; 3]; MAX_A] = std::array::from_fn(|i| T::filter_adjoint(&du[i]));
-    let mut taps = [0.0f32; 9];
-    for c in 0..3 {
-        let col = T::filter_adjoint(&std::array::from_fn(|i| rows[i][c]));
-        for r in 0..3 {
-            taps[r * 3 + c] = col[r] as f32;
+impl<T: Variant> Pass for FilterTiles<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let (a, n) = (T::A, self.w.len() / 9);
+        for (group, taps) in self.w.chunks(9 * FILTER_LANES).enumerate() {
+            let filters = taps.len() / 9;
+            let tap = |r: usize, c: usize| {
+                lanes64(|l| taps.get(l * 9 + r * 3 + c).map_or(0.0, |&v| v as f64))
+            };
+            let cols: [[Lanes64; MAX_A]; 3] =
+                std::array::from_fn(|c| T::filter(&[tap(0, c), tap(1, c), tap(2, c)]));
+            let [c0, c1, c2] = &cols;
+            for (i, ((x0, x1), x2)) in c0.iter().zip(c1).zip(c2).take(a).enumerate() {
+                let row = T::filter(&[*x0, *x1, *x2]);
+                for (j, values) in row[..a].iter().enumerate() {
+                    let out = &mut self.u[(i * a + j) * n + group * FILTER_LANES..][..filters];
+                    out.iter_mut().zip(values).for_each(|(o, &v)| *o = v as f32);
+                }
+            }
         }
     }
-    taps
+}
+
+/// `dw [n, 3, 3] = G^T dU G` in f64 of `dU [a^2, ...]`, whose position `ξ` holds the `n`
+/// filters' values from `du[ξ * stride]`, `FILTER_LANES` filters at a time.
+struct FilterAdjointTiles<'a, T> {
+    du: &'a [f32],
+    stride: usize,
+    dw: &'a mut [f32],
+    variant: std::marker::PhantomData<T>,
+}
+
+impl<T: Variant> Pass for FilterAdjointTiles<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let a = T::A;
+        for (group, taps) in self.dw.chunks_mut(9 * FILTER_LANES).enumerate() {
+            let filters = taps.len() / 9;
+            let f0 = group * FILTER_LANES;
+            let value = |xi: usize| {
+                let run = &self.du[xi * self.stride + f0..][..filters];
+                lanes64(|l| run.get(l).map_or(0.0, |&v| v as f64))
+            };
+            let mut tile = [[[0.0f64; FILTER_LANES]; MAX_A]; MAX_A];
+            for (i, row) in tile[..a].iter_mut().enumerate() {
+                for (j, v) in row[..a].iter_mut().enumerate() {
+                    *v = value(i * a + j);
+                }
+            }
+            let rows: [[Lanes64; 3]; MAX_A] = std::array::from_fn(|i| T::filter_adjoint(&tile[i]));
+            for c in 0..3 {
+                let col = T::filter_adjoint(&std::array::from_fn(|i| rows[i][c]));
+                for (r, values) in col.iter().enumerate() {
+                    for (l, tap) in taps.chunks_exact_mut(9).enumerate() {
+                        tap[r * 3 + c] = values[l] as f32;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The transformed filters `U [a^2, Cout, Cin]` of `w [Cout, Cin, 3, 3]`, blocks of filters
@@ -518,14 +605,12 @@ fn transform_filters<T: Variant>(g: &Geometry, w: &[f32]) -> Vec<f32> {
     let blocks: Vec<Vec<f32>> = w
         .par_chunks(9 * FILTER_BLOCK)
         .map(|wb| {
-            let len = wb.len() / 9;
-            let mut ub = vec![0.0f32; a * a * len];
-            for (f, taps) in wb.chunks_exact(9).enumerate() {
-                let tile = filter_tile::<T>(taps);
-                for (xi, u) in ub.chunks_exact_mut(len).enumerate() {
-                    u[f] = tile[xi / a][xi % a] as f32;
-                }
-            }
+            let mut ub = vec![0.0f32; a * a * (wb.len() / 9)];
+            simd(FilterTiles::<T> {
+                w: wb,
+                u: &mut ub,
+                variant: std::marker::PhantomData,
+            });
             ub
         })
         .collect();
@@ -542,22 +627,17 @@ fn transform_filters<T: Variant>(g: &Geometry, w: &[f32]) -> Vec<f32> {
 /// The weight gradient `dw [Cout, Cin, 3, 3] = G^T dU G` of `dU [a^2, Cout, Cin]`, blocks of
 /// filters in parallel.
 fn filters_adjoint<T: Variant>(g: &Geometry, du: &[f32]) -> Vec<f32> {
-    let (a, plane) = (T::A, g.cout * g.cin);
+    let plane = g.cout * g.cin;
     let mut dw = vec![0.0f32; plane * 9];
     dw.par_chunks_mut(9 * FILTER_BLOCK)
         .enumerate()
         .for_each(|(k, dwb)| {
-            let len = dwb.len() / 9;
-            let runs: Vec<&[f32]> = (0..a * a)
-                .map(|xi| &du[xi * plane + k * FILTER_BLOCK..][..len])
-                .collect();
-            for (f, taps) in dwb.chunks_exact_mut(9).enumerate() {
-                let mut tile = [[0.0f64; MAX_A]; MAX_A];
-                for (xi, run) in runs.iter().enumerate() {
-                    tile[xi / a][xi % a] = run[f] as f64;
-                }
-                taps.copy_from_slice(&filter_tile_adjoint::<T>(&tile));
-            }
+            simd(FilterAdjointTiles::<T> {
+                du: &du[k * FILTER_BLOCK..],
+                stride: plane,
+                dw: dwb,
+                variant: std::marker::PhantomData,
+            })
         });
     dw
 }

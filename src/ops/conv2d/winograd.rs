@@ -188,6 +188,11 @@ impl Variant for F2 {
     }
 }
 
+/// The reciprocals in `F(4x4, 3x3)`'s `G`, rounded in f64.
+const SIXTH: f64 = 1.0 / 6.0;
+const TWELFTH: f64 = 1.0 / 12.0;
+const TWENTY_FOURTH: f64 = 1.0 / 24.0;
+
 /// `F(4x4, 3x3)`: points 0, 1, -1, 2, -2 and infinity.
 pub(crate) struct F4;
 
@@ -244,9 +249,6 @@ impl Variant for F4 {
     // divisions: a division per value made these transforms an eighth of a sampling step.
     #[inline(always)]
     fn filter([g0, g1, g2]: &[Lanes64; 3]) -> [Lanes64; MAX_A] {
-        const SIXTH: f64 = 1.0 / 6.0;
-        const TWELFTH: f64 = 1.0 / 12.0;
-        const TWENTY_FOURTH: f64 = 1.0 / 24.0;
         let even: Lanes64 = lanes64(|l| g0[l] * TWENTY_FOURTH + g2[l] * SIXTH);
         let odd: Lanes64 = lanes64(|l| g1[l] * TWELFTH);
         [
@@ -261,9 +263,6 @@ impl Variant for F4 {
 
     #[inline(always)]
     fn filter_adjoint(u: &[Lanes64; MAX_A]) -> [Lanes64; 3] {
-        const SIXTH: f64 = 1.0 / 6.0;
-        const TWELFTH: f64 = 1.0 / 12.0;
-        const TWENTY_FOURTH: f64 = 1.0 / 24.0;
         [
             lanes64(|l| {
                 u[0][l] * 0.25 - (u[1][l] + u[2][l]) * SIXTH + (u[3][l] + u[4][l]) * TWENTY_FOURTH

@@ -17,6 +17,7 @@ pub mod linear;
 pub mod optim;
 pub mod random;
 pub mod reduce;
+pub(crate) mod simd;
 pub mod solver_step;
 
 use crate::error::{Error, Result};

@@ -43,6 +43,7 @@ use rayon::prelude::*;
 
 use super::cpu::{inner_parallelism, matmul, Mat};
 use super::Geometry;
+use crate::ops::simd::{simd, Kernel};
 
 /// Tiles transformed together, one per SIMD lane (two AVX2 registers of f32).
 const LANES: usize = 16;
@@ -370,28 +371,6 @@ fn pad_planes(
     }
 }
 
-/// One pass over a chunk's tiles, run through [`simd`].
-trait Pass {
-    fn run(self);
-}
-
-/// Runs `pass` compiled for AVX2 where the processor has it (the transforms are loops over
-/// lanes for the compiler to vectorise), else as it is.
-fn simd(pass: impl Pass) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(pass: impl Pass) {
-            pass.run()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the processor has AVX2, checked just above.
-            return unsafe { avx2(pass) };
-        }
-    }
-    pass.run()
-}
-
 /// `v [a^2, C, n] = B^T d B` of every tile of the padded planes `xp [images + 1, C, hp, wp]`.
 struct InputTiles<'a, T> {
     tl: &'a Tiling,
@@ -402,7 +381,9 @@ struct InputTiles<'a, T> {
     variant: std::marker::PhantomData<T>,
 }
 
-impl<T: Variant> Pass for InputTiles<'_, T> {
+impl<T: Variant> Kernel for InputTiles<'_, T> {
+    type Output = ();
+
     #[inline(always)]
     fn run(self) {
         let (a, n, tl) = (T::A, self.tl.n, self.tl);
@@ -447,7 +428,9 @@ struct OutputTiles<'a, T> {
     variant: std::marker::PhantomData<T>,
 }
 
-impl<T: Variant> Pass for OutputTiles<'_, T> {
+impl<T: Variant> Kernel for OutputTiles<'_, T> {
+    type Output = ();
+
     #[inline(always)]
     fn run(self) {
         let (a, n, tl) = (T::A, self.tl.n, self.tl);
@@ -489,7 +472,9 @@ struct OutputAdjointTiles<'a, T> {
     variant: std::marker::PhantomData<T>,
 }
 
-impl<T: Variant> Pass for OutputAdjointTiles<'_, T> {
+impl<T: Variant> Kernel for OutputAdjointTiles<'_, T> {
+    type Output = ();
+
     #[inline(always)]
     fn run(self) {
         let (a, n, tl) = (T::A, self.tl.n, self.tl);
@@ -535,7 +520,9 @@ struct FilterTiles<'a, T> {
     variant: std::marker::PhantomData<T>,
 }
 
-impl<T: Variant> Pass for FilterTiles<'_, T> {
+impl<T: Variant> Kernel for FilterTiles<'_, T> {
+    type Output = ();
+
     #[inline(always)]
     fn run(self) {
         let (a, n) = (T::A, self.w.len() / 9);
@@ -567,7 +554,9 @@ struct FilterAdjointTiles<'a, T> {
     variant: std::marker::PhantomData<T>,
 }
 
-impl<T: Variant> Pass for FilterAdjointTiles<'_, T> {
+impl<T: Variant> Kernel for FilterAdjointTiles<'_, T> {
+    type Output = ();
+
     #[inline(always)]
     fn run(self) {
         let a = T::A;

@@ -59,10 +59,12 @@ impl GroupNormParams {
 
 /// `silu(z)` and `dy * silu'(z)`, in f32 as the elementwise ops compute them: the fused op
 /// equals group norm then `silu`.
+#[inline(always)]
 fn silu(z: f32) -> f32 {
     z * sigmoid(z)
 }
 
+#[inline(always)]
 fn silu_backward(z: f32, dy: f32) -> f32 {
     let s = sigmoid(z);
     dy * s * (1.0 + z * (1.0 - s))
@@ -203,6 +205,7 @@ pub(crate) mod cpu {
     use rayon::prelude::*;
 
     use super::*;
+    use crate::ops::simd::{simd, Kernel};
 
     /// `sum f(x_i, y_i)` in f64, as eight interleaved partial sums so that the loop
     /// vectorises (a single running f64 sum cannot be reordered).
@@ -222,13 +225,43 @@ pub(crate) mod cpu {
         acc.iter().sum::<f64>() + tail
     }
 
-    /// Mean and 1/std of one group, in f64 over shifted data (two passes).
+    /// Mean and 1/std of one group, in f64 over data shifted by its first value, in one pass:
+    /// `var = E[(x - shift)^2] - E[x - shift]^2`. The shift keeps both terms near the spread
+    /// even where the mean is large against it, and in f64 the difference loses nothing an
+    /// f32 result would keep.
+    #[inline(always)]
     fn statistics(xg: &[f32], eps: f32) -> (f64, f64) {
         let n = xg.len() as f64;
         let shift = xg.first().copied().unwrap_or(0.0) as f64;
-        let m = sum_f64(xg, xg, |v, _| v - shift) / n;
-        let var = sum_f64(xg, xg, |v, _| ((v - shift) - m) * ((v - shift) - m)) / n;
+        let (sum, sum_sq) = sum2_f64(xg, |v| v - shift);
+        let m = sum / n;
+        let var = (sum_sq / n - m * m).max(0.0);
         (shift + m, 1.0 / (var + eps as f64).sqrt())
+    }
+
+    /// `(sum f(x_i), sum f(x_i)^2)` in f64, as eight interleaved partial sums each.
+    #[inline(always)]
+    fn sum2_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> (f64, f64) {
+        const L: usize = 8;
+        let (mut acc, mut acc_sq) = ([0.0f64; L], [0.0f64; L]);
+        let xc = xs.chunks_exact(L);
+        let (mut tail, mut tail_sq) = (0.0, 0.0);
+        for &x in xc.remainder() {
+            let v = f(x as f64);
+            tail += v;
+            tail_sq += v * v;
+        }
+        for x in xc {
+            for l in 0..L {
+                let v = f(x[l] as f64);
+                acc[l] += v;
+                acc_sq[l] += v * v;
+            }
+        }
+        (
+            acc.iter().sum::<f64>() + tail,
+            acc_sq.iter().sum::<f64>() + tail_sq,
+        )
     }
 
     /// A group's mean as two f32s, so that `x - mean` is computed in f32 to about an ulp of
@@ -255,6 +288,44 @@ pub(crate) mod cpu {
         }
     }
 
+    /// One (sample, group) of the forward pass: its statistics, then
+    /// `y = act((x - mean) * rstd * gamma_c + beta_c)` channel by channel.
+    struct ForwardGroup<'a> {
+        xg: &'a [f32],
+        yg: &'a mut [f32],
+        /// The group's channels' scales and shifts.
+        gamma: &'a [f32],
+        beta: &'a [f32],
+        spatial: usize,
+        eps: f32,
+        silu: bool,
+    }
+
+    impl Kernel for ForwardGroup<'_> {
+        /// The group's mean and 1/std.
+        type Output = (f32, f32);
+
+        #[inline(always)]
+        fn run(self) -> (f32, f32) {
+            let (mu, r) = statistics(self.xg, self.eps);
+            let m = Mean::new(mu);
+            let channels = (self.yg.chunks_mut(self.spatial))
+                .zip(self.xg.chunks(self.spatial))
+                .zip(self.gamma.iter().zip(self.beta));
+            for ((yc, xc), (&g, &b)) in channels {
+                // z = (x - mean) rstd gamma_c + beta_c, rstd gamma_c in f64.
+                let a = (r * g as f64) as f32;
+                let z = xc.iter().map(|&v| m.centre(v) * a + b);
+                if self.silu {
+                    yc.iter_mut().zip(z).for_each(|(o, z)| *o = silu(z));
+                } else {
+                    yc.iter_mut().zip(z).for_each(|(o, z)| *o = z);
+                }
+            }
+            (mu as f32, r as f32)
+        }
+    }
+
     /// `y = act((x - mean) * rstd * gamma_c + beta_c)`, one task per (sample, group).
     pub fn forward(
         x: &Tensor,
@@ -276,21 +347,16 @@ pub(crate) mod cpu {
                 .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
                 .enumerate()
                 .for_each(|(bg, ((yg, xg), (mean_bg, rstd_bg)))| {
-                    let (mu, r) = statistics(xg, p.eps);
                     let c0 = (bg % d.groups) * cg;
-                    let m = Mean::new(mu);
-                    for (j, (yc, xc)) in yg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
-                        // z = (x - mean) rstd gamma_c + beta_c, rstd gamma_c in f64.
-                        let (a, b) = ((r * gs[c0 + j] as f64) as f32, bs[c0 + j]);
-                        let z = xc.iter().map(|&v| m.centre(v) * a + b);
-                        if p.silu {
-                            yc.iter_mut().zip(z).for_each(|(o, z)| *o = silu(z));
-                        } else {
-                            yc.iter_mut().zip(z).for_each(|(o, z)| *o = z);
-                        }
-                    }
-                    *mean_bg = mu as f32;
-                    *rstd_bg = r as f32;
+                    (*mean_bg, *rstd_bg) = simd(ForwardGroup {
+                        xg,
+                        yg,
+                        gamma: &gs[c0..c0 + cg],
+                        beta: &bs[c0..c0 + cg],
+                        spatial: s,
+                        eps: p.eps,
+                        silu: p.silu,
+                    });
                 });
         } else {
             // Empty groups have no statistics (0 / 0, as on the GPU).
@@ -321,6 +387,69 @@ pub(crate) mod cpu {
         a[dst.offset..dst.offset + n].copy_from_slice(value);
         a[dst.offset + n..dst.offset + dst.splits * n].fill(0.0);
         Ok(())
+    }
+
+    /// One (sample, group) of the backward pass: `dz = dy act'(z)`, each channel's
+    /// `(sum dz xhat, sum dz)` into `part`, then
+    /// `dx = rstd (dz gamma_c - mean_u - xhat mean_u_xhat) (+ acc)` with `u = dz gamma`.
+    struct BackwardGroup<'a> {
+        xg: &'a [f32],
+        dyg: &'a [f32],
+        dxg: &'a mut [f32],
+        acc: Option<&'a [f32]>,
+        part: &'a mut [(f64, f64)],
+        gamma: &'a [f32],
+        beta: &'a [f32],
+        mean: f64,
+        rstd: f64,
+        spatial: usize,
+        silu: bool,
+    }
+
+    impl Kernel for BackwardGroup<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn run(self) {
+            let (mu, r, s) = (self.mean, self.rstd, self.spatial);
+            let m = Mean::new(mu);
+            let (mut sum_u, mut sum_u_xhat) = (0.0f64, 0.0f64);
+            // dz = dy * act'(z) goes into dx's place first: the second pass reads it from there.
+            let channels = (self.xg.chunks(s).zip(self.dyg.chunks(s)))
+                .zip(self.dxg.chunks_mut(s))
+                .zip(self.gamma.iter().zip(self.beta))
+                .zip(self.part.iter_mut());
+            for ((((xc, dc), dzc), (&g, &b)), part) in channels {
+                if self.silu {
+                    let a = (r * g as f64) as f32;
+                    for ((o, &v), &dy) in dzc.iter_mut().zip(xc).zip(dc) {
+                        *o = silu_backward(m.centre(v) * a + b, dy);
+                    }
+                } else {
+                    dzc.copy_from_slice(dc);
+                }
+                // sum dz xhat = rstd sum dz (x - mean)
+                let dg = r * sum_f64(dzc, xc, |dz, v| dz * (v - mu));
+                let db = sum_f64(dzc, dzc, |dz, _| dz);
+                sum_u += g as f64 * db;
+                sum_u_xhat += g as f64 * dg;
+                *part = (dg, db);
+            }
+            let len = self.xg.len() as f64;
+            let (mean_u, mean_u_xhat) = (sum_u / len, sum_u_xhat / len);
+            let (shift, slope) = ((r * mean_u) as f32, (r * r * mean_u_xhat) as f32);
+            let channels = (self.dxg.chunks_mut(s).zip(self.xg.chunks(s))).zip(self.gamma);
+            for (j, ((dxc, xc), &g)) in channels.enumerate() {
+                let a = (r * g as f64) as f32;
+                for (o, &v) in dxc.iter_mut().zip(xc) {
+                    *o = *o * a - m.centre(v) * slope - shift;
+                }
+                if let Some(acc) = self.acc {
+                    let acc_c = &acc[j * s..][..s];
+                    dxc.iter_mut().zip(acc_c).for_each(|(o, a)| *o += a);
+                }
+            }
+        }
     }
 
     /// dx when `need_dx`; dgamma and dbeta into their parts.
@@ -355,49 +484,20 @@ pub(crate) mod cpu {
                 .zip(partials.par_chunks_mut(cg))
                 .enumerate()
                 .for_each(|(bg, ((dxg, (xg, dyg)), part))| {
-                    let (mu, r) = (mean[bg] as f64, rstd[bg] as f64);
                     let c0 = (bg % d.groups) * cg;
-                    let m = Mean::new(mu);
-                    let (mut sum_u, mut sum_u_xhat) = (0.0f64, 0.0f64);
-                    // dz = dy * act'(z) goes into dx's place first: the second pass reads it
-                    // from there.
-                    for (j, ((xc, dc), dzc)) in xg
-                        .chunks(s)
-                        .zip(dyg.chunks(s))
-                        .zip(dxg.chunks_mut(s))
-                        .enumerate()
-                    {
-                        let c = c0 + j;
-                        if p.silu {
-                            let (a, b) = ((r * gs[c] as f64) as f32, bs[c]);
-                            for ((o, &v), &g) in dzc.iter_mut().zip(xc).zip(dc) {
-                                *o = silu_backward(m.centre(v) * a + b, g);
-                            }
-                        } else {
-                            dzc.copy_from_slice(dc);
-                        }
-                        // sum dz xhat = rstd sum dz (x - mean)
-                        let dg = r * sum_f64(dzc, xc, |g, v| g * (v - mu));
-                        let db = sum_f64(dzc, dzc, |g, _| g);
-                        let gc = gs[c] as f64;
-                        sum_u += gc * db;
-                        sum_u_xhat += gc * dg;
-                        part[j] = (dg, db);
-                    }
-                    let (mean_u, mean_u_xhat) = (sum_u / len as f64, sum_u_xhat / len as f64);
-                    // dx = rstd (dz gamma_c - mean_u - xhat mean_u_xhat) (+ acc)
-                    let (shift, slope) = ((r * mean_u) as f32, r * r * mean_u_xhat);
-                    let acc_g = acc.as_ref().map(|a| &a[bg * len..][..len]);
-                    for (j, (dxc, xc)) in dxg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
-                        let (a, b) = ((r * gs[c0 + j] as f64) as f32, slope as f32);
-                        for (o, &v) in dxc.iter_mut().zip(xc) {
-                            *o = *o * a - m.centre(v) * b - shift;
-                        }
-                        if let Some(acc_g) = acc_g {
-                            let acc_c = &acc_g[j * s..][..s];
-                            dxc.iter_mut().zip(acc_c).for_each(|(o, a)| *o += a);
-                        }
-                    }
+                    simd(BackwardGroup {
+                        xg,
+                        dyg,
+                        dxg,
+                        acc: acc.as_ref().map(|a| &a[bg * len..][..len]),
+                        part,
+                        gamma: &gs[c0..c0 + cg],
+                        beta: &bs[c0..c0 + cg],
+                        mean: mean[bg] as f64,
+                        rstd: rstd[bg] as f64,
+                        spatial: s,
+                        silu: p.silu,
+                    })
                 });
         }
         let mut dgamma = vec![0.0f32; d.channels];

@@ -88,9 +88,11 @@ fn bench_linear(c: &mut Criterion) {
     }
 }
 
-/// `(name, B, L, C, heads)`: a mid-resolution block (64 images of 8 x 8 tokens) and one
-/// 32 x 32 feature map, both with one head of width C as diffusers builds them by default.
+/// `(name, B, L, C, heads)`: the mnist preset's 8 x 8 blocks at a sampling batch of 16, with
+/// its heads of width 8 (diffusers' default `attention_head_dim`); a mid-resolution block
+/// (64 images of 8 x 8 tokens) and one 32 x 32 feature map, both with one head of width C.
 const ATTENTION_SHAPES: &[(&str, usize, usize, usize, usize)] = &[
+    ("b16_8x8_c128_h16", 16, 64, 128, 16),
     ("b64_8x8_c128", 64, 64, 128, 1),
     ("b1_32x32_c128", 1, 1024, 128, 1),
 ];

@@ -109,7 +109,9 @@ pub(crate) mod cpu {
     use rayon::prelude::*;
 
     use super::*;
-    use crate::ops::simd::{axpy, dot, max, simd, sum, Kernel};
+    use crate::ops::linear::cpu::matmul;
+    use crate::ops::linear::{row_major, transposed, Strided};
+    use crate::ops::simd::{max, simd, sum, Kernel};
 
     /// Where the values of one `[B, L, C]` operand lie: in rows of `width` values, from column
     /// `col` (head `h` then from `col + h d`).
@@ -140,45 +142,27 @@ pub(crate) mod cpu {
         }
     }
 
-    /// One (batch, head)'s `[L, d]` rows of an operand, read in place.
-    #[derive(Clone, Copy)]
-    struct HeadRows<'a> {
-        data: &'a [f32],
-        /// Where row 0 starts.
-        start: usize,
-        /// From one row to the next.
-        width: usize,
-        head_dim: usize,
+    /// One head's `[L, d]` rows, read in place.
+    fn head_rows(c: Cols) -> Strided {
+        Strided { rs: c.width, cs: 1 }
     }
 
-    impl<'a> HeadRows<'a> {
-        /// The rows of the `(b, head)` pair `bh` of the operand at `c` in `data`.
-        fn new(data: &'a [f32], dims: &Dims, bh: usize, c: Cols) -> Self {
-            let (b, h) = (bh / dims.heads, bh % dims.heads);
-            HeadRows {
-                data,
-                start: b * dims.len * c.width + c.col + h * dims.head_dim,
-                width: c.width,
-                head_dim: dims.head_dim,
-            }
-        }
+    /// The transpose `[d, L]` of one head's rows, read in place.
+    fn head_rows_t(c: Cols) -> Strided {
+        Strided { rs: 1, cs: c.width }
+    }
 
-        /// Row `i`, d values.
-        #[inline(always)]
-        fn row(&self, i: usize) -> &'a [f32] {
-            &self.data[self.start + i * self.width..][..self.head_dim]
-        }
+    /// The `(b, head)` slice of an operand at `c`: from its element (0, 0) to the end of batch
+    /// `b`. Needs `L >= 1`.
+    fn head_slice<'a>(data: &'a [f32], dims: &Dims, bh: usize, c: Cols) -> &'a [f32] {
+        let (b, h) = (bh / dims.heads, bh % dims.heads);
+        let batch = dims.len * c.width;
+        &data[b * batch + c.col + h * dims.head_dim..(b + 1) * batch]
+    }
 
-        /// The transpose `[d, L]` of the L rows, contiguous.
-        fn transposed(&self, len: usize) -> Vec<f32> {
-            let mut t = vec![0.0; self.head_dim * len];
-            for i in 0..len {
-                for (k, &x) in self.row(i).iter().enumerate() {
-                    t[k * len + i] = x;
-                }
-            }
-            t
-        }
+    /// This `(b, head)`'s q, k and v, read in place from qkv.
+    fn qkv_heads<'a>(qkv: &'a [f32], dims: &Dims, bh: usize) -> [&'a [f32]; 3] {
+        [Q, K, V].map(|part| head_slice(qkv, dims, bh, packed(dims, part)))
     }
 
     /// (batch, head) pairs to compute: none without rows, which also leaves no head to slice.
@@ -190,95 +174,136 @@ pub(crate) mod cpu {
         }
     }
 
-    /// Row `i` of the scaled scores, `s_m = (q_i / sqrt(d)) . k_m` for every key `m`, from
-    /// the keys transposed `kt [d, L]`: d passes over the row, each a SIMD sweep across keys.
-    #[inline(always)]
-    fn scores_row(s: &mut [f32], q_i: &[f32], kt: &[f32], scale: f32) {
-        let l = s.len();
-        s.fill(0.0);
-        for (&q, kt_k) in q_i.iter().zip(kt.chunks_exact(l)) {
-            axpy(s, q * scale, kt_k);
+    /// gemm threads per task: the tasks already fill the pool when there are enough of them.
+    fn threads_per_task(tasks: usize) -> usize {
+        let threads = rayon::current_num_threads();
+        if tasks >= threads {
+            1
+        } else {
+            threads
+        }
+    }
+
+    /// `X Y^T [L, L]` of one (batch, head), for head slices `x` at `xc` and `y` at `yc`.
+    fn product_t(
+        (x, xc): (&[f32], Cols),
+        (y, yc): (&[f32], Cols),
+        dims: &Dims,
+        threads: usize,
+    ) -> Vec<f32> {
+        let l = dims.len;
+        let mut s = vec![0.0; l * l];
+        matmul(
+            (l, dims.head_dim, l),
+            x,
+            head_rows(xc),
+            y,
+            head_rows_t(yc),
+            &mut s,
+            l,
+            false,
+            threads,
+        );
+        s
+    }
+
+    /// `S = Q K^T / sqrt(d)` `[L, L]` of one (batch, head).
+    fn scores(q: &[f32], k: &[f32], dims: &Dims, threads: usize) -> Vec<f32> {
+        let mut s = product_t((q, packed(dims, Q)), (k, packed(dims, K)), dims, threads);
+        let scale = dims.scale();
+        s.iter_mut().for_each(|v| *v *= scale);
+        s
+    }
+
+    /// The row softmax of scores `s [L, L]` in place, made stable by subtracting the row max;
+    /// each row's `lse_i = max_i + log sum_m exp(S_im - max_i)`. The max, the exponentials
+    /// and the sum are three passes, so that each runs in SIMD lanes.
+    struct Softmax<'a> {
+        s: &'a mut [f32],
+        len: usize,
+    }
+
+    impl Kernel for Softmax<'_> {
+        /// `lse [L]`.
+        type Output = Vec<f32>;
+
+        #[inline(always)]
+        fn run(self) -> Vec<f32> {
+            let mut lse = Vec::with_capacity(self.len);
+            for row in self.s.chunks_exact_mut(self.len) {
+                let max = max(row);
+                row.iter_mut().for_each(|s| *s = expf::exp(*s - max));
+                let sum = sum(row);
+                row.iter_mut().for_each(|s| *s /= sum);
+                lse.push(max + sum.ln());
+            }
+            lse
+        }
+    }
+
+    /// `P = exp(S - lse)` in place: the softmax rebuilt from the saved `lse [L]`.
+    struct SoftmaxAgain<'a> {
+        s: &'a mut [f32],
+        lse: &'a [f32],
+    }
+
+    impl Kernel for SoftmaxAgain<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn run(self) {
+            let len = self.lse.len();
+            for (row, &lse_i) in self.s.chunks_exact_mut(len).zip(self.lse) {
+                row.iter_mut().for_each(|s| *s = expf::exp(*s - lse_i));
+            }
         }
     }
 
     /// Writes the `[L, d]` block of every (batch, head), in `bh` order, to its place at `c`
-    /// in `dst`; `transposed` blocks are `[d, L]`.
+    /// in `dst`.
     fn scatter_heads<'a>(
         dst: &mut [f32],
         blocks: impl IntoIterator<Item = &'a [f32]>,
         dims: &Dims,
         c: Cols,
-        transposed: bool,
     ) {
         let (l, d) = (dims.len, dims.head_dim);
         for (bh, block) in blocks.into_iter().enumerate() {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
-            for i in 0..l {
+            for (i, row) in block.chunks_exact(d).enumerate() {
                 let at = (b * l + i) * c.width + c.col + h * d;
-                for (k, x) in dst[at..at + d].iter_mut().enumerate() {
-                    *x = if transposed {
-                        block[k * l + i]
-                    } else {
-                        block[i * d + k]
-                    };
-                }
+                dst[at..at + d].copy_from_slice(row);
             }
         }
     }
 
-    /// The forward pass of one (batch, head), a query row at a time: its scores, a softmax
-    /// made stable by the row max (`lse_i = max_i + log sum_m exp(S_im - max_i)`), and
-    /// `O_ik = P_i . V^T_k`. Every loop runs across keys, in SIMD lanes.
-    struct ForwardHead<'a> {
-        q: HeadRows<'a>,
-        /// `[d, L]` each.
-        kt: Vec<f32>,
-        vt: Vec<f32>,
-        len: usize,
-        scale: f32,
-    }
-
-    impl Kernel for ForwardHead<'_> {
-        /// `O [L, d]` and `lse [L]`.
-        type Output = (Vec<f32>, Vec<f32>);
-
-        #[inline(always)]
-        fn run(self) -> (Vec<f32>, Vec<f32>) {
-            let (l, d) = (self.len, self.q.head_dim);
-            let mut o = vec![0.0; l * d];
-            let mut lse = Vec::with_capacity(l);
-            let mut p = vec![0.0; l];
-            for (i, o_i) in o.chunks_exact_mut(d).enumerate() {
-                scores_row(&mut p, self.q.row(i), &self.kt, self.scale);
-                let max = max(&p);
-                p.iter_mut().for_each(|s| *s = expf::exp(*s - max));
-                let sum = sum(&p);
-                for (o, vt_k) in o_i.iter_mut().zip(self.vt.chunks_exact(l)) {
-                    *o = dot(&p, vt_k) / sum;
-                }
-                lse.push(max + sum.ln());
-            }
-            (o, lse)
-        }
-    }
-
-    /// Per (batch, head), in parallel: [`ForwardHead`] on the head's rows, with its keys and
-    /// values transposed.
+    /// Per (batch, head), in parallel: S, then its row [`Softmax`], then `O = P V`.
     pub fn forward(qkv: &Tensor, heads: usize) -> Result<AttentionOutput> {
         let op = "attention";
         let dims = check_forward(op, qkv, heads)?;
         let data = qkv.cpu_read(op)?;
-        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..tasks(&dims))
+        let (l, d) = (dims.len, dims.head_dim);
+        let tasks = tasks(&dims);
+        let threads = threads_per_task(tasks);
+        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..tasks)
             .into_par_iter()
             .map(|bh| {
-                let rows = |part| HeadRows::new(&data, &dims, bh, packed(&dims, part));
-                simd(ForwardHead {
-                    q: rows(Q),
-                    kt: rows(K).transposed(dims.len),
-                    vt: rows(V).transposed(dims.len),
-                    len: dims.len,
-                    scale: dims.scale(),
-                })
+                let [q, k, v] = qkv_heads(&data, &dims, bh);
+                let mut p = scores(q, k, &dims, threads);
+                let lse = simd(Softmax { s: &mut p, len: l });
+                let mut o = vec![0.0; l * d];
+                matmul(
+                    (l, l, d),
+                    &p,
+                    row_major(l),
+                    v,
+                    head_rows(packed(&dims, V)),
+                    &mut o,
+                    d,
+                    false,
+                    threads,
+                );
+                (o, lse)
             })
             .collect();
         let (o_blocks, lse_blocks): (Vec<_>, Vec<_>) = per_head.into_iter().unzip();
@@ -289,7 +314,6 @@ pub(crate) mod cpu {
             o_blocks.iter().map(Vec::as_slice),
             &dims,
             unpacked(&dims),
-            false,
         );
         Ok(AttentionOutput {
             out: Tensor::from_cpu(&out_shape, out),
@@ -297,62 +321,8 @@ pub(crate) mod cpu {
         })
     }
 
-    /// The backward pass of one (batch, head), a query row `i` at a time: `P_i` rebuilt from
-    /// the saved `lse_i`, `dP_im = dO_i . V_m` (from `V^T`), `D_i = dO_i . O_i`,
-    /// `dS_i = P_i (dP_i - D_i) / sqrt(d)`, and the row's terms of every gradient:
-    /// `dQ_ik = dS_i . K^T_k`, `dV^T_k += dO_ik P_i`, `dK^T_k += Q_ik dS_i`. Every loop runs
-    /// across keys, in SIMD lanes.
-    struct BackwardHead<'a> {
-        q: HeadRows<'a>,
-        o: HeadRows<'a>,
-        d_o: HeadRows<'a>,
-        /// `[d, L]` each.
-        kt: Vec<f32>,
-        vt: Vec<f32>,
-        /// `[L]`.
-        lse: &'a [f32],
-        scale: f32,
-    }
-
-    impl Kernel for BackwardHead<'_> {
-        /// `dQ [L, d]`, and `dK^T`, `dV^T [d, L]`.
-        type Output = [Vec<f32>; 3];
-
-        #[inline(always)]
-        fn run(self) -> [Vec<f32>; 3] {
-            let (l, d) = (self.lse.len(), self.q.head_dim);
-            let mut dq = vec![0.0; l * d];
-            let (mut dkt, mut dvt) = (vec![0.0; d * l], vec![0.0; d * l]);
-            let (mut p, mut ds) = (vec![0.0; l], vec![0.0; l]);
-            for (i, (dq_i, &lse_i)) in dq.chunks_exact_mut(d).zip(self.lse).enumerate() {
-                let (q_i, do_i) = (self.q.row(i), self.d_o.row(i));
-                scores_row(&mut p, q_i, &self.kt, self.scale);
-                p.iter_mut().for_each(|s| *s = expf::exp(*s - lse_i));
-                ds.fill(0.0);
-                for (&g, vt_k) in do_i.iter().zip(self.vt.chunks_exact(l)) {
-                    axpy(&mut ds, g, vt_k);
-                }
-                let delta = dot(do_i, self.o.row(i));
-                for (ds, &p) in ds.iter_mut().zip(&p) {
-                    *ds = p * (*ds - delta) * self.scale;
-                }
-                let columns = dq_i
-                    .iter_mut()
-                    .zip(self.kt.chunks_exact(l))
-                    .zip(dkt.chunks_exact_mut(l).zip(dvt.chunks_exact_mut(l)))
-                    .zip(q_i.iter().zip(do_i));
-                for (((dq, kt_k), (dkt_k, dvt_k)), (&q, &g)) in columns {
-                    *dq = dot(&ds, kt_k);
-                    axpy(dkt_k, q, &ds);
-                    axpy(dvt_k, g, &p);
-                }
-            }
-            [dq, dkt, dvt]
-        }
-    }
-
-    /// Per (batch, head), in parallel: [`BackwardHead`] on the head's rows, with its keys and
-    /// values transposed; the gradients scattered into d_qkv.
+    /// Per (batch, head), in parallel: `P = exp(S - lse)` rebuilt from the saved lse, then
+    /// dV, dP, D, dS, dQ and dK as in the module doc, scattered into d_qkv.
     pub fn backward(
         qkv: &Tensor,
         saved: &AttentionOutput,
@@ -367,25 +337,79 @@ pub(crate) mod cpu {
             saved.lse.cpu_read(op)?,
             d_out.cpu_read(op)?,
         );
-        let l = dims.len;
+        let (l, d) = (dims.len, dims.head_dim);
+        let tasks = tasks(&dims);
+        let threads = threads_per_task(tasks);
+        let scale = dims.scale();
         let (qc, kc, vc, oc) = (
             packed(&dims, Q),
             packed(&dims, K),
             packed(&dims, V),
             unpacked(&dims),
         );
-        let per_head: Vec<[Vec<f32>; 3]> = (0..tasks(&dims))
+        let per_head: Vec<[Vec<f32>; 3]> = (0..tasks)
             .into_par_iter()
             .map(|bh| {
-                simd(BackwardHead {
-                    q: HeadRows::new(&data, &dims, bh, qc),
-                    o: HeadRows::new(&od, &dims, bh, oc),
-                    d_o: HeadRows::new(&dod, &dims, bh, oc),
-                    kt: HeadRows::new(&data, &dims, bh, kc).transposed(l),
-                    vt: HeadRows::new(&data, &dims, bh, vc).transposed(l),
-                    lse: &lsed[bh * l..(bh + 1) * l],
-                    scale: dims.scale(),
-                })
+                let [qh, kh, vh] = qkv_heads(&data, &dims, bh);
+                let (oh, doh) = (
+                    head_slice(&od, &dims, bh, oc),
+                    head_slice(&dod, &dims, bh, oc),
+                );
+                let lse = &lsed[bh * l..(bh + 1) * l];
+                let mut p = scores(qh, kh, &dims, threads);
+                simd(SoftmaxAgain { s: &mut p, lse });
+                let mut dv = vec![0.0; l * d];
+                matmul(
+                    (l, l, d),
+                    &p,
+                    transposed(l),
+                    doh,
+                    head_rows(oc),
+                    &mut dv,
+                    d,
+                    false,
+                    threads,
+                );
+                let mut ds = product_t((doh, oc), (vh, vc), &dims, threads);
+                for (i, (ds_row, p_row)) in
+                    ds.chunks_exact_mut(l).zip(p.chunks_exact(l)).enumerate()
+                {
+                    let row = i * oc.width..i * oc.width + d;
+                    let delta: f32 = doh[row.clone()]
+                        .iter()
+                        .zip(&oh[row])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    // dS / sqrt(d): the scale of both dQ and dK, applied once here.
+                    for (ds, &p) in ds_row.iter_mut().zip(p_row) {
+                        *ds = p * (*ds - delta) * scale;
+                    }
+                }
+                let mut dq = vec![0.0; l * d];
+                matmul(
+                    (l, l, d),
+                    &ds,
+                    row_major(l),
+                    kh,
+                    head_rows(kc),
+                    &mut dq,
+                    d,
+                    false,
+                    threads,
+                );
+                let mut dk = vec![0.0; l * d];
+                matmul(
+                    (l, l, d),
+                    &ds,
+                    transposed(l),
+                    qh,
+                    head_rows(qc),
+                    &mut dk,
+                    d,
+                    false,
+                    threads,
+                );
+                [dq, dk, dv]
             })
             .collect();
         let mut d_qkv = vec![0.0; qkv.numel()];
@@ -395,7 +419,6 @@ pub(crate) mod cpu {
                 per_head.iter().map(|g| g[part].as_slice()),
                 &dims,
                 c,
-                part != Q,
             );
         }
         Ok(Tensor::from_cpu(qkv.shape(), d_qkv))

@@ -207,61 +207,51 @@ pub(crate) mod cpu {
     use super::*;
     use crate::ops::simd::{simd, Kernel};
 
-    /// `sum f(x_i, y_i)` in f64, as eight interleaved partial sums so that the loop
-    /// vectorises (a single running f64 sum cannot be reordered).
+    /// The `K` sums `sum_i f(x_i, y_i)[k]` in f64, each as eight interleaved partial sums so
+    /// that the loop vectorises (a single running f64 sum cannot be reordered).
     #[inline(always)]
-    fn sum_f64(xs: &[f32], ys: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+    fn sums_f64<const K: usize>(
+        xs: &[f32],
+        ys: &[f32],
+        f: impl Fn(f64, f64) -> [f64; K],
+    ) -> [f64; K] {
         const L: usize = 8;
-        let mut acc = [0.0f64; L];
+        let mut acc = [[0.0f64; K]; L];
         let (xc, yc) = (xs.chunks_exact(L), ys.chunks_exact(L));
-        let tail: f64 = (xc.remainder().iter().zip(yc.remainder()))
-            .map(|(&x, &y)| f(x as f64, y as f64))
-            .sum();
+        let mut tail = [0.0f64; K];
+        for (&x, &y) in xc.remainder().iter().zip(yc.remainder()) {
+            tail.iter_mut()
+                .zip(f(x as f64, y as f64))
+                .for_each(|(t, v)| *t += v);
+        }
         for (x, y) in xc.zip(yc) {
             for l in 0..L {
-                acc[l] += f(x[l] as f64, y[l] as f64);
+                let v = f(x[l] as f64, y[l] as f64);
+                acc[l].iter_mut().zip(v).for_each(|(a, v)| *a += v);
             }
         }
-        acc.iter().sum::<f64>() + tail
+        std::array::from_fn(|k| acc.iter().map(|a| a[k]).sum::<f64>() + tail[k])
+    }
+
+    /// `sum f(x_i, y_i)` in f64, by [`sums_f64`].
+    #[inline(always)]
+    fn sum_f64(xs: &[f32], ys: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+        let [total] = sums_f64(xs, ys, |x, y| [f(x, y)]);
+        total
     }
 
     /// Mean and 1/std of one group, in f64 over data shifted by its first value, in one pass:
     /// `var = E[(x - shift)^2] - E[x - shift]^2`. The shift keeps both terms near the spread
-    /// even where the mean is large against it, and in f64 the difference loses nothing an
-    /// f32 result would keep.
+    /// even where the mean is large against it: the difference in f64 loses nothing an f32
+    /// result keeps unless the first value lies thousands of spreads from the mean.
     #[inline(always)]
     fn statistics(xg: &[f32], eps: f32) -> (f64, f64) {
         let n = xg.len() as f64;
         let shift = xg.first().copied().unwrap_or(0.0) as f64;
-        let (sum, sum_sq) = sum2_f64(xg, |v| v - shift);
+        let [sum, sum_sq] = sums_f64(xg, xg, |v, _| [v - shift, (v - shift) * (v - shift)]);
         let m = sum / n;
         let var = (sum_sq / n - m * m).max(0.0);
         (shift + m, 1.0 / (var + eps as f64).sqrt())
-    }
-
-    /// `(sum f(x_i), sum f(x_i)^2)` in f64, as eight interleaved partial sums each.
-    #[inline(always)]
-    fn sum2_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> (f64, f64) {
-        const L: usize = 8;
-        let (mut acc, mut acc_sq) = ([0.0f64; L], [0.0f64; L]);
-        let xc = xs.chunks_exact(L);
-        let (mut tail, mut tail_sq) = (0.0, 0.0);
-        for &x in xc.remainder() {
-            let v = f(x as f64);
-            tail += v;
-            tail_sq += v * v;
-        }
-        for x in xc {
-            for l in 0..L {
-                let v = f(x[l] as f64);
-                acc[l] += v;
-                acc_sq[l] += v * v;
-            }
-        }
-        (
-            acc.iter().sum::<f64>() + tail,
-            acc_sq.iter().sum::<f64>() + tail_sq,
-        )
     }
 
     /// A group's mean as two f32s, so that `x - mean` is computed in f32 to about an ulp of

@@ -19,6 +19,7 @@ use crate::backend::Backend;
 use crate::diffusion::continuous::{ode_step, sde_step};
 use crate::diffusion::{Denoiser, DpmSolver, NoiseSchedule, PredictionType, VarianceType};
 use crate::error::{Error, Result};
+use crate::ops::conv2d::with_filter_cache;
 use crate::ops::solver_step::SolverStepInputs;
 use crate::tensor::Tensor;
 
@@ -165,7 +166,8 @@ impl NoiseStream {
 }
 
 /// Runs the reverse process of `model` from `x_T`; returns `x_0`. `on_step` sees each step's
-/// state and model output once the step is taken.
+/// state and model output once the step is taken. The CPU's convolutions transform their
+/// filters once for all the steps (`with_filter_cache`).
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     be: &dyn Backend,
@@ -187,11 +189,13 @@ pub fn sample(
         x_t,
         noise,
     )?;
-    while !run.is_done() {
-        let step = run.step(be, model, schedule)?;
-        on_step(&step.view())?;
-    }
-    Ok(run.into_x())
+    with_filter_cache(|| {
+        while !run.is_done() {
+            let step = run.step(be, model, schedule)?;
+            on_step(&step.view())?;
+        }
+        Ok(run.into_x())
+    })
 }
 
 /// The reverse process taken one step at a time, for a caller that shows the denoising as it

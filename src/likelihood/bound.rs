@@ -12,6 +12,7 @@ use crate::diffusion::Denoiser;
 use crate::error::{Error, Result};
 use crate::likelihood::terms::{bits_per_dim, VariationalBound};
 use crate::likelihood::{image_count, Estimate};
+use crate::ops::conv2d::with_filter_cache;
 use crate::rng;
 
 /// Which terms of each image are evaluated.
@@ -103,43 +104,46 @@ pub fn variational_bound(
     let mut total = prior.clone();
     let mut stats = vec![TermStats::default(); t_max];
     let batch = batch.clamp(1, n);
-    for first in (0..n).step_by(batch) {
-        let b = batch.min(n - first);
-        let x0 = &images[first * dims..(first + b) * dims];
-        for d in 0..draws {
-            let (draw, ts): (usize, Vec<usize>) = match terms {
-                Terms::Every => (t_max - 1 - d, vec![t_max - 1 - d; b]),
-                Terms::Sampled(_) => (
-                    t_max + d,
-                    (first..first + b)
-                        .map(|i| {
-                            let u = rng::uniform(seed.wrapping_add(1), (d * n + i) as u64);
-                            ((u as f64 * t_max as f64) as usize).min(t_max - 1)
-                        })
-                        .collect(),
-                ),
-            };
-            let mut x_t = vec![0.0f32; b * dims];
-            rng::fill_normal(&mut x_t, seed, ((draw * n + first) * dims) as u64);
-            for (i, (xt, x0)) in x_t.chunks_mut(dims).zip(x0.chunks(dims)).enumerate() {
-                let abar = vb.schedule.alphas_cumprod[ts[i]] as f64;
-                let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
-                for (xt, &x0) in xt.iter_mut().zip(x0) {
-                    *xt = (a * x0 as f64 + s * *xt as f64) as f32;
+    with_filter_cache(|| -> Result<()> {
+        for first in (0..n).step_by(batch) {
+            let b = batch.min(n - first);
+            let x0 = &images[first * dims..(first + b) * dims];
+            for d in 0..draws {
+                let (draw, ts): (usize, Vec<usize>) = match terms {
+                    Terms::Every => (t_max - 1 - d, vec![t_max - 1 - d; b]),
+                    Terms::Sampled(_) => (
+                        t_max + d,
+                        (first..first + b)
+                            .map(|i| {
+                                let u = rng::uniform(seed.wrapping_add(1), (d * n + i) as u64);
+                                ((u as f64 * t_max as f64) as usize).min(t_max - 1)
+                            })
+                            .collect(),
+                    ),
+                };
+                let mut x_t = vec![0.0f32; b * dims];
+                rng::fill_normal(&mut x_t, seed, ((draw * n + first) * dims) as u64);
+                for (i, (xt, x0)) in x_t.chunks_mut(dims).zip(x0.chunks(dims)).enumerate() {
+                    let abar = vb.schedule.alphas_cumprod[ts[i]] as f64;
+                    let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+                    for (xt, &x0) in xt.iter_mut().zip(x0) {
+                        *xt = (a * x0 as f64 + s * *xt as f64) as f32;
+                    }
                 }
+                let times: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+                let x = be.upload(&[b, shape[0], shape[1], shape[2]], &x_t)?;
+                let out = be.to_vec(&model.predict(be, &x, &times)?)?;
+                for (i, &t) in ts.iter().enumerate() {
+                    let at = i * dims..(i + 1) * dims;
+                    let term = vb.term(t, &x0[at.clone()], &x_t[at.clone()], &out[at])?;
+                    stats[t].add(term);
+                    total[first + i] += weight * term;
+                }
+                progress(b);
             }
-            let times: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-            let x = be.upload(&[b, shape[0], shape[1], shape[2]], &x_t)?;
-            let out = be.to_vec(&model.predict(be, &x, &times)?)?;
-            for (i, &t) in ts.iter().enumerate() {
-                let at = i * dims..(i + 1) * dims;
-                let term = vb.term(t, &x0[at.clone()], &x_t[at.clone()], &out[at])?;
-                stats[t].add(term);
-                total[first + i] += weight * term;
-            }
-            progress(b);
         }
-    }
+        Ok(())
+    })?;
     Ok(BoundEstimate {
         dims,
         total,

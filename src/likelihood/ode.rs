@@ -18,6 +18,7 @@ use crate::diffusion::{Denoiser, NoiseSchedule, PredictionType};
 use crate::error::{Error, Result};
 use crate::likelihood::image_count;
 use crate::likelihood::terms::gaussian_log_density;
+use crate::ops::conv2d::with_filter_cache;
 use crate::rng;
 
 /// `eps_hat` at `x` from the model output `m`, and the divergence of `eps_hat` from `v^T dm/dx v`,
@@ -96,76 +97,80 @@ pub fn ode_log_likelihood(
 
     let batch = batch.clamp(1, n);
     let mut log_p = Vec::with_capacity(n);
-    for first in (0..n).step_by(batch) {
-        let b = batch.min(n - first);
-        let tensor_shape = [b, shape[0], shape[1], shape[2]];
-        // The Rademacher probes of this batch's images.
-        let probe: Vec<f32> = (0..b * dims)
-            .map(|j| {
-                let u = rng::uniform(seed, (first * dims + j) as u64);
-                if u < 0.5 {
-                    -1.0
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        let v = be.upload(&tensor_shape, &probe)?;
-        // dx/du and its divergence per image, at x and grid point k.
-        let mut slope = |x: &[f64], k: usize| -> Result<(Vec<f64>, Vec<f64>)> {
-            let (sigma, abar, t) = grid[k];
-            let a = abar.sqrt();
-            let x32: Vec<f32> = x.iter().map(|&x| x as f32).collect();
-            let xt = be.upload(&tensor_shape, &x32)?;
-            let (m, vjp) = model.predict_vjp(be, &xt, &vec![t; b], &v)?;
-            let (m, vjp) = (be.to_vec(&m)?, be.to_vec(&vjp)?);
-            let conv = EpsConversion {
-                s0: a,
-                s1: (1.0 - abar).sqrt(),
-                prediction_type,
-            };
-            let f = x
-                .iter()
-                .zip(&m)
-                .map(|(&x, &m)| sigma * a * conv.eps(x, m as f64) - (1.0 - abar) * x);
-            let div = (0..b)
-                .map(|i| {
-                    let at = i * dims..(i + 1) * dims;
-                    let v_jm_v: f64 = probe[at.clone()]
-                        .iter()
-                        .zip(&vjp[at])
-                        .map(|(&p, &g)| p as f64 * g as f64)
-                        .sum();
-                    sigma * a * conv.divergence(v_jm_v, dims as f64) - (1.0 - abar) * dims as f64
+    with_filter_cache(|| -> Result<()> {
+        for first in (0..n).step_by(batch) {
+            let b = batch.min(n - first);
+            let tensor_shape = [b, shape[0], shape[1], shape[2]];
+            // The Rademacher probes of this batch's images.
+            let probe: Vec<f32> = (0..b * dims)
+                .map(|j| {
+                    let u = rng::uniform(seed, (first * dims + j) as u64);
+                    if u < 0.5 {
+                        -1.0
+                    } else {
+                        1.0
+                    }
                 })
                 .collect();
-            progress(b);
-            Ok((f.collect(), div))
-        };
-        let mut x: Vec<f64> = images[first * dims..(first + b) * dims]
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
-        let mut integral = vec![0.0f64; b];
-        let h = (hi - lo) / steps as f64;
-        for k in 0..steps {
-            let (f0, d0) = slope(&x, k)?;
-            let predicted: Vec<f64> = x.iter().zip(&f0).map(|(x, f)| x + h * f).collect();
-            let (f1, d1) = slope(&predicted, k + 1)?;
-            for ((x, f0), f1) in x.iter_mut().zip(&f0).zip(&f1) {
-                *x += h * (f0 + f1) / 2.0;
-            }
-            for ((acc, d0), d1) in integral.iter_mut().zip(&d0).zip(&d1) {
-                *acc += h * (d0 + d1) / 2.0;
-            }
-        }
-        for (i, acc) in integral.iter().enumerate() {
-            let prior: f64 = x[i * dims..(i + 1) * dims]
+            let v = be.upload(&tensor_shape, &probe)?;
+            // dx/du and its divergence per image, at x and grid point k.
+            let mut slope = |x: &[f64], k: usize| -> Result<(Vec<f64>, Vec<f64>)> {
+                let (sigma, abar, t) = grid[k];
+                let a = abar.sqrt();
+                let x32: Vec<f32> = x.iter().map(|&x| x as f32).collect();
+                let xt = be.upload(&tensor_shape, &x32)?;
+                let (m, vjp) = model.predict_vjp(be, &xt, &vec![t; b], &v)?;
+                let (m, vjp) = (be.to_vec(&m)?, be.to_vec(&vjp)?);
+                let conv = EpsConversion {
+                    s0: a,
+                    s1: (1.0 - abar).sqrt(),
+                    prediction_type,
+                };
+                let f = x
+                    .iter()
+                    .zip(&m)
+                    .map(|(&x, &m)| sigma * a * conv.eps(x, m as f64) - (1.0 - abar) * x);
+                let div = (0..b)
+                    .map(|i| {
+                        let at = i * dims..(i + 1) * dims;
+                        let v_jm_v: f64 = probe[at.clone()]
+                            .iter()
+                            .zip(&vjp[at])
+                            .map(|(&p, &g)| p as f64 * g as f64)
+                            .sum();
+                        sigma * a * conv.divergence(v_jm_v, dims as f64)
+                            - (1.0 - abar) * dims as f64
+                    })
+                    .collect();
+                progress(b);
+                Ok((f.collect(), div))
+            };
+            let mut x: Vec<f64> = images[first * dims..(first + b) * dims]
                 .iter()
-                .map(|&x| gaussian_log_density(x, 0.0, 0.0))
-                .sum();
-            log_p.push(prior + acc);
+                .map(|&x| x as f64)
+                .collect();
+            let mut integral = vec![0.0f64; b];
+            let h = (hi - lo) / steps as f64;
+            for k in 0..steps {
+                let (f0, d0) = slope(&x, k)?;
+                let predicted: Vec<f64> = x.iter().zip(&f0).map(|(x, f)| x + h * f).collect();
+                let (f1, d1) = slope(&predicted, k + 1)?;
+                for ((x, f0), f1) in x.iter_mut().zip(&f0).zip(&f1) {
+                    *x += h * (f0 + f1) / 2.0;
+                }
+                for ((acc, d0), d1) in integral.iter_mut().zip(&d0).zip(&d1) {
+                    *acc += h * (d0 + d1) / 2.0;
+                }
+            }
+            for (i, acc) in integral.iter().enumerate() {
+                let prior: f64 = x[i * dims..(i + 1) * dims]
+                    .iter()
+                    .map(|&x| gaussian_log_density(x, 0.0, 0.0))
+                    .sum();
+                log_p.push(prior + acc);
+            }
         }
-    }
+        Ok(())
+    })?;
     Ok(log_p)
 }

@@ -42,7 +42,10 @@ use super::grads::Partials;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+mod filter_cache;
 mod winograd;
+
+pub use filter_cache::with_filter_cache;
 
 /// What a convolution adds to its output besides the bias, in the same pass:
 /// `y[b, co, oy, ox] += add[b, co] + residual[b, co, oy, ox]`.
@@ -78,7 +81,7 @@ impl CpuAlgorithm {
         p: &Conv2dParams,
         e: &Conv2dEpilogue,
     ) -> Result<Tensor> {
-        cpu::forward_by(x, w, b, p, e, Some(self))
+        cpu::forward_by(x, w, b, p, e, Some(self), true)
     }
 
     /// `Backend::conv2d_backward` on the CPU by this algorithm.
@@ -519,10 +522,12 @@ pub(crate) mod cpu {
         p: &Conv2dParams,
         e: &Conv2dEpilogue,
     ) -> Result<Tensor> {
-        forward_by(x, w, b, p, e, None)
+        forward_by(x, w, b, p, e, None, true)
     }
 
-    /// [`forward`] by `algorithm`, or by the one [`CpuAlgorithm::choose`] picks.
+    /// [`forward`] by `algorithm`, or by the one [`CpuAlgorithm::choose`] picks; with
+    /// `cache_filters`, Winograd's transformed filters of `w` go through the filter cache (not
+    /// for a weight made for one call, the input gradient's flipped filters).
     pub(super) fn forward_by(
         x: &Tensor,
         w: &Tensor,
@@ -530,6 +535,7 @@ pub(crate) mod cpu {
         p: &Conv2dParams,
         e: &Conv2dEpilogue,
         algorithm: Option<CpuAlgorithm>,
+        cache_filters: bool,
     ) -> Result<Tensor> {
         const OP: &str = "conv2d";
         let g = Geometry::new(OP, x, w, p)?;
@@ -545,12 +551,20 @@ pub(crate) mod cpu {
             residual: residual.as_deref(),
         };
         let y = match CpuAlgorithm::for_geometry(algorithm, &g) {
-            CpuAlgorithm::WinogradF4 => {
-                Some(winograd::forward::<winograd::F4>(&g, &xs, &ws, &addends))
-            }
-            CpuAlgorithm::WinogradF2 => {
-                Some(winograd::forward::<winograd::F2>(&g, &xs, &ws, &addends))
-            }
+            CpuAlgorithm::WinogradF4 => Some(winograd::forward::<winograd::F4>(
+                &g,
+                &xs,
+                &ws,
+                &addends,
+                cache_filters,
+            )),
+            CpuAlgorithm::WinogradF2 => Some(winograd::forward::<winograd::F2>(
+                &g,
+                &xs,
+                &ws,
+                &addends,
+                cache_filters,
+            )),
             CpuAlgorithm::Im2col => None,
         };
         if let Some(y) = y {
@@ -688,7 +702,7 @@ pub(crate) mod cpu {
         let dx_by_forward = match &transposed {
             Some((wt, pt)) => {
                 let none = Conv2dEpilogue::default();
-                Some(forward_by(dy, wt, None, pt, &none, Some(algorithm))?)
+                Some(forward_by(dy, wt, None, pt, &none, Some(algorithm), false)?)
             }
             None => None,
         };

@@ -38,11 +38,12 @@
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::cpu::{inner_parallelism, matmul, Mat};
-use super::Geometry;
+use super::{filter_cache, Geometry};
 use crate::ops::simd::{simd, Kernel};
 
 /// Tiles transformed together, one per SIMD lane (two AVX2 registers of f32).
@@ -725,8 +726,15 @@ impl Scratch {
 }
 
 /// Forward pass (2) of `x [B, Cin, H, W]` and `w [Cout, Cin, 3, 3]` plus the addends:
-/// `y [B, Cout, Ho, Wo]`.
-pub(crate) fn forward<T: Variant>(g: &Geometry, x: &[f32], w: &[f32], e: &Addends) -> Vec<f32> {
+/// `y [B, Cout, Ho, Wo]`. With `cache`, `w`'s transformed filters come from (and go to) the
+/// filter cache when one is open (`filter_cache.rs`).
+pub(crate) fn forward<T: Variant>(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    e: &Addends,
+    cache: bool,
+) -> Vec<f32> {
     let len = g.batch * g.cout * g.out_hw();
     if len == 0 || g.cin == 0 {
         return vec![0.0; len];
@@ -734,7 +742,11 @@ pub(crate) fn forward<T: Variant>(g: &Geometry, x: &[f32], w: &[f32], e: &Addend
     // Not zero-filled: every chunk's `crop_output` writes each of its elements.
     let mut y: Vec<f32> = Vec::with_capacity(len);
     let tl = Tiling::new::<T>(g);
-    let u = transform_filters::<T>(g, w);
+    let u = if cache {
+        filter_cache::transformed(g, T::A, w, || transform_filters::<T>(g, w))
+    } else {
+        Arc::new(transform_filters::<T>(g, w))
+    };
     let (a2, n) = (T::A * T::A, tl.n);
     let (x_image, y_image) = (g.cin * g.hw(), g.cout * g.out_hw());
     let (chunks, threads) = (g.batch.div_ceil(tl.images), rayon::current_num_threads());

@@ -202,6 +202,8 @@ fn check_partials(op: &'static str, d: &Dims, dgamma: &Partials, dbeta: &Partial
 }
 
 pub(crate) mod cpu {
+    use std::mem::MaybeUninit;
+
     use rayon::prelude::*;
 
     use super::*;
@@ -279,10 +281,11 @@ pub(crate) mod cpu {
     }
 
     /// One (sample, group) of the forward pass: its statistics, then
-    /// `y = act((x - mean) * rstd * gamma_c + beta_c)` channel by channel.
+    /// `y = act((x - mean) * rstd * gamma_c + beta_c)` channel by channel, every element of
+    /// `yg` written.
     struct ForwardGroup<'a> {
         xg: &'a [f32],
-        yg: &'a mut [f32],
+        yg: &'a mut [MaybeUninit<f32>],
         /// The group's channels' scales and shifts.
         gamma: &'a [f32],
         beta: &'a [f32],
@@ -307,9 +310,13 @@ pub(crate) mod cpu {
                 let a = (r * g as f64) as f32;
                 let z = xc.iter().map(|&v| m.centre(v) * a + b);
                 if self.silu {
-                    yc.iter_mut().zip(z).for_each(|(o, z)| *o = silu(z));
+                    yc.iter_mut().zip(z).for_each(|(o, z)| {
+                        o.write(silu(z));
+                    });
                 } else {
-                    yc.iter_mut().zip(z).for_each(|(o, z)| *o = z);
+                    yc.iter_mut().zip(z).for_each(|(o, z)| {
+                        o.write(z);
+                    });
                 }
             }
             (mu as f32, r as f32)
@@ -328,11 +335,13 @@ pub(crate) mod cpu {
         let (xs, gs, bs) = (x.cpu_read(OP)?, gamma.cpu_read(OP)?, beta.cpu_read(OP)?);
         let rows = d.batch * d.groups;
         let (len, cg, s) = (d.group_len(), d.channels_per_group(), d.spatial);
-        let mut y = vec![0.0; xs.len()];
+        // Not zero-filled: each (sample, group) writes all of its elements.
+        let mut y: Vec<f32> = Vec::with_capacity(xs.len());
         let mut mean = vec![0.0; rows];
         let mut rstd = vec![0.0; rows];
         if len > 0 {
-            y.par_chunks_mut(len)
+            y.spare_capacity_mut()[..xs.len()]
+                .par_chunks_mut(len)
                 .zip(xs.par_chunks(len))
                 .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
                 .enumerate()
@@ -353,6 +362,9 @@ pub(crate) mod cpu {
             mean.fill(f32::NAN);
             rstd.fill(f32::NAN);
         }
+        // SAFETY: with `len > 0` the groups cover `0..xs.len()` and each wrote every element
+        // of its chunk; with `len == 0`, `xs` is empty.
+        unsafe { y.set_len(xs.len()) };
         let shape = [d.batch, d.groups];
         Ok(GroupNormOutput {
             y: Tensor::from_cpu(x.shape(), y),

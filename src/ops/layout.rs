@@ -81,6 +81,8 @@ fn transpose_shape(x: &Tensor) -> Result<[usize; 3]> {
 }
 
 pub(crate) mod cpu {
+    use std::mem::MaybeUninit;
+
     use rayon::prelude::*;
 
     use super::*;
@@ -91,13 +93,27 @@ pub(crate) mod cpu {
         let shape = concat_shape(a, b)?;
         let (xa, xb) = (a.cpu_read(OP)?, b.cpu_read(OP)?);
         let (la, lb) = (xa.len() / shape[0].max(1), xb.len() / shape[0].max(1));
-        let mut y = vec![0.0; xa.len() + xb.len()];
+        let len = xa.len() + xb.len();
+        // Not zero-filled: each sample's chunk is written whole.
+        let mut y: Vec<f32> = Vec::with_capacity(len);
         if la + lb > 0 {
-            y.par_chunks_mut(la + lb).enumerate().for_each(|(n, ys)| {
-                ys[..la].copy_from_slice(&xa[n * la..(n + 1) * la]);
-                ys[la..].copy_from_slice(&xb[n * lb..(n + 1) * lb]);
-            });
+            let copy = |dst: &mut [MaybeUninit<f32>], src: &[f32]| {
+                dst.iter_mut().zip(src).for_each(|(d, &v)| {
+                    d.write(v);
+                })
+            };
+            y.spare_capacity_mut()[..len]
+                .par_chunks_mut(la + lb)
+                .enumerate()
+                .for_each(|(n, ys)| {
+                    let (ya, yb) = ys.split_at_mut(la);
+                    copy(ya, &xa[n * la..(n + 1) * la]);
+                    copy(yb, &xb[n * lb..(n + 1) * lb]);
+                });
         }
+        // SAFETY: the chunks cover `0..len` (none when `la + lb == 0`, and then `len == 0`),
+        // each written whole.
+        unsafe { y.set_len(len) };
         Ok(Tensor::from_cpu(&shape, y))
     }
 

@@ -59,6 +59,18 @@ const CASES: &[Case] = &[
         cout: 24,
         padding: [1; 4],
     },
+    // Tile rows 8, 16 and 32 tiles wide: lanes read runs of 8 and 16 tiles, and in the first
+    // a whole run of lanes lies past the chunk's last tile.
+    Case {
+        x: [3, 4, 3, 32],
+        cout: 5,
+        padding: [1; 4],
+    },
+    Case {
+        x: [1, 3, 5, 64],
+        cout: 4,
+        padding: [1; 4],
+    },
 ];
 
 const ALGORITHMS: [CpuAlgorithm; 3] = [

@@ -283,10 +283,15 @@ pub(crate) fn applies(g: &Geometry) -> bool {
 /// How the tiles of a convolution are laid out and cut into chunks of whole images.
 ///
 /// The transforms read their tiles from a zero-padded copy of the chunk's planes, one tile
-/// `a x a` at `(ty m, tx m)` of a plane `th m + 2` rows by `tw m + 2` columns, and write the
-/// output tiles to planes `th m` by `tw m` that are cropped afterwards: no index is checked
-/// against the image's edge inside the loops. The copies hold one more image, all zeros,
-/// where lanes past a chunk's last tile read and write.
+/// `a x a` at `(ty m, tx m)` of a plane `th m + 2` rows by `m (tw + 1)` columns (the last
+/// `m - 2` never read), and write the output tiles to planes `th m` by `tw m` that are
+/// cropped afterwards: no index is checked against the image's edge inside the loops. The
+/// copies hold one more image, all zeros, where lanes past a chunk's last tile read and write.
+///
+/// The padded planes are stored split by column phase: each is `m` planes `hp x (tw + 1)`,
+/// phase `k` holding the columns `k, m + k, 2m + k, ...`. Column `c` of tile `tx` is then
+/// column `tx + c / m` of phase `c % m`, so the same tap of `run` tiles side by side in a
+/// tile row is `run` consecutive floats: one vector load instead of `run` scalar ones.
 #[derive(Clone, Copy)]
 struct Tiling {
     /// Tile rows and columns of one image.
@@ -296,9 +301,12 @@ struct Tiling {
     images: usize,
     /// Tiles of a full chunk, rounded up to whole lane groups: the row length of `V` and `M`.
     n: usize,
-    /// Rows and columns of a padded input plane.
+    /// Rows of a padded input plane, and columns of each of its phases.
     hp: usize,
-    wp: usize,
+    phase: usize,
+    /// Lanes of a group that read consecutive tiles of one tile row: the largest power of two
+    /// that divides both `tw` and `LANES`.
+    run: usize,
     /// Rows and columns of an output plane of whole tiles.
     ho_t: usize,
     wo_t: usize,
@@ -322,7 +330,8 @@ impl Tiling {
             images,
             n: (images * per_image).next_multiple_of(LANES),
             hp: th * T::M + 2,
-            wp: tw * T::M + 2,
+            phase: tw + 1,
+            run: 1 << tw.trailing_zeros().min(LANES.trailing_zeros()),
             ho_t: th * T::M,
             wo_t: tw * T::M,
         }
@@ -330,21 +339,31 @@ impl Tiling {
 
     /// For each lane of the group starting at tile `t0` of a chunk of `images` images, the
     /// offset of its tile's top-left corner in an image-major stack of `channels` planes of
-    /// `rows x cols` (`images` itself, the zero image, past the last tile).
+    /// `plane` floats, where tile rows are `row_step` floats apart and tiles in a row
+    /// `col_step` (`images` itself, the zero image, past the last tile).
     fn lane_offsets(
         &self,
         t0: usize,
         images: usize,
         channels: usize,
-        (rows, cols): (usize, usize),
-        m: usize,
+        plane: usize,
+        (row_step, col_step): (usize, usize),
     ) -> [usize; LANES] {
         let per_image = self.th * self.tw;
         std::array::from_fn(|l| {
             let t = (t0 + l).min(images * per_image);
             let (b, ty, tx) = (t / per_image, t % per_image / self.tw, t % self.tw);
-            b * channels * rows * cols + ty * m * cols + tx * m
+            b * channels * plane + ty * row_step + tx * col_step
         })
+    }
+
+    /// Floats of one phase of a padded input plane, and of the whole plane.
+    fn phase_plane(&self) -> usize {
+        self.hp * self.phase
+    }
+
+    fn split_plane<T: Variant>(&self) -> usize {
+        T::M * self.phase_plane()
     }
 }
 
@@ -372,8 +391,75 @@ fn pad_planes(
     }
 }
 
-/// `v [a^2, C, n] = B^T d B` of every tile of the padded planes `xp [images + 1, C, hp, wp]`.
-struct InputTiles<'a, T> {
+/// Columns of a padded plane that `deal` transposes together: one AVX2 register per phase.
+const DEAL_BLOCK: usize = 8;
+
+/// Deals the columns of a padded plane out to its `M` phases: `split[k][i] = padded[M i + k]`
+/// (`i` runs over the rows' columns `q` one row after the other), `DEAL_BLOCK` values of `i`
+/// at a time, each phase's gathered in a register.
+#[inline(always)]
+fn deal<const M: usize>(padded: &[f32], split: &mut [f32]) {
+    let len = split.len() / M;
+    let mut phases = split.chunks_exact_mut(len);
+    let mut to: [&mut [f32]; M] = std::array::from_fn(|_| phases.next().unwrap());
+    let whole = len / DEAL_BLOCK * DEAL_BLOCK;
+    for i0 in (0..whole).step_by(DEAL_BLOCK) {
+        let block = &padded[i0 * M..][..DEAL_BLOCK * M];
+        for (k, t) in to.iter_mut().enumerate() {
+            let t: &mut [f32; DEAL_BLOCK] = (&mut t[i0..i0 + DEAL_BLOCK]).try_into().unwrap();
+            *t = std::array::from_fn(|i| block[i * M + k]);
+        }
+    }
+    for i in whole..len {
+        for (k, t) in to.iter_mut().enumerate() {
+            t[i] = padded[i * M + k];
+        }
+    }
+}
+
+/// Copies `planes` planes `h x w` of `src` into phase-split padded planes (the layout `Tiling`
+/// describes), the image at row `top`, column `left` of the padded plane, zeros around it:
+/// each padded plane is built in `padded`, whose zeros outside the image stay from plane to
+/// plane, then its columns dealt out to the phases.
+struct SplitPlanes<'a, T> {
+    tl: &'a Tiling,
+    src: &'a [f32],
+    planes: usize,
+    hw: (usize, usize),
+    top_left: (usize, usize),
+    padded: &'a mut [f32],
+    dst: &'a mut [f32],
+    variant: std::marker::PhantomData<T>,
+}
+
+impl<T: Variant> Kernel for SplitPlanes<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let ((h, w), (top, left)) = (self.hw, self.top_left);
+        let (rows, cols) = (self.tl.hp, T::M * self.tl.phase);
+        let copied = h.min(rows - top.min(rows));
+        let width = w.min(cols - left.min(cols));
+        let padded = &mut self.padded[..rows * cols];
+        padded.fill(0.0);
+        let split = self.dst.chunks_exact_mut(rows * cols).take(self.planes);
+        for (p, out) in split.enumerate() {
+            for r in 0..copied {
+                padded[(top + r) * cols + left..][..width]
+                    .copy_from_slice(&self.src[(p * h + r) * w..][..width]);
+            }
+            match T::M {
+                2 => deal::<2>(padded, out),
+                _ => deal::<4>(padded, out),
+            }
+        }
+    }
+}
+
+/// `v [a^2, C, n] = B^T d B` of every tile of the phase-split padded planes
+/// `xp [images + 1, C, m, hp, tw + 1]`, read `RUN` lanes (`Tiling::run`) at a time.
+struct InputTiles<'a, T, const RUN: usize> {
     tl: &'a Tiling,
     channels: usize,
     xp: &'a [f32],
@@ -382,25 +468,29 @@ struct InputTiles<'a, T> {
     variant: std::marker::PhantomData<T>,
 }
 
-impl<T: Variant> Kernel for InputTiles<'_, T> {
+impl<T: Variant, const RUN: usize> Kernel for InputTiles<'_, T, RUN> {
     type Output = ();
 
     #[inline(always)]
     fn run(self) {
         let (a, n, tl) = (T::A, self.tl.n, self.tl);
-        let (plane, v_plane) = (tl.hp * tl.wp, self.channels * n);
+        let (plane, v_plane) = (tl.split_plane::<T>(), self.channels * n);
         // Every element of `d` and `e` that is read is written first in each iteration.
         let mut d = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         let mut e = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         for t0 in (0..n).step_by(LANES) {
-            let dims = (tl.hp, tl.wp);
-            let offsets = tl.lane_offsets(t0, self.images, self.channels, dims, T::M);
+            let steps = (T::M * tl.phase, 1);
+            let offsets = tl.lane_offsets(t0, self.images, self.channels, plane, steps);
             for ci in 0..self.channels {
-                for (l, &o) in offsets.iter().enumerate() {
-                    let tile = &self.xp[o + ci * plane..];
+                // The `RUN` lanes from `l0` hold consecutive tiles of one tile row (or all
+                // lie in the zero image): column `c` of theirs is a run of `xp`.
+                for l0 in (0..LANES).step_by(RUN) {
+                    let tile = &self.xp[offsets[l0] + ci * plane..];
                     for (r, row) in d.iter_mut().enumerate().take(a) {
-                        for (c, &x) in tile[r * tl.wp..][..a].iter().enumerate() {
-                            row[c][l] = x;
+                        let xr = &tile[r * tl.phase..];
+                        for (c, lanes) in row.iter_mut().enumerate().take(a) {
+                            let at = c % T::M * tl.phase_plane() + c / T::M;
+                            lanes[l0..l0 + RUN].copy_from_slice(&xr[at..at + RUN]);
                         }
                     }
                 }
@@ -440,8 +530,8 @@ impl<T: Variant> Kernel for OutputTiles<'_, T> {
         let mut rows = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         let mut mi = [[0.0f32; LANES]; MAX_A];
         for t0 in (0..n).step_by(LANES) {
-            let dims = (tl.ho_t, tl.wo_t);
-            let offsets = tl.lane_offsets(t0, self.images, self.channels, dims, T::M);
+            let steps = (T::M * tl.wo_t, T::M);
+            let offsets = tl.lane_offsets(t0, self.images, self.channels, plane, steps);
             for co in 0..self.channels {
                 for (i, row) in rows.iter_mut().enumerate().take(a) {
                     for (j, v) in mi.iter_mut().enumerate().take(a) {
@@ -484,8 +574,8 @@ impl<T: Variant> Kernel for OutputAdjointTiles<'_, T> {
         let mut o = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         let mut e = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         for t0 in (0..n).step_by(LANES) {
-            let dims = (tl.ho_t, tl.wo_t);
-            let offsets = tl.lane_offsets(t0, self.images, self.channels, dims, T::M);
+            let steps = (T::M * tl.wo_t, T::M);
+            let offsets = tl.lane_offsets(t0, self.images, self.channels, plane, steps);
             for co in 0..self.channels {
                 for (l, &off) in offsets.iter().enumerate() {
                     let tile = &self.dyp[off + co * plane..];
@@ -674,10 +764,11 @@ fn crop_output(
     }
 }
 
-/// Per-thread buffers of a chunk: the padded input planes, `V`, `M` (or `dM`), and the
+/// Per-thread buffers of a chunk: one padded input plane, the phase-split padded input planes, `V`, `M` (or `dM`), and the
 /// output planes (or the padded `dy`).
 #[derive(Default)]
 struct Scratch {
+    padded: Vec<f32>,
     xp: Vec<f32>,
     v: Vec<f32>,
     m: Vec<f32>,
@@ -696,7 +787,8 @@ impl Scratch {
     fn new<T: Variant>(g: &Geometry, tl: &Tiling) -> Scratch {
         let (a2, n, images) = (T::A * T::A, tl.n, tl.images + 1);
         let mut s = SPARE.with(|spare| spare.take()).unwrap_or_default();
-        s.xp.resize(images * g.cin * tl.hp * tl.wp, 0.0);
+        s.padded.resize(tl.split_plane::<T>(), 0.0);
+        s.xp.resize(images * g.cin * tl.split_plane::<T>(), 0.0);
         s.v.resize(a2 * g.cin * n, 0.0);
         s.m.resize(a2 * g.cout * n, 0.0);
         s.yp.resize(images * g.cout * tl.ho_t * tl.wo_t, 0.0);
@@ -710,18 +802,39 @@ impl Scratch {
 
     /// Pads the chunk's `images` images of `x` and transforms their tiles into `V`.
     fn input_tiles<T: Variant>(&mut self, g: &Geometry, tl: &Tiling, x: &[f32], images: usize) {
-        let (pad, dims) = ((g.pad_top, g.pad_left), (tl.hp, tl.wp));
-        pad_planes(x, images * g.cin, (g.h, g.w), pad, dims, &mut self.xp);
-        // The lanes past the last tile read the image after the chunk's: zeros.
-        self.xp[images * g.cin * tl.hp * tl.wp..][..g.cin * tl.hp * tl.wp].fill(0.0);
-        simd(InputTiles::<T> {
+        let (pad, plane) = ((g.pad_top, g.pad_left), tl.split_plane::<T>());
+        simd(SplitPlanes::<T> {
             tl,
-            channels: g.cin,
-            xp: &self.xp,
-            images,
-            v: &mut self.v,
+            src: x,
+            planes: images * g.cin,
+            hw: (g.h, g.w),
+            top_left: pad,
+            padded: &mut self.padded,
+            dst: &mut self.xp,
             variant: std::marker::PhantomData,
         });
+        // The lanes past the last tile read the image after the chunk's: zeros.
+        self.xp[images * g.cin * plane..][..g.cin * plane].fill(0.0);
+        let (xp, v) = (&self.xp, &mut self.v);
+        macro_rules! input_tiles {
+            ($run:literal) => {
+                simd(InputTiles::<T, $run> {
+                    tl,
+                    channels: g.cin,
+                    xp,
+                    images,
+                    v,
+                    variant: std::marker::PhantomData,
+                })
+            };
+        }
+        match tl.run {
+            16 => input_tiles!(16),
+            8 => input_tiles!(8),
+            4 => input_tiles!(4),
+            2 => input_tiles!(2),
+            _ => input_tiles!(1),
+        }
     }
 }
 

@@ -357,11 +357,12 @@ impl Tiling {
         })
     }
 
-    /// Floats of one phase of a padded input plane, and of the whole plane.
+    /// Floats of one phase of a padded input plane.
     fn phase_plane(&self) -> usize {
         self.hp * self.phase
     }
 
+    /// Floats of a whole phase-split padded input plane: its `m` phases.
     fn split_plane<T: Variant>(&self) -> usize {
         T::M * self.phase_plane()
     }
@@ -451,7 +452,8 @@ impl<T: Variant> Kernel for SplitPlanes<'_, T> {
             }
             match T::M {
                 2 => deal::<2>(padded, out),
-                _ => deal::<4>(padded, out),
+                4 => deal::<4>(padded, out),
+                m => unreachable!("no Winograd variant F({m}x{m}, 3x3)"),
             }
         }
     }
@@ -475,6 +477,7 @@ impl<T: Variant, const RUN: usize> Kernel for InputTiles<'_, T, RUN> {
     fn run(self) {
         let (a, n, tl) = (T::A, self.tl.n, self.tl);
         let (plane, v_plane) = (tl.split_plane::<T>(), self.channels * n);
+        let phase_plane = tl.phase_plane();
         // Every element of `d` and `e` that is read is written first in each iteration.
         let mut d = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         let mut e = [[[0.0f32; LANES]; MAX_A]; MAX_A];
@@ -489,7 +492,7 @@ impl<T: Variant, const RUN: usize> Kernel for InputTiles<'_, T, RUN> {
                     for (r, row) in d.iter_mut().enumerate().take(a) {
                         let xr = &tile[r * tl.phase..];
                         for (c, lanes) in row.iter_mut().enumerate().take(a) {
-                            let at = c % T::M * tl.phase_plane() + c / T::M;
+                            let at = c % T::M * phase_plane + c / T::M;
                             lanes[l0..l0 + RUN].copy_from_slice(&xr[at..at + RUN]);
                         }
                     }
@@ -764,8 +767,8 @@ fn crop_output(
     }
 }
 
-/// Per-thread buffers of a chunk: one padded input plane, the phase-split padded input planes, `V`, `M` (or `dM`), and the
-/// output planes (or the padded `dy`).
+/// Per-thread buffers of a chunk: one padded input plane and the chunk's phase-split ones,
+/// `V`, `M` (or `dM`), and the output planes (or the padded `dy`).
 #[derive(Default)]
 struct Scratch {
     padded: Vec<f32>,

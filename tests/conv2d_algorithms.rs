@@ -71,7 +71,30 @@ const CASES: &[Case] = &[
         cout: 4,
         padding: [1; 4],
     },
+    // Batches too small for a chunk per thread, with products large enough to spread each
+    // chunk's passes over the threads: one chunk (and fewer images than threads), and two
+    // chunks, the second partial (F(4x4, 3x3)).
+    Case {
+        x: [2, 64, 12, 12],
+        cout: 64,
+        padding: [1; 4],
+    },
+    Case {
+        x: [11, 32, 16, 16],
+        cout: 32,
+        padding: [1; 4],
+    },
 ];
+
+/// Runs `f` on a pool of one thread, where each chunk of images is one thread's, and on one of
+/// three, where the small batches above spread their chunks' passes over the threads in
+/// blocks of uneven size.
+fn on_one_and_three_threads(f: impl Fn() + Sync) {
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+        pool.unwrap().install(&f);
+    }
+}
 
 const ALGORITHMS: [CpuAlgorithm; 3] = [
     CpuAlgorithm::Im2col,
@@ -212,15 +235,12 @@ fn forward_with_every_addend_matches_the_direct_sum() {
             add: Some(&add),
             residual: Some(&residual),
         };
-        for a in ALGORITHMS {
-            check(
-                "forward",
-                a,
-                c,
-                &a.conv2d(&x, &w, Some(&bias), &p, &e).unwrap(),
-                &want,
-            );
-        }
+        on_one_and_three_threads(|| {
+            for a in ALGORITHMS {
+                let y = a.conv2d(&x, &w, Some(&bias), &p, &e).unwrap();
+                check("forward", a, c, &y, &want);
+            }
+        });
     }
 }
 
@@ -248,12 +268,14 @@ fn gradients_match_the_direct_sum() {
         let (x, w) = (t(&c.x, &xv), t(&[d.co, d.ci, 3, 3], &wv));
         let dy = t(&[d.b, d.co, d.ho, d.wo], &dyv);
         let p = Conv2dParams::with_padding(1, c.padding);
-        for a in ALGORITHMS {
-            let g = a.conv2d_backward(&x, &w, &dy, &p, true).unwrap();
-            check("dx", a, c, &g.dx, &dx);
-            check("dw", a, c, &g.dw, &dw);
-            check("db", a, c, g.db.as_ref().unwrap(), &db);
-        }
+        on_one_and_three_threads(|| {
+            for a in ALGORITHMS {
+                let g = a.conv2d_backward(&x, &w, &dy, &p, true).unwrap();
+                check("dx", a, c, &g.dx, &dx);
+                check("dw", a, c, &g.dw, &dw);
+                check("db", a, c, g.db.as_ref().unwrap(), &db);
+            }
+        });
     }
 }
 

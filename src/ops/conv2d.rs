@@ -333,10 +333,11 @@ pub(crate) mod cpu {
     }
 
     impl<'a> Mat<'a> {
-        pub(super) fn rows(data: &'a [f32], cols: usize) -> Self {
+        /// Rows of consecutive elements, `stride` apart.
+        pub(super) fn rows(data: &'a [f32], stride: usize) -> Self {
             Mat {
                 data,
-                rs: cols,
+                rs: stride,
                 cs: 1,
             }
         }

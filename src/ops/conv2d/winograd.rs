@@ -28,7 +28,8 @@
 //! and the input gradient at stride 1 is the forward pass of the transposed convolution, so it
 //! comes through (2) as well. The tiles of a chunk of images are transformed `LANES` at a time
 //! (one tile per SIMD lane), the `a^2` products run on the `gemm` crate, and the images are
-//! split across threads in chunks small enough that a chunk's `V` and `M` stay in cache.
+//! split across threads in chunks small enough that a chunk's `V` and `M` stay in cache; where
+//! the batch is too small for that, a chunk's passes are spread over the threads instead.
 //!
 //! `F(4x4, 3x3)` (4x fewer multiplications than the direct sum) is what the convolutions use;
 //! `F(2x2, 3x3)` (2.25x) is kept beside it, the smaller-error variant the tests and the
@@ -40,6 +41,7 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::cpu::{inner_parallelism, matmul, Mat};
@@ -57,6 +59,12 @@ const MAX_A: usize = 6;
 /// Tiles per chunk of work the transforms and products run on, at least: fewer make the
 /// products too small for the GEMM kernels to pay their set-up.
 const MIN_CHUNK_TILES: usize = 64;
+
+/// Multiply-adds of a chunk's products below which spreading its passes over the threads
+/// costs more in hand-offs than it gains. Measured on two cores: the tiny preset's 8x8 layers
+/// (1.2 million at batch 8) ran slower spread, the mnist preset's 16x16 and 32x32 layers at
+/// batch 1 (2.4 million) faster.
+const MIN_SPREAD_PRODUCTS: usize = 1 << 21;
 
 /// Floats of `V` and `M` one chunk may hold before it is cut (about a core's L2 cache).
 const CHUNK_FLOATS: usize = 384 * 1024;
@@ -287,6 +295,8 @@ pub(crate) fn applies(g: &Geometry) -> bool {
 /// `m - 2` never read), and write the output tiles to planes `th m` by `tw m` that are
 /// cropped afterwards: no index is checked against the image's edge inside the loops. The
 /// copies hold one more image, all zeros, where lanes past a chunk's last tile read and write.
+/// Both are stored channel by channel, each channel's images together (`[C, images + 1, ..]`),
+/// and so is `V` (`[Cin, a^2, n]`), so that a block of channels is one run of each.
 ///
 /// The padded planes are stored split by column phase: each is `m` planes `hp x (tw + 1)`,
 /// phase `k` holding the columns `k, m + k, 2m + k, ...`. Column `c` of tile `tx` is then
@@ -299,6 +309,11 @@ struct Tiling {
     tw: usize,
     /// Images per chunk.
     images: usize,
+    /// Whether the chunks run one after another, each one's passes spread over the threads
+    /// (the input tiles by blocks of channels, the products by position, the output tiles by
+    /// blocks of channels, the crop by planes), rather than each thread taking chunks of its
+    /// own: where the batch is too small to give every thread a chunk of `MIN_CHUNK_TILES`.
+    spread: bool,
     /// Tiles of a full chunk, rounded up to whole lane groups: the row length of `V` and `M`.
     n: usize,
     /// Rows of a padded input plane, and columns of each of its phases.
@@ -313,21 +328,30 @@ struct Tiling {
 }
 
 impl Tiling {
-    fn new<T: Variant>(g: &Geometry) -> Tiling {
+    /// The tiling of `g`; with `spread`, chunks may spread their passes over the threads.
+    fn new<T: Variant>(g: &Geometry, spread: bool) -> Tiling {
         let (th, tw) = (g.ho.div_ceil(T::M), g.wo.div_ceil(T::M));
         let per_image = (th * tw).max(1);
         let per_tile = T::A * T::A * (g.cin + g.cout);
         let fit = (CHUNK_FLOATS / per_tile.max(1)).max(MIN_CHUNK_TILES);
-        let mut images = (fit / per_image).clamp(1, g.batch.max(1));
-        // Leave every thread a chunk when the batch allows it.
+        let fit_images = (fit / per_image).clamp(1, g.batch.max(1));
+        // A chunk of its own for every thread, where the batch allows one as large as the
+        // cache allows or of `MIN_CHUNK_TILES`.
         let threads = rayon::current_num_threads();
-        if g.batch >= threads {
-            images = images.min(g.batch / threads);
-        }
+        let own = (g.batch / threads).min(fit_images);
+        // Else, where allowed and large enough, chunks as large as the cache allows, one after
+        // another, each one's passes spread over the threads.
+        let products = T::A * T::A * g.cin * g.cout * fit_images * per_image;
+        let spread = spread
+            && threads > 1
+            && own * per_image < MIN_CHUNK_TILES.min(fit_images * per_image)
+            && products >= MIN_SPREAD_PRODUCTS;
+        let images = if spread || own == 0 { fit_images } else { own };
         Tiling {
             th,
             tw,
             images,
+            spread,
             n: (images * per_image).next_multiple_of(LANES),
             hp: th * T::M + 2,
             phase: tw + 1,
@@ -338,23 +362,32 @@ impl Tiling {
     }
 
     /// For each lane of the group starting at tile `t0` of a chunk of `images` images, the
-    /// offset of its tile's top-left corner in an image-major stack of `channels` planes of
-    /// `plane` floats, where tile rows are `row_step` floats apart and tiles in a row
-    /// `col_step` (`images` itself, the zero image, past the last tile).
+    /// offset of its tile's top-left corner in planes of one channel `image_step` floats
+    /// apart from image to image, where tile rows are `row_step` floats apart and tiles in a
+    /// row `col_step` (`images` itself, the zero image, past the last tile).
     fn lane_offsets(
         &self,
         t0: usize,
         images: usize,
-        channels: usize,
-        plane: usize,
+        image_step: usize,
         (row_step, col_step): (usize, usize),
     ) -> [usize; LANES] {
         let per_image = self.th * self.tw;
         std::array::from_fn(|l| {
             let t = (t0 + l).min(images * per_image);
             let (b, ty, tx) = (t / per_image, t % per_image / self.tw, t % self.tw);
-            b * channels * plane + ty * row_step + tx * col_step
+            b * image_step + ty * row_step + tx * col_step
         })
+    }
+
+    /// Image slots of a channel's padded or output planes: the chunk's and the zero image.
+    fn slots(&self) -> usize {
+        self.images + 1
+    }
+
+    /// Floats of an output plane of whole tiles.
+    fn out_plane(&self) -> usize {
+        self.ho_t * self.wo_t
     }
 
     /// Floats of one phase of a padded input plane.
@@ -418,14 +451,19 @@ fn deal<const M: usize>(padded: &[f32], split: &mut [f32]) {
     }
 }
 
-/// Copies `planes` planes `h x w` of `src` into phase-split padded planes (the layout `Tiling`
-/// describes), the image at row `top`, column `left` of the padded plane, zeros around it:
-/// each padded plane is built in `padded`, whose zeros outside the image stay from plane to
+/// Copies the planes of a block of channels of a chunk's images `src [images, C, h, w]` into
+/// phase-split padded planes `dst [block, slots, m, hp, tw + 1]` (the layout `Tiling`
+/// describes), the image at row `top`, column `left` of the padded plane, zeros around it, and
+/// a plane of zeros in the slot after the last image (where lanes past the last tile read).
+/// Each padded plane is built in `padded`, whose zeros outside the image stay from plane to
 /// plane, then its columns dealt out to the phases.
 struct SplitPlanes<'a, T> {
     tl: &'a Tiling,
     src: &'a [f32],
-    planes: usize,
+    /// `C`, and the block's first channel.
+    channels: usize,
+    first: usize,
+    images: usize,
     hw: (usize, usize),
     top_left: (usize, usize),
     padded: &'a mut [f32],
@@ -442,28 +480,36 @@ impl<T: Variant> Kernel for SplitPlanes<'_, T> {
         let (rows, cols) = (self.tl.hp, T::M * self.tl.phase);
         let copied = h.min(rows - top.min(rows));
         let width = w.min(cols - left.min(cols));
-        let padded = &mut self.padded[..rows * cols];
+        let split = rows * cols;
+        let padded = &mut self.padded[..split];
         padded.fill(0.0);
-        let split = self.dst.chunks_exact_mut(rows * cols).take(self.planes);
-        for (p, out) in split.enumerate() {
-            for r in 0..copied {
-                padded[(top + r) * cols + left..][..width]
-                    .copy_from_slice(&self.src[(p * h + r) * w..][..width]);
+        for (c, slots) in self
+            .dst
+            .chunks_exact_mut(self.tl.slots() * split)
+            .enumerate()
+        {
+            let (images, zero) = slots.split_at_mut(self.images * split);
+            for (b, out) in images.chunks_exact_mut(split).enumerate() {
+                let src = &self.src[(b * self.channels + self.first + c) * h * w..];
+                for r in 0..copied {
+                    padded[(top + r) * cols + left..][..width]
+                        .copy_from_slice(&src[r * w..][..width]);
+                }
+                match T::M {
+                    2 => deal::<2>(padded, out),
+                    4 => deal::<4>(padded, out),
+                    m => unreachable!("no Winograd variant F({m}x{m}, 3x3)"),
+                }
             }
-            match T::M {
-                2 => deal::<2>(padded, out),
-                4 => deal::<4>(padded, out),
-                m => unreachable!("no Winograd variant F({m}x{m}, 3x3)"),
-            }
+            zero[..split].fill(0.0);
         }
     }
 }
 
-/// `v [a^2, C, n] = B^T d B` of every tile of the phase-split padded planes
-/// `xp [images + 1, C, m, hp, tw + 1]`, read `RUN` lanes (`Tiling::run`) at a time.
+/// `v [block, a^2, n] = B^T d B` of every tile of a block of channels' phase-split padded
+/// planes `xp [block, slots, m, hp, tw + 1]`, read `RUN` lanes (`Tiling::run`) at a time.
 struct InputTiles<'a, T, const RUN: usize> {
     tl: &'a Tiling,
-    channels: usize,
     xp: &'a [f32],
     images: usize,
     v: &'a mut [f32],
@@ -476,19 +522,19 @@ impl<T: Variant, const RUN: usize> Kernel for InputTiles<'_, T, RUN> {
     #[inline(always)]
     fn run(self) {
         let (a, n, tl) = (T::A, self.tl.n, self.tl);
-        let (plane, v_plane) = (tl.split_plane::<T>(), self.channels * n);
-        let phase_plane = tl.phase_plane();
+        let plane = tl.split_plane::<T>();
+        let (channel, phase_plane) = (tl.slots() * plane, tl.phase_plane());
         // Every element of `d` and `e` that is read is written first in each iteration.
         let mut d = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         let mut e = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         for t0 in (0..n).step_by(LANES) {
             let steps = (T::M * tl.phase, 1);
-            let offsets = tl.lane_offsets(t0, self.images, self.channels, plane, steps);
-            for ci in 0..self.channels {
+            let offsets = tl.lane_offsets(t0, self.images, plane, steps);
+            for (ci, vc) in self.v.chunks_exact_mut(a * a * n).enumerate() {
                 // The `RUN` lanes from `l0` hold consecutive tiles of one tile row (or all
                 // lie in the zero image): column `c` of theirs is a run of `xp`.
                 for l0 in (0..LANES).step_by(RUN) {
-                    let tile = &self.xp[offsets[l0] + ci * plane..];
+                    let tile = &self.xp[offsets[l0] + ci * channel..];
                     for (r, row) in d.iter_mut().enumerate().take(a) {
                         let xr = &tile[r * tl.phase..];
                         for (c, lanes) in row.iter_mut().enumerate().take(a) {
@@ -504,7 +550,7 @@ impl<T: Variant, const RUN: usize> Kernel for InputTiles<'_, T, RUN> {
                 for (i, row) in e.iter().enumerate().take(a) {
                     let out = T::input(row);
                     for (j, o) in out.iter().enumerate().take(a) {
-                        self.v[(i * a + j) * v_plane + ci * n + t0..][..LANES].copy_from_slice(o);
+                        vc[(i * a + j) * n + t0..][..LANES].copy_from_slice(o);
                     }
                 }
             }
@@ -512,11 +558,12 @@ impl<T: Variant, const RUN: usize> Kernel for InputTiles<'_, T, RUN> {
     }
 }
 
-/// `yp [images + 1, C, th m, tw m] = A^T M A` of every tile of `m [a^2, C, n]`.
+/// `yp [block, slots, th m, tw m] = A^T M A` of every tile of a block of channels, the first
+/// `first`, from `m [a^2, C, n]`.
 struct OutputTiles<'a, T> {
     tl: &'a Tiling,
-    channels: usize,
     m: &'a [f32],
+    first: usize,
     images: usize,
     yp: &'a mut [f32],
     variant: std::marker::PhantomData<T>,
@@ -528,24 +575,25 @@ impl<T: Variant> Kernel for OutputTiles<'_, T> {
     #[inline(always)]
     fn run(self) {
         let (a, n, tl) = (T::A, self.tl.n, self.tl);
-        let (plane, m_plane) = (tl.ho_t * tl.wo_t, self.channels * n);
+        let (plane, m_plane) = (tl.out_plane(), self.m.len() / (a * a));
         // Every element of `rows` and `mi` that is read is written first in each iteration.
         let mut rows = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         let mut mi = [[0.0f32; LANES]; MAX_A];
         for t0 in (0..n).step_by(LANES) {
             let steps = (T::M * tl.wo_t, T::M);
-            let offsets = tl.lane_offsets(t0, self.images, self.channels, plane, steps);
-            for co in 0..self.channels {
+            let offsets = tl.lane_offsets(t0, self.images, plane, steps);
+            for (co, yc) in self.yp.chunks_exact_mut(tl.slots() * plane).enumerate() {
+                let m = &self.m[(self.first + co) * n + t0..];
                 for (i, row) in rows.iter_mut().enumerate().take(a) {
                     for (j, v) in mi.iter_mut().enumerate().take(a) {
-                        v.copy_from_slice(&self.m[(i * a + j) * m_plane + co * n + t0..][..LANES]);
+                        v.copy_from_slice(&m[(i * a + j) * m_plane..][..LANES]);
                     }
                     *row = T::output(&mi);
                 }
                 for c in 0..T::M {
                     let col = T::output(&column(&rows, c));
                     for (l, &o) in offsets.iter().enumerate() {
-                        let out = &mut self.yp[o + co * plane + c..];
+                        let out = &mut yc[o + c..];
                         for (r, v) in col.iter().enumerate().take(T::M) {
                             out[r * tl.wo_t] = v[l];
                         }
@@ -578,7 +626,7 @@ impl<T: Variant> Kernel for OutputAdjointTiles<'_, T> {
         let mut e = [[[0.0f32; LANES]; MAX_A]; MAX_A];
         for t0 in (0..n).step_by(LANES) {
             let steps = (T::M * tl.wo_t, T::M);
-            let offsets = tl.lane_offsets(t0, self.images, self.channels, plane, steps);
+            let offsets = tl.lane_offsets(t0, self.images, self.channels * plane, steps);
             for co in 0..self.channels {
                 for (l, &off) in offsets.iter().enumerate() {
                     let tile = &self.dyp[off + co * plane..];
@@ -733,42 +781,42 @@ pub(crate) struct Addends<'a> {
     pub residual: Option<&'a [f32]>,
 }
 
-/// `y = yp + addends`, the output planes cropped to `Ho x Wo`, for a chunk of `images`
-/// images starting at image `b0`; writes every element of `y`.
-fn crop_output(
+/// Plane `p` of a chunk of images starting at image `b0` (its image `p / Cout`, channel
+/// `p % Cout`): `y = yp + addends`, the output plane cropped to `Ho x Wo`; writes every
+/// element of `out`.
+fn crop_plane(
     g: &Geometry,
     tl: &Tiling,
     yp: &[f32],
-    b0: usize,
+    (b0, p): (usize, usize),
     e: &Addends,
-    y: &mut [MaybeUninit<f32>],
+    out: &mut [MaybeUninit<f32>],
 ) {
-    let plane = tl.ho_t * tl.wo_t;
-    for (p, out) in y.chunks_exact_mut(g.out_hw()).enumerate() {
-        let (b, co) = (b0 + p / g.cout, p % g.cout);
-        let shift = e.bias.map_or(0.0, |v| v[co]) + e.add.map_or(0.0, |v| v[b * g.cout + co]);
-        let residual = e
-            .residual
-            .map(|r| &r[(b * g.cout + co) * g.out_hw()..][..g.out_hw()]);
-        for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
-            let src = &yp[p * plane + oy * tl.wo_t..][..g.wo];
-            match residual {
-                Some(r) => {
-                    let r = &r[oy * g.wo..][..g.wo];
-                    for ((o, s), r) in row.iter_mut().zip(src).zip(r) {
-                        o.write(s + shift + r);
-                    }
+    let (i, co) = (p / g.cout, p % g.cout);
+    let b = b0 + i;
+    let yp = &yp[(co * tl.slots() + i) * tl.out_plane()..];
+    let shift = e.bias.map_or(0.0, |v| v[co]) + e.add.map_or(0.0, |v| v[b * g.cout + co]);
+    let residual = e
+        .residual
+        .map(|r| &r[(b * g.cout + co) * g.out_hw()..][..g.out_hw()]);
+    for (oy, row) in out.chunks_exact_mut(g.wo).enumerate() {
+        let src = &yp[oy * tl.wo_t..][..g.wo];
+        match residual {
+            Some(r) => {
+                let r = &r[oy * g.wo..][..g.wo];
+                for ((o, s), r) in row.iter_mut().zip(src).zip(r) {
+                    o.write(s + shift + r);
                 }
-                None => row.iter_mut().zip(src).for_each(|(o, s)| {
-                    o.write(s + shift);
-                }),
             }
+            None => row.iter_mut().zip(src).for_each(|(o, s)| {
+                o.write(s + shift);
+            }),
         }
     }
 }
 
-/// Per-thread buffers of a chunk: one padded input plane and the chunk's phase-split ones,
-/// `V`, `M` (or `dM`), and the output planes (or the padded `dy`).
+/// Buffers of a chunk: one padded input plane and the chunk's phase-split ones, `V`, `M` (or
+/// `dM`), and the output planes (or the padded `dy`).
 #[derive(Default)]
 struct Scratch {
     padded: Vec<f32>,
@@ -783,18 +831,23 @@ thread_local! {
     static SPARE: RefCell<Option<Scratch>> = const { RefCell::new(None) };
 }
 
+/// Channels per block where a pass is spread over the threads: one block per thread.
+fn per_block(channels: usize) -> usize {
+    channels.div_ceil(rayon::current_num_threads()).max(1)
+}
+
 impl Scratch {
     /// Buffers of the sizes `g` and `tl` need, the last convolution's on this thread where
     /// there was one: no allocation and no zero fill, so their contents are stale, and every
     /// pass writes each element it later reads.
     fn new<T: Variant>(g: &Geometry, tl: &Tiling) -> Scratch {
-        let (a2, n, images) = (T::A * T::A, tl.n, tl.images + 1);
+        let (a2, n) = (T::A * T::A, tl.n);
         let mut s = SPARE.with(|spare| spare.take()).unwrap_or_default();
         s.padded.resize(tl.split_plane::<T>(), 0.0);
-        s.xp.resize(images * g.cin * tl.split_plane::<T>(), 0.0);
-        s.v.resize(a2 * g.cin * n, 0.0);
+        s.xp.resize(g.cin * tl.slots() * tl.split_plane::<T>(), 0.0);
+        s.v.resize(g.cin * a2 * n, 0.0);
         s.m.resize(a2 * g.cout * n, 0.0);
-        s.yp.resize(images * g.cout * tl.ho_t * tl.wo_t, 0.0);
+        s.yp.resize(g.cout * tl.slots() * tl.out_plane(), 0.0);
         s
     }
 
@@ -803,40 +856,111 @@ impl Scratch {
         SPARE.with(|spare| spare.replace(Some(self)));
     }
 
-    /// Pads the chunk's `images` images of `x` and transforms their tiles into `V`.
+    /// Pads the chunk's `images` images of `x` and transforms their tiles into `V`, by blocks
+    /// of channels over the threads where `tl.spread`.
     fn input_tiles<T: Variant>(&mut self, g: &Geometry, tl: &Tiling, x: &[f32], images: usize) {
-        let (pad, plane) = ((g.pad_top, g.pad_left), tl.split_plane::<T>());
-        simd(SplitPlanes::<T> {
-            tl,
-            src: x,
-            planes: images * g.cin,
-            hw: (g.h, g.w),
-            top_left: pad,
-            padded: &mut self.padded,
-            dst: &mut self.xp,
-            variant: std::marker::PhantomData,
-        });
-        // The lanes past the last tile read the image after the chunk's: zeros.
-        self.xp[images * g.cin * plane..][..g.cin * plane].fill(0.0);
-        let (xp, v) = (&self.xp, &mut self.v);
-        macro_rules! input_tiles {
-            ($run:literal) => {
-                simd(InputTiles::<T, $run> {
-                    tl,
-                    channels: g.cin,
-                    xp,
-                    images,
-                    v,
-                    variant: std::marker::PhantomData,
-                })
-            };
+        let plane = tl.split_plane::<T>();
+        let block = |first: usize, padded: &mut [f32], xp: &mut [f32], v: &mut [f32]| {
+            simd(SplitPlanes::<T> {
+                tl,
+                src: x,
+                channels: g.cin,
+                first,
+                images,
+                hw: (g.h, g.w),
+                top_left: (g.pad_top, g.pad_left),
+                padded,
+                dst: xp,
+                variant: std::marker::PhantomData,
+            });
+            macro_rules! input_tiles {
+                ($run:literal) => {
+                    simd(InputTiles::<T, $run> {
+                        tl,
+                        xp,
+                        images,
+                        v,
+                        variant: std::marker::PhantomData,
+                    })
+                };
+            }
+            match tl.run {
+                16 => input_tiles!(16),
+                8 => input_tiles!(8),
+                4 => input_tiles!(4),
+                2 => input_tiles!(2),
+                _ => input_tiles!(1),
+            }
+        };
+        if tl.spread {
+            let per = per_block(g.cin);
+            let xp = self.xp.par_chunks_mut(per * tl.slots() * plane);
+            let v = self.v.par_chunks_mut(per * T::A * T::A * tl.n);
+            xp.zip(v).enumerate().for_each_init(
+                || vec![0.0f32; plane],
+                |padded, (k, (xp, v))| block(k * per, padded, xp, v),
+            );
+        } else {
+            block(0, &mut self.padded, &mut self.xp, &mut self.v);
         }
-        match tl.run {
-            16 => input_tiles!(16),
-            8 => input_tiles!(8),
-            4 => input_tiles!(4),
-            2 => input_tiles!(2),
-            _ => input_tiles!(1),
+    }
+
+    /// `M[ξ] = U[ξ] V[ξ]` at every position `ξ` of the tile, the positions over the threads
+    /// where `tl.spread`, else one after another, each with parallelism `par`.
+    fn products<T: Variant>(&mut self, g: &Geometry, tl: &Tiling, u: &[f32], par: Parallelism) {
+        let (a2, n, v) = (T::A * T::A, tl.n, &self.v);
+        let product = |(xi, m): (usize, &mut [f32])| {
+            matmul(
+                m,
+                Mat::rows(&u[xi * g.cout * g.cin..][..g.cout * g.cin], g.cin),
+                Mat::rows(&v[xi * n..], a2 * n),
+                (g.cout, n, g.cin),
+                false,
+                if tl.spread { Parallelism::None } else { par },
+            )
+        };
+        if tl.spread {
+            self.m
+                .par_chunks_mut(g.cout * n)
+                .enumerate()
+                .for_each(product);
+        } else {
+            self.m.chunks_mut(g.cout * n).enumerate().for_each(product);
+        }
+    }
+
+    /// The output tiles of the chunk's `images` images, by blocks of channels over the
+    /// threads where `tl.spread`.
+    fn output_tiles<T: Variant>(&mut self, g: &Geometry, tl: &Tiling, images: usize) {
+        let m = &self.m;
+        let block = |(k, yp): (usize, &mut [f32])| {
+            simd(OutputTiles::<T> {
+                tl,
+                m,
+                first: k * per_block(g.cout),
+                images,
+                yp,
+                variant: std::marker::PhantomData,
+            })
+        };
+        if tl.spread {
+            let per = per_block(g.cout) * tl.slots() * tl.out_plane();
+            self.yp.par_chunks_mut(per).enumerate().for_each(block);
+        } else {
+            block((0, &mut self.yp));
+        }
+    }
+
+    /// The chunk's output `y` (images from `b0`) cropped from the output tiles, plus the
+    /// addends, by planes over the threads where `tl.spread`.
+    fn crop(&self, g: &Geometry, tl: &Tiling, b0: usize, e: &Addends, y: &mut [MaybeUninit<f32>]) {
+        let plane = |(p, out): (usize, &mut [MaybeUninit<f32>])| {
+            crop_plane(g, tl, &self.yp, (b0, p), e, out)
+        };
+        if tl.spread {
+            y.par_chunks_mut(g.out_hw()).enumerate().for_each(plane);
+        } else {
+            y.chunks_mut(g.out_hw()).enumerate().for_each(plane);
         }
     }
 }
@@ -855,54 +979,46 @@ pub(crate) fn forward<T: Variant>(
     if len == 0 || g.cin == 0 {
         return vec![0.0; len];
     }
-    // Not zero-filled: every chunk's `crop_output` writes each of its elements.
+    // Not zero-filled: every chunk's `crop` writes each of its elements.
     let mut y: Vec<f32> = Vec::with_capacity(len);
-    let tl = Tiling::new::<T>(g);
+    let tl = Tiling::new::<T>(g, true);
     let u = if cache {
         filter_cache::transformed(g, T::A, w, || transform_filters::<T>(g, w))
     } else {
         Arc::new(transform_filters::<T>(g, w))
     };
-    let (a2, n) = (T::A * T::A, tl.n);
     let (x_image, y_image) = (g.cin * g.hw(), g.cout * g.out_hw());
-    let (chunks, threads) = (g.batch.div_ceil(tl.images), rayon::current_num_threads());
-    let par = inner_parallelism(chunks);
-    // One run of consecutive chunks per thread, so that each thread allocates one Scratch.
-    let per_thread = chunks.div_ceil(threads) * tl.images * y_image;
+    let par = inner_parallelism(g.batch.div_ceil(tl.images));
+    let chunk = |s: &mut Scratch, b0: usize, yc: &mut [MaybeUninit<f32>]| {
+        let images = yc.len() / y_image;
+        s.input_tiles::<T>(g, &tl, &x[b0 * x_image..][..images * x_image], images);
+        s.products::<T>(g, &tl, &u, par);
+        s.output_tiles::<T>(g, &tl, images);
+        s.crop(g, &tl, b0, e, yc);
+    };
     let unwritten = &mut y.spare_capacity_mut()[..len];
-    unwritten
-        .par_chunks_mut(per_thread)
-        .enumerate()
-        .for_each(|(run, yr)| {
-            let mut s = Scratch::new::<T>(g, &tl);
-            for (i, yc) in yr.chunks_mut(tl.images * y_image).enumerate() {
-                let b0 = (run * per_thread + i * tl.images * y_image) / y_image;
-                let images = yc.len() / y_image;
-                s.input_tiles::<T>(g, &tl, &x[b0 * x_image..][..images * x_image], images);
-                for xi in 0..a2 {
-                    matmul(
-                        &mut s.m[xi * g.cout * n..][..g.cout * n],
-                        Mat::rows(&u[xi * g.cout * g.cin..][..g.cout * g.cin], g.cin),
-                        Mat::rows(&s.v[xi * g.cin * n..][..g.cin * n], n),
-                        (g.cout, n, g.cin),
-                        false,
-                        par,
-                    );
+    if tl.spread {
+        let mut s = Scratch::new::<T>(g, &tl);
+        for (c, yc) in unwritten.chunks_mut(tl.images * y_image).enumerate() {
+            chunk(&mut s, c * tl.images, yc);
+        }
+        s.recycle();
+    } else {
+        // One run of consecutive chunks per thread, so that each thread allocates one Scratch.
+        let threads = rayon::current_num_threads();
+        let per_thread = g.batch.div_ceil(tl.images).div_ceil(threads) * tl.images;
+        unwritten
+            .par_chunks_mut(per_thread * y_image)
+            .enumerate()
+            .for_each(|(run, yr)| {
+                let mut s = Scratch::new::<T>(g, &tl);
+                for (i, yc) in yr.chunks_mut(tl.images * y_image).enumerate() {
+                    chunk(&mut s, run * per_thread + i * tl.images, yc);
                 }
-                simd(OutputTiles::<T> {
-                    tl: &tl,
-                    channels: g.cout,
-                    m: &s.m,
-                    images,
-                    yp: &mut s.yp,
-                    variant: std::marker::PhantomData,
-                });
-                crop_output(g, &tl, &s.yp, b0, e, yc);
-            }
-            s.recycle();
-        });
-    // SAFETY: the runs and their chunks cover `0..len`, and `crop_output` wrote every element
-    // of each chunk.
+                s.recycle();
+            });
+    }
+    // SAFETY: the chunks cover `0..len`, and `crop` wrote every element of each.
     unsafe { y.set_len(len) };
     y
 }
@@ -914,7 +1030,7 @@ pub(crate) fn weight_gradient<T: Variant>(g: &Geometry, x: &[f32], dy: &[f32]) -
     if g.batch * g.out_hw() == 0 || plane == 0 {
         return vec![0.0; plane * 9];
     }
-    let tl = Tiling::new::<T>(g);
+    let tl = Tiling::new::<T>(g, false);
     let n = tl.n;
     let (x_image, y_image) = (g.cin * g.hw(), g.cout * g.out_hw());
     let (chunks, threads) = (g.batch.div_ceil(tl.images), rayon::current_num_threads());
@@ -947,7 +1063,7 @@ pub(crate) fn weight_gradient<T: Variant>(g: &Geometry, x: &[f32], dy: &[f32]) -
                     matmul(
                         &mut du[xi * plane..][..plane],
                         Mat::rows(&s.m[xi * g.cout * n..][..g.cout * n], n),
-                        Mat::rows(&s.v[xi * g.cin * n..][..g.cin * n], n).transposed(),
+                        Mat::rows(&s.v[xi * n..], a2 * n).transposed(),
                         (g.cout, g.cin, n),
                         true,
                         par,

@@ -111,7 +111,7 @@ pub(crate) mod cpu {
     use super::*;
     use crate::ops::linear::cpu::matmul;
     use crate::ops::linear::{row_major, transposed, Strided};
-    use crate::ops::simd::{max, simd, sum, Kernel};
+    use crate::ops::simd::{copy_row, max, simd, sum, Kernel};
 
     /// Where the values of one `[B, L, C]` operand lie: in rows of `width` values, from column
     /// `col` (head `h` then from `col + h d`).
@@ -272,7 +272,7 @@ pub(crate) mod cpu {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             for (i, row) in block.chunks_exact(d).enumerate() {
                 let at = (b * l + i) * c.width + c.col + h * d;
-                dst[at..at + d].copy_from_slice(row);
+                copy_row(&mut dst[at..at + d], row);
             }
         }
     }

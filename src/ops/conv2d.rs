@@ -323,6 +323,7 @@ pub(crate) mod cpu {
     use rayon::prelude::*;
 
     use super::*;
+    use crate::ops::simd::copy_row;
 
     /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
     #[derive(Clone, Copy)]
@@ -452,7 +453,7 @@ pub(crate) mod cpu {
                 return;
             }
             if s == 1 {
-                out[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
+                copy_row(&mut out[lo..hi], &src[ix0..ix0 + hi - lo]);
             } else {
                 for (o, v) in out[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
                     *o = *v;

@@ -33,6 +33,21 @@ pub(crate) fn simd<K: Kernel>(kernel: K) -> K::Output {
     kernel.run()
 }
 
+/// `to = from` (the same length), `LANES` floats at a time: for rows of a few dozen floats,
+/// where a call to `memcpy` costs more than the copy itself.
+#[inline(always)]
+pub(crate) fn copy_row(to: &mut [f32], from: &[f32]) {
+    assert_eq!(to.len(), from.len(), "copy_row: lengths differ");
+    let (mut to, mut from) = (to.chunks_exact_mut(LANES), from.chunks_exact(LANES));
+    for (t, f) in (&mut to).zip(&mut from) {
+        let f: [f32; LANES] = f.try_into().unwrap();
+        t.copy_from_slice(&f);
+    }
+    for (t, f) in to.into_remainder().iter_mut().zip(from.remainder()) {
+        *t = *f;
+    }
+}
+
 /// The elements of `x` folded with `op` into `LANES` partial results (element `i` into lane
 /// `i % LANES`), then those in a fixed tree.
 #[inline(always)]

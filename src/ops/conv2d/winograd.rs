@@ -46,7 +46,7 @@ use rayon::prelude::*;
 
 use super::cpu::{inner_parallelism, matmul, Mat};
 use super::{filter_cache, Geometry};
-use crate::ops::simd::{simd, Kernel};
+use crate::ops::simd::{copy_row, simd, Kernel};
 
 /// Tiles transformed together, one per SIMD lane (two AVX2 registers of f32).
 const LANES: usize = 16;
@@ -419,7 +419,10 @@ fn pad_planes(
         for r in 0..copied {
             let row = &mut out[(top + r) * cols..][..cols];
             row[..left].fill(0.0);
-            row[left..left + width].copy_from_slice(&src[(p * h + r) * w..][..width]);
+            copy_row(
+                &mut row[left..left + width],
+                &src[(p * h + r) * w..][..width],
+            );
             row[left + width..].fill(0.0);
         }
     }
@@ -492,8 +495,8 @@ impl<T: Variant> Kernel for SplitPlanes<'_, T> {
             for (b, out) in images.chunks_exact_mut(split).enumerate() {
                 let src = &self.src[(b * self.channels + self.first + c) * h * w..];
                 for r in 0..copied {
-                    padded[(top + r) * cols + left..][..width]
-                        .copy_from_slice(&src[r * w..][..width]);
+                    let to = &mut padded[(top + r) * cols + left..][..width];
+                    copy_row(to, &src[r * w..][..width]);
                 }
                 match T::M {
                     2 => deal::<2>(padded, out),

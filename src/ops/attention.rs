@@ -226,6 +226,7 @@ pub(crate) mod cpu {
     impl Kernel for Softmax<'_> {
         /// `lse [L]`.
         type Output = Vec<f32>;
+        const AVX512: bool = true;
 
         #[inline(always)]
         fn run(self) -> Vec<f32> {
@@ -249,6 +250,7 @@ pub(crate) mod cpu {
 
     impl Kernel for SoftmaxAgain<'_> {
         type Output = ();
+        const AVX512: bool = true;
 
         #[inline(always)]
         fn run(self) {

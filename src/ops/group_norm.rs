@@ -297,6 +297,7 @@ pub(crate) mod cpu {
     impl Kernel for ForwardGroup<'_> {
         /// The group's mean and 1/std.
         type Output = (f32, f32);
+        const AVX512: bool = true;
 
         #[inline(always)]
         fn run(self) -> (f32, f32) {
@@ -410,6 +411,7 @@ pub(crate) mod cpu {
 
     impl Kernel for BackwardGroup<'_> {
         type Output = ();
+        const AVX512: bool = true;
 
         #[inline(always)]
         fn run(self) {

@@ -18,6 +18,10 @@ pub(crate) trait Kernel {
     /// Whether the kernel takes a copy compiled for AVX-512 where the processor has it: the
     /// group norms' SiLU and attention's softmax, whose `exp` ran 1.6x faster there on Zen 4
     /// (the Winograd input transform ran slower, the output transform no faster).
+    #[cfg_attr(
+        not(target_arch = "x86_64"),
+        allow(dead_code, reason = "only the x86-64 dispatch reads it")
+    )]
     const AVX512: bool = false;
     fn run(self) -> Self::Output;
 }
